@@ -1,0 +1,73 @@
+"""Small pieces every flow shares: starting or joining Ray, stage timing, CLI parsing."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+# Flows run as scripts (`python flows/x.py`, also inside `ray job submit`): make the
+# repo importable without an install.
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from pointseg.config import RayConfig  # noqa: E402
+
+log = logging.getLogger("pointseg.flows")
+
+
+def init_ray(cfg: RayConfig):
+    """Join the cluster of a Ray job (bare ``ray.init()``) or start a local Ray.
+
+    Inside ``ray job submit`` (``RAY_ADDRESS`` set by the job) or with
+    ``ray.address`` configured, resources must not be passed: Ray 2.60 raises.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    # Workers of this flow must import pointseg/operators from the repo.
+    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        kwargs = {"num_cpus": cfg.num_cpus} if cfg.num_cpus else {}
+        if cfg.temp_dir:
+            kwargs["_temp_dir"] = str(Path(cfg.temp_dir).resolve())
+        ray.init(runtime_env=runtime_env, **kwargs)
+    return ray
+
+
+class StageTimer:
+    """Wall time of each named stage, for the report."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        t0 = time.perf_counter()
+        log.info("stage %s: start", name)
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - t0, 3)
+            log.info("stage %s: %.1f s", name, self.seconds[name])
+
+
+def base_parser(description: str, default_config: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", default=str(ROOT / default_config), help="YAML config")
+    p.add_argument("--output", default=None, help="output root (fsspec URI); overrides config 'output'")
+    p.add_argument("overrides", nargs="*", help="config overrides as key.path=value")
+    return p
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

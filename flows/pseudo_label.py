@@ -1,0 +1,118 @@
+"""Pseudo-label stage: stream images and points through a generator actor pool.
+
+    read_parquet(index) -> decode -> attach points -> GenerateLabels (actors) -> encode -> write_parquet
+    then: shards -> COCO panoptic export
+
+Run alone: ``python flows/pseudo_label.py --config configs/full_pipeline.yaml --output DIR``
+(prepares the inputs from the config's dataset first).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from common import StageTimer, base_parser, init_ray, setup_logging
+
+from operators.pseudo_label import GenerateLabels, attach_points, decode_images, encode_labels
+from pointseg.config import PipelineConfig, load_config
+from pointseg.data.coco_panoptic_io import PanopticWriter
+from pointseg.data.panoptic_format import decode_png
+from pointseg.data.prepare import iter_shard_rows, join, prepare_inputs, read_index, write_index
+from pointseg.data.record import Category
+
+log = logging.getLogger("pointseg.flows.pseudo_label")
+
+
+def done_image_ids(shards: str) -> set[int]:
+    """Images already labelled without error by an earlier run (resume)."""
+    return {r["image_id"] for r in iter_shard_rows(shards, ["image_id", "error"]) if not r["error"]}
+
+
+def run_pseudo_labels(cfg: PipelineConfig, categories: dict[int, Category], output: str) -> dict:
+    """Label every image of ``output/index`` not yet in ``output/shards``; returns counts."""
+    import ray
+
+    shards = join(output, "shards")
+    rows = read_index(join(output, "index", "index.parquet"))
+    done = done_image_ids(shards) if cfg.resume else set()
+    todo = [r for r in rows if r["image_id"] not in done]
+    log.info("%d images, %d already labelled, %d to label", len(rows), len(rows) - len(todo), len(todo))
+    if not todo:
+        return {"labelled_now": 0, "skipped_done": len(done)}
+    todo_uri = join(output, "index", "todo.parquet")
+    write_index(todo_uri, todo)
+
+    ctx = ray.data.DataContext.get_current()
+    rd = cfg.ray_data
+    ctx.execution_no_progress_timeout_s = rd.no_progress_timeout_s  # a hang becomes an error
+    ctx.wait_for_min_actors_s = int(rd.wait_for_min_actors_s)
+    task = {"num_cpus": rd.num_cpus_per_task, "batch_format": "numpy"}
+    ds = ray.data.read_parquet(todo_uri, override_num_blocks=max(1, min(len(todo), 4 * rd.num_actors)))
+    ds = ds.map_batches(decode_images, batch_size=rd.batch_size, fn_kwargs={"strict": cfg.strict}, **task)
+    ds = ds.map_batches(
+        attach_points, batch_size=rd.batch_size, fn_kwargs={"categories": categories, "strict": cfg.strict}, **task
+    )
+    ds = ds.map_batches(
+        GenerateLabels,
+        fn_constructor_kwargs={
+            "method": cfg.generator.method,
+            "params": cfg.generator.params,
+            "categories": categories,
+            "strict": cfg.strict,
+        },
+        compute=ray.data.ActorPoolStrategy(size=rd.num_actors),
+        num_cpus=rd.num_cpus_per_actor,
+        num_gpus=rd.num_gpus_per_actor,
+        batch_size=rd.batch_size,
+        batch_format="numpy",
+    )
+    ds = ds.map_batches(encode_labels, batch_size=rd.batch_size, **task)
+    ds = ds.drop_columns(["points"])
+    ds.write_parquet(shards, num_rows_per_file=256)
+    return {"labelled_now": len(todo), "skipped_done": len(done)}
+
+
+def export_panoptic(output: str, categories: dict[int, Category]) -> dict:
+    """Write the shards as COCO panoptic (``output/panoptic.json`` + ``output/panoptic/``).
+
+    One row per image: the newest successful label wins; images whose every
+    attempt failed are listed in ``errors`` with their reason.
+    """
+    shards = join(output, "shards")
+    ok = done_image_ids(shards)
+    writer = PanopticWriter(output, categories)
+    written: set[int] = set()
+    errors: dict[int, str] = {}
+    for r in iter_shard_rows(shards, ["image_id", "file_name", "label_png", "segments_info", "error"]):
+        image_id = r["image_id"]
+        if r["error"]:
+            if image_id not in ok:
+                errors[image_id] = r["error"]
+            continue
+        if image_id in written:
+            continue
+        written.add(image_id)
+        writer.add(image_id, r["file_name"].rsplit("/", 1)[-1], decode_png(r["label_png"]), json.loads(r["segments_info"]))
+    writer.close()
+    return {"images": len(written), "errors": errors}
+
+
+def main() -> None:
+    setup_logging()
+    args = base_parser(__doc__.splitlines()[0], "configs/full_pipeline.yaml").parse_args()
+    cfg = load_config(PipelineConfig, args.config, args.overrides)
+    output = args.output or cfg.output
+    timer = StageTimer()
+    with timer.stage("prepare"):
+        categories, prep = prepare_inputs(cfg.dataset, cfg.points, output, cfg.strict)
+    init_ray(cfg.ray)
+    with timer.stage("pseudo_label"):
+        counts = run_pseudo_labels(cfg, categories, output)
+    with timer.stage("export"):
+        exported = export_panoptic(output, categories)
+    print(json.dumps({"prepare": prep.to_dict(), **counts, "export": exported, "seconds": timer.seconds}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

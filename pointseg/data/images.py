@@ -1,0 +1,198 @@
+"""Image files in, ``(H, W, 3) uint8`` RGB out, through fsspec URIs.
+
+Every reader in pointseg decodes pixels here, so one set of rules holds
+everywhere:
+
+* EXIF orientation is applied (``PIL.ImageOps.exif_transpose``), so the array
+  is the image as a viewer shows it. Pass ``exif_transpose=False`` for the raw
+  pixel grid (COCO's ``height``/``width`` describe the raw grid; see
+  :func:`pointseg.data.coco.read_coco_instances`).
+* Grayscale (``1``, ``L``, ``I;16*``, ``I``) is replicated to three channels.
+  16-bit samples are rescaled, not clipped: ``v8 = round(v16 * 255 / 65535)``,
+  so 0 -> 0, 65535 -> 255 and 32768 -> 128. A 32-bit ``I`` image (how Pillow may
+  open a 16-bit PNG) is treated as 16-bit when all its values lie in
+  ``[0, 65535]``; anything else is an error rather than a guess.
+* Palette images are expanded through their palette.
+* Alpha (``RGBA``, ``LA``, ``PA``, palette transparency) is composited on
+  black: ``rgb8 = round(rgb * alpha / 255)``. Fully transparent pixels become
+  black whatever colour the file stores under them, so the result does not
+  depend on hidden data; opaque pixels are unchanged.
+* 16-bit-per-channel RGB PNGs are reduced to 8 bits by Pillow on open (high
+  byte); Pillow has no 48-bit mode, so that is what they give.
+* A missing, truncated or undecodable file raises :class:`ImageDecodeError`
+  naming the file and the reason. Truncation is detected because decoding is
+  forced with ``Image.load()`` while ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES``
+  is left ``False`` (its default); this module never turns it on, and a
+  truncated JPEG is therefore an error, never a silently grey image.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import fsspec
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+__all__ = [
+    "ImageDecodeError",
+    "read_image",
+    "decode_image_bytes",
+    "encode_png",
+    "encode_jpeg",
+    "join_uri",
+]
+
+
+class ImageDecodeError(ValueError):
+    """An image file that could not be read or decoded.
+
+    Attributes ``uri`` (the file) and ``reason`` (what went wrong) are kept so
+    a pipeline can record a per-image error instead of failing the run.
+    """
+
+    def __init__(self, uri: str, reason: str):
+        self.uri = str(uri)
+        self.reason = str(reason)
+        super().__init__(f"cannot decode image {self.uri!r}: {self.reason}")
+
+    def __reduce__(self):  # keep (uri, reason) across pickling (Ray workers)
+        return (type(self), (self.uri, self.reason))
+
+
+def join_uri(base: str, name: str) -> str:
+    """``base/name`` for local paths and fsspec URIs (``memory://``, ``s3://b``).
+
+    An absolute ``name`` (``/x.jpg`` or one with a protocol) is returned as is;
+    an empty ``base`` gives ``name``.
+    """
+    base, name = str(base), str(name)
+    if not base or "://" in name or name.startswith("/"):
+        return name
+    if base.endswith("/"):  # also covers a bare "memory://"
+        return base + name
+    return base + "/" + name
+
+
+def read_image(uri: str, exif_transpose: bool = True) -> np.ndarray:
+    """Read an image file at ``uri`` (any fsspec URI or local path).
+
+    Returns ``(H, W, 3) uint8`` RGB, decoded by the rules in the module
+    docstring. Raises :class:`ImageDecodeError` when the file is missing,
+    unreadable, truncated or not an image.
+    """
+    try:
+        with fsspec.open(uri, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ImageDecodeError(uri, "file not found") from None
+    except IsADirectoryError:
+        raise ImageDecodeError(uri, "is a directory, not an image file") from None
+    except PermissionError as e:
+        raise ImageDecodeError(uri, f"permission denied ({e})") from None
+    except OSError as e:
+        raise ImageDecodeError(uri, f"cannot read file ({type(e).__name__}: {e})") from None
+    return decode_image_bytes(data, uri, exif_transpose=exif_transpose)
+
+
+def decode_image_bytes(data: bytes, name: str = "<bytes>", exif_transpose: bool = True) -> np.ndarray:
+    """Decode encoded image bytes (e.g. a Parquet ``image`` cell) to RGB.
+
+    ``name`` is only used in error messages. Returns ``(H, W, 3) uint8``.
+    """
+    if data is None or len(data) == 0:
+        raise ImageDecodeError(name, "empty file (0 bytes)")
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        warnings.warn(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set to True by another module: truncated images "
+            f"may decode silently (decoding {name})",
+            stacklevel=2,
+        )
+    try:
+        with Image.open(io.BytesIO(bytes(data))) as im:
+            im.load()  # force the full decode: truncation raises here
+            if exif_transpose:
+                im = _exif_transpose(im, name)
+            return _to_rgb(im, name)
+    except ImageDecodeError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise ImageDecodeError(name, f"not a recognised image format ({len(data)} bytes)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError(name, f"too many pixels ({e})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        msg = str(e)
+        if "truncated" in msg or isinstance(e, EOFError):
+            msg = f"truncated or corrupt image data ({msg})"
+        raise ImageDecodeError(name, msg) from None
+
+
+def _exif_transpose(im: Image.Image, name: str) -> Image.Image:
+    try:
+        out = ImageOps.exif_transpose(im)
+    except Exception as e:  # a broken EXIF block should not lose the pixels
+        warnings.warn(f"{name}: ignoring unreadable EXIF orientation ({e})", stacklevel=3)
+        return im
+    return im if out is None else out
+
+
+def _scale16(a: np.ndarray) -> np.ndarray:
+    """16-bit samples -> 8 bit with rounding: ``round(v * 255 / 65535)``."""
+    a = a.astype(np.uint32)
+    return ((a * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _composite_on_black(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """``round(rgb * alpha / 255)`` for uint8 ``rgb (H,W,3)`` and ``alpha (H,W)``."""
+    num = rgb.astype(np.uint32) * alpha.astype(np.uint32)[..., None]
+    return ((num + 127) // 255).astype(np.uint8)
+
+
+def _to_rgb(im: Image.Image, name: str) -> np.ndarray:
+    mode = im.mode
+    if mode == "RGB":
+        return np.array(im, dtype=np.uint8)
+    if mode.startswith("I;16"):
+        gray = _scale16(np.array(im))
+        return np.repeat(gray[..., None], 3, axis=2)
+    if mode == "I":
+        a = np.array(im)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise ImageDecodeError(
+                name, f"32-bit integer pixels in [{a.min()}, {a.max()}] do not fit 16 bits; no 8-bit mapping is defined"
+            )
+        gray = _scale16(a)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if mode == "F":
+        raise ImageDecodeError(name, "floating-point images (mode 'F') are not supported")
+    if mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = np.array(im.convert("RGBA"), dtype=np.uint8)
+        return _composite_on_black(rgba[..., :3], rgba[..., 3])
+    # 1, L, P, CMYK, YCbCr, LAB, HSV, RGBX: Pillow's own conversion is exact or standard.
+    return np.array(im.convert("RGB"), dtype=np.uint8)
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    """``(H, W, 3) uint8`` RGB -> lossless PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(_check_rgb(rgb)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 95) -> bytes:
+    """``(H, W, 3) uint8`` RGB -> JPEG bytes (lossy; ``quality`` 1..95)."""
+    buf = io.BytesIO()
+    Image.fromarray(_check_rgb(rgb)).save(buf, format="JPEG", quality=int(quality))
+    return buf.getvalue()
+
+
+def _check_rgb(rgb: np.ndarray) -> np.ndarray:
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got shape {rgb.shape} dtype {rgb.dtype}")
+    return np.ascontiguousarray(rgb)
+

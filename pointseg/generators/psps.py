@@ -1,0 +1,88 @@
+"""PSPS: each pixel takes the label of the point with the minimum geodesic cost.
+
+Fan et al., "Pointly-supervised panoptic segmentation", ECCV 2022; it is the
+"Minimum Cost" baseline of Point2Mask (Table 7). Training-free form, on
+low-level maps only:
+
+* edge cost between 8-neighbours k, l (Point2Mask Eq. 2-3 with low-level maps):
+  ``c(k, l) = ||LAB(k) - LAB(l)|| / 100 + beta * max(B(k), B(l))`` where ``B``
+  is the normalised LAB Sobel boundary (:func:`pointseg.lowlevel.lab_sobel_boundary`),
+  the substitute the PSPS code uses for a learned boundary map;
+* every point is a source; one multi-source Dijkstra
+  (:func:`pointseg.geodesic.nearest_source`) gives each pixel the seed group
+  (:func:`~pointseg.generators.base.seed_groups`) of its nearest point;
+* computed at ``downscale`` of the input and upsampled by nearest neighbour.
+
+Every pixel reachable from a point gets a label; unreachable pixels stay 0.
+"""
+
+from __future__ import annotations
+
+import time
+
+import cv2
+import numpy as np
+from pydantic import Field
+
+from pointseg.data.record import Points
+from pointseg.generators.base import GeneratorConfig, PseudoLabel, PseudoLabelGenerator, assemble, seed_groups
+from pointseg.geodesic import edge_costs, nearest_source
+from pointseg.lowlevel import lab_sobel_boundary, rgb_to_lab
+
+
+class PSPSConfig(GeneratorConfig):
+    beta: float = Field(0.1, ge=0, description="weight of the boundary term in the edge cost (Point2Mask default 0.1)")
+    downscale: float = Field(0.5, gt=0, le=1, description="geodesic computed at this fraction of the size")
+    blur_sigma: float = Field(0.5, ge=0, description="Gaussian blur of the image before LAB, in pixels of the scaled image")
+
+
+def scaled_size(height: int, width: int, downscale: float) -> tuple[int, int]:
+    return max(1, int(round(height * downscale))), max(1, int(round(width * downscale)))
+
+
+def low_level_maps(image: np.ndarray, size: tuple[int, int], blur_sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """LAB image ``(3, h, w)`` scaled to [0, 1]-ish units and Sobel boundary ``(h, w)`` at ``size``."""
+    h, w = size
+    small = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA) if image.shape[:2] != (h, w) else image
+    if blur_sigma > 0:
+        small = cv2.GaussianBlur(small, (0, 0), blur_sigma)
+    lab = rgb_to_lab(small)
+    boundary = lab_sobel_boundary(lab)
+    return np.moveaxis(lab, -1, 0) / 100.0, boundary
+
+
+def upsample_labels(labels: np.ndarray, height: int, width: int) -> np.ndarray:
+    if labels.shape == (height, width):
+        return labels
+    return cv2.resize(labels.astype(np.int32), (width, height), interpolation=cv2.INTER_NEAREST)
+
+
+class PSPSGenerator(PseudoLabelGenerator):
+    name = "psps"
+    Config = PSPSConfig
+
+    def generate(self, image: np.ndarray, points: Points) -> PseudoLabel:
+        cfg = self.config
+        height, width = image.shape[:2]
+        groups = seed_groups(points, self.categories)
+        if not groups:
+            raise ValueError("image has no points")
+        t0 = time.perf_counter()
+        h, w = scaled_size(height, width, cfg.downscale)
+        lab, boundary = low_level_maps(image, (h, w), cfg.blur_sigma)
+        cost = edge_costs(lab, boundary, beta=cfg.beta)
+        sources = scaled_points(points, height, width, h, w)
+        point_group = np.empty(len(points), np.int64)
+        for gi, g in enumerate(groups):
+            point_group[g.point_index] = gi
+        _, label = nearest_source(cost, sources, labels=point_group)
+        assignment = upsample_labels(label, height, width)
+        return assemble(assignment, groups, {"geodesic_seconds": time.perf_counter() - t0, "scaled_size": [h, w]})
+
+
+def scaled_points(points: Points, height: int, width: int, h: int, w: int) -> np.ndarray:
+    """``(P, 2)`` int ``(row, col)`` of the points on an ``(h, w)`` grid scaled from ``(height, width)``."""
+    xy = points.xy
+    rows = np.clip(np.floor((xy[:, 1] + 0.5) * h / height), 0, h - 1)
+    cols = np.clip(np.floor((xy[:, 0] + 0.5) * w / width), 0, w - 1)
+    return np.stack([rows, cols], 1).astype(np.int64)

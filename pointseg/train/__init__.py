@@ -1,0 +1,1 @@
+"""Stage-2 training pieces usable in a plain PyTorch loop: targets, augmentation, collates, steps."""

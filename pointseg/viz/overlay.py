@@ -1,0 +1,78 @@
+"""Pictures a person would rather look at than read: labels over images, side by side."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from pointseg.data.record import Category, Points
+
+
+def segment_colors(segments_info: list[dict], categories: dict[int, Category], seed: int = 0) -> dict[int, tuple]:
+    """A colour per segment id: the category colour for stuff, a jittered one per thing instance."""
+    rng = np.random.default_rng(seed)
+    colors = {}
+    for s in segments_info:
+        cat = categories.get(s["category_id"])
+        base = np.array(cat.color if cat and any(cat.color) else rng.integers(40, 255, 3), float)
+        if s.get("isthing", cat.isthing if cat else True):
+            base = np.clip(base + rng.integers(-60, 61, 3), 0, 255)
+        colors[s["id"]] = tuple(int(v) for v in base)
+    return colors
+
+
+def colorize(id_map: np.ndarray, segments_info: list[dict], categories: dict[int, Category]) -> np.ndarray:
+    """``(H, W)`` id map -> ``(H, W, 3) uint8``; VOID black, instance borders white."""
+    out = np.zeros(id_map.shape + (3,), np.uint8)
+    for sid, color in segment_colors(segments_info, categories).items():
+        out[id_map == sid] = color
+    edges = cv2.morphologyEx(id_map.astype(np.float32), cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
+    out[edges] = 255
+    return out
+
+
+def draw_points(image: np.ndarray, points: Points, radius: int = 3) -> np.ndarray:
+    out = image.copy()
+    r = max(radius, int(round(max(image.shape[:2]) / 160)))
+    for x, y in points.xy:
+        c = (int(round(x)), int(round(y)))
+        cv2.circle(out, c, r + 1, (0, 0, 0), -1)
+        cv2.circle(out, c, r, (255, 255, 0), -1)
+    return out
+
+
+def panel(
+    image: np.ndarray,
+    points: Points,
+    pred: tuple[np.ndarray, list[dict]],
+    gt: tuple[np.ndarray, list[dict]] | None,
+    categories: dict[int, Category],
+    titles: tuple[str, ...] = ("image + points", "pseudo label", "ground truth"),
+) -> np.ndarray:
+    """Side-by-side ``image+points | pseudo label | ground truth`` as one RGB array."""
+    tiles = [draw_points(image, points), blend(image, colorize(*pred, categories))]
+    if gt is not None:
+        tiles.append(blend(image, colorize(*gt, categories)))
+    tiles = [_title(t, s) for t, s in zip(tiles, titles)]
+    return np.concatenate(tiles, axis=1)
+
+
+def blend(image: np.ndarray, colors: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+    return (alpha * colors + (1 - alpha) * image).astype(np.uint8)
+
+
+def _title(tile: np.ndarray, text: str) -> np.ndarray:
+    bar = np.full((18, tile.shape[1], 3), 255, np.uint8)
+    cv2.putText(bar, text, (3, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([bar, tile], axis=0)
+
+
+def save_png(path_or_file, rgb: np.ndarray) -> None:
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    if hasattr(path_or_file, "write"):
+        path_or_file.write(buf.tobytes())
+    else:
+        with open(path_or_file, "wb") as f:
+            f.write(buf.tobytes())

@@ -1,0 +1,34 @@
+"""Shared test fixtures: repo paths, the real data in ../shared/data, a local Ray."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+for p in (ROOT, ROOT / "flows"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+
+def shared_data(*parts: str) -> Path:
+    """Path under ../shared/data, skipping the test when it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real test data not found at {path} (../shared/data is not part of the repo)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory):
+    """One local Ray for the session, 2 CPUs, temp files under pytest's tmp dir."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, _temp_dir=str(tmp_path_factory.mktemp("ray")),
+                 runtime_env={"env_vars": {"PYTHONPATH": f"{ROOT}:{ROOT / 'flows'}"}})
+    yield ray
+    ray.shutdown()

