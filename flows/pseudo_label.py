@@ -69,7 +69,7 @@ def run_pseudo_labels(cfg: PipelineConfig, categories: dict[int, Category], outp
     )
     ds = ds.map_batches(encode_labels, batch_size=rd.batch_size, **task)
     ds = ds.drop_columns(["points"])
-    ds.write_parquet(shards, num_rows_per_file=256)
+    ds.write_parquet(shards, min_rows_per_file=256)
     return {"labelled_now": len(todo), "skipped_done": len(done)}
 
 

@@ -59,13 +59,17 @@ def decode_images(batch: dict, strict: bool = False) -> dict:
         if batch["error"][i]:
             continue
         try:
-            img = read_image(str(batch["file_name"][i]))
+            uri = str(batch["file_name"][i])
+            img = read_image(uri)
+            expected = (int(heights[i]), int(widths[i]))
+            if expected[0] > 0 and img.shape[:2] != expected:
+                # EXIF rotation: the annotation's pixel grid wins. If the stored
+                # (unrotated) grid matches the annotation, the labels were drawn on it.
+                raw = read_image(uri, exif_transpose=False)
+                if raw.shape[:2] != expected:
+                    raise ValueError(f"image is {img.shape[1]}x{img.shape[0]} (WxH) but annotated as {expected[1]}x{expected[0]}")
+                img = raw
             images[i] = img
-            if heights[i] > 0 and (heights[i], widths[i]) != img.shape[:2]:
-                log.warning(
-                    "image %s: annotation size %sx%s differs from decoded %sx%s; using the decoded size",
-                    batch["image_id"][i], heights[i], widths[i], *img.shape[:2],
-                )
             heights[i], widths[i] = img.shape[:2]
         except Exception as exc:  # noqa: BLE001 - recorded per image
             _fail(batch, i, "decode", exc, strict)

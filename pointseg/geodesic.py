@@ -563,10 +563,15 @@ def nearest_source(cost: np.ndarray, sources, labels=None) -> tuple[np.ndarray, 
         distance[p] = min_i D[i, p]
         label[p]    = labels[i*],  i* = min { i : D[i, p] = distance[p] }
 
-    with ``D`` as in :func:`geodesic_distance`. Ties, i.e. equal floating-point
-    path lengths, go to the source with the lowest index in ``sources`` (not the
-    lowest label): the search orders pixels by ``(distance, source index)``.
-    Costs one single-source run, not ``N``.
+    with ``D`` as in :func:`geodesic_distance`. Ties go to the source with the
+    lowest index in ``sources`` (not the lowest label): the search orders
+    pixels by ``(distance, source index)``, so the result does not depend on
+    heap order. Ties are equal floating-point path sums; with exactly
+    representable sums (e.g. integer costs) ``i*`` is exactly the rule above,
+    otherwise two sources whose sums differ by rounding are not a tie.
+
+    Costs about one single-source run (1-2x one run of
+    :func:`geodesic_distance`, for the tie-aware heap), not ``N``.
 
     Parameters
     ----------

@@ -44,30 +44,46 @@ def evaluate_labels(output: str, categories: dict[int, Category]) -> dict:
     return out
 
 
-def baseline_scores(output: str, categories: dict[int, Category], methods: Iterable[str]) -> dict:
-    """Score other generators on the same images and points, in this process (cheap baselines)."""
-    methods = list(methods)
-    if not methods:
-        return {}
+def score_generator(
+    output: str,
+    categories: dict[int, Category],
+    method: str,
+    params: dict | None = None,
+    max_images: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Label the prepared images of ``output`` in this process and score them against ``output/gt``.
+
+    The in-process path for cheap generators and Tune trials: no Ray Data,
+    nothing written. An image the generator fails on counts as an empty
+    prediction (all its segments false negatives), never as skipped.
+    """
     _, _, gt_anns = read_panoptic_annotations(join(output, "gt", "panoptic.json"))
     rows = [r for r in read_index(join(output, "index", "index.parquet")) if r["image_id"] in gt_anns]
-    scores = {}
-    for method in methods:
-        gen = build_generator(method, {}, categories)
-        pq_ev, miou_ev = PQEvaluator(categories), MIoUEvaluator(categories)
-        for r in tqdm(rows, desc=f"baseline {method}", unit="img"):
-            ann = gt_anns[r["image_id"]]
-            gt_map = read_id_map(join(output, "gt", "panoptic"), ann["file_name"])
-            try:
-                image = read_image(r["file_name"])
-                label = gen.generate(image, Points.from_list(json.loads(r["points"])))
-                pred = (label.id_map, label.segments_info)
-            except Exception:  # noqa: BLE001 - scored as an empty prediction, like a failed image
-                pred = (gt_map * 0, [])
-            pq_ev.process(gt_map, ann["segments_info"], *pred, image_id=r["image_id"])
-            miou_ev.process(gt_map, ann["segments_info"], *pred, image_id=r["image_id"])
-        scores[method] = flatten_metrics(pq_ev.evaluate(), miou_ev.evaluate())
-    return scores
+    rows = rows[:max_images] if max_images else rows
+    gen = build_generator(method, params or {}, categories)
+    pq_ev, miou_ev = PQEvaluator(categories), MIoUEvaluator(categories)
+    failed = {}
+    for r in tqdm(rows, desc=f"score {method}", unit="img", disable=not progress):
+        ann = gt_anns[r["image_id"]]
+        gt_map = read_id_map(join(output, "gt", "panoptic"), ann["file_name"])
+        try:
+            image = read_image(r["file_name"])
+            label = gen.generate(image, Points.from_list(json.loads(r["points"])))
+            pred = (label.id_map, label.segments_info)
+        except Exception as exc:  # noqa: BLE001
+            failed[r["image_id"]] = f"{type(exc).__name__}: {exc}"
+            pred = (gt_map * 0, [])
+        pq_ev.process(gt_map, ann["segments_info"], *pred, image_id=r["image_id"])
+        miou_ev.process(gt_map, ann["segments_info"], *pred, image_id=r["image_id"])
+    out = flatten_metrics(pq_ev.evaluate(), miou_ev.evaluate())
+    out["num_images"], out["failed"] = len(rows), failed
+    return out
+
+
+def baseline_scores(output: str, categories: dict[int, Category], methods: Iterable[str]) -> dict:
+    """Score cheap baseline generators (default parameters) on the same images and points."""
+    return {m: score_generator(output, categories, m) for m in methods}
 
 
 def write_report(output: str, report: dict, categories: dict[int, Category], num_overlays: int) -> None:

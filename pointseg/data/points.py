@@ -211,7 +211,8 @@ def write_points_jsonl(uri: str, items: Iterable[tuple]) -> int:
 
     ``items`` yields ``(image_id, Points)`` or ``(image_id, Points, file_name)``.
     Returns the number of lines written. Raises ``ValueError`` naming the image
-    on a repeated image id or a non-finite coordinate.
+    on a repeated image id. A non-finite coordinate is written as ``null``
+    (strict JSON), which reads back as NaN.
     """
     seen: set[int] = set()
     n = 0
@@ -221,15 +222,13 @@ def write_points_jsonl(uri: str, items: Iterable[tuple]) -> int:
             if image_id in seen:
                 raise ValueError(f"{uri}: image_id {image_id} given twice")
             seen.add(image_id)
-            if not np.isfinite(pts.xy).all():
-                bad = int(np.flatnonzero(~np.isfinite(pts.xy).all(axis=1))[0])
-                raise ValueError(
-                    f"{uri}: image {image_id} point {bad} has a non-finite coordinate {pts.xy[bad].tolist()}"
-                )
             row: dict[str, Any] = {"image_id": image_id}
             if len(item) > 2 and item[2] is not None:
                 row["file_name"] = str(item[2])
-            row["points"] = pts.to_list()
+            row["points"] = [
+                {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in p.items()}
+                for p in pts.to_list()
+            ]
             f.write(json.dumps(row, allow_nan=False, separators=(",", ":")) + "\n")
             n += 1
     return n
@@ -242,8 +241,12 @@ def _int_field(v: Any, uri: str, line: int, field: str) -> int:
 
 
 def _num_field(v: Any, uri: str, line: int, field: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise PointsFileError(uri, line, field, f"expected a finite number, got {v!r}")
+    """A coordinate: a number, or ``NaN``/``null`` (kept as NaN so that the one
+    point is dropped per image by :func:`validate_points`, not the whole file)."""
+    if v is None:
+        return math.nan
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise PointsFileError(uri, line, field, f"expected a number, got {v!r}")
     return float(v)
 
 

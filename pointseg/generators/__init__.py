@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from pointseg.data.record import Category
 from pointseg.generators.base import GeneratorConfig, PseudoLabel, PseudoLabelGenerator, assemble, seed_groups
+from pointseg.generators.point2mask import Point2MaskGenerator
 from pointseg.generators.psps import PSPSGenerator
 from pointseg.generators.voronoi import VoronoiGenerator
 
 GENERATORS: dict[str, type[PseudoLabelGenerator]] = {
     PSPSGenerator.name: PSPSGenerator,
+    Point2MaskGenerator.name: Point2MaskGenerator,
     VoronoiGenerator.name: VoronoiGenerator,
 }
 

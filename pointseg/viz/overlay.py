@@ -35,6 +35,8 @@ def draw_points(image: np.ndarray, points: Points, radius: int = 3) -> np.ndarra
     out = image.copy()
     r = max(radius, int(round(max(image.shape[:2]) / 160)))
     for x, y in points.xy:
+        if not (np.isfinite(x) and np.isfinite(y)):
+            continue
         c = (int(round(x)), int(round(y)))
         cv2.circle(out, c, r + 1, (0, 0, 0), -1)
         cv2.circle(out, c, r, (255, 255, 0), -1)
