@@ -18,7 +18,7 @@ from operators.pseudo_label import GenerateLabels, attach_points, decode_images,
 from pointseg.config import PipelineConfig, load_config
 from pointseg.data.coco_panoptic_io import PanopticWriter
 from pointseg.data.panoptic_format import decode_png
-from pointseg.data.prepare import iter_shard_rows, join, prepare_inputs, read_index, write_index
+from pointseg.data.prepare import clear_dir, iter_shard_rows, join, prepare_inputs, read_index, write_index
 from pointseg.data.record import Category
 
 log = logging.getLogger("pointseg.flows.pseudo_label")
@@ -35,20 +35,24 @@ def run_pseudo_labels(cfg: PipelineConfig, categories: dict[int, Category], outp
 
     shards = join(output, "shards")
     rows = read_index(join(output, "index", "index.parquet"))
+    rd = cfg.ray_data
     done = done_image_ids(shards) if cfg.resume else set()
     todo = [r for r in rows if r["image_id"] not in done]
     log.info("%d images, %d already labelled, %d to label", len(rows), len(rows) - len(todo), len(todo))
     if not todo:
         return {"labelled_now": 0, "skipped_done": len(done)}
-    todo_uri = join(output, "index", "todo.parquet")
-    write_index(todo_uri, todo)
+    # Several small index files, so the read yields enough blocks to keep every actor busy.
+    todo_uri = join(output, "index", "todo")
+    clear_dir(todo_uri)
+    per_file = max(rd.batch_size, -(-len(todo) // (4 * rd.num_actors)))
+    for i in range(0, len(todo), per_file):
+        write_index(join(todo_uri, f"part-{i // per_file:05d}.parquet"), todo[i : i + per_file])
 
     ctx = ray.data.DataContext.get_current()
-    rd = cfg.ray_data
     ctx.execution_no_progress_timeout_s = rd.no_progress_timeout_s  # a hang becomes an error
     ctx.wait_for_min_actors_s = int(rd.wait_for_min_actors_s)
     task = {"num_cpus": rd.num_cpus_per_task, "batch_format": "numpy"}
-    ds = ray.data.read_parquet(todo_uri, override_num_blocks=max(1, min(len(todo), 4 * rd.num_actors)))
+    ds = ray.data.read_parquet(todo_uri)
     ds = ds.map_batches(decode_images, batch_size=rd.batch_size, fn_kwargs={"strict": cfg.strict}, **task)
     ds = ds.map_batches(
         attach_points, batch_size=rd.batch_size, fn_kwargs={"categories": categories, "strict": cfg.strict}, **task

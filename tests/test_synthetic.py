@@ -243,14 +243,3 @@ def test_knobs_switch_features_off():
         cats = {s.category_id for s in rec.segments}
         assert not layout.touching_pairs
         assert not cats & {103, 104, 105}
-
-
-def test_fast_enough():
-    import time
-
-    make_scene(0, 100)
-    t0 = time.perf_counter()
-    for i in range(20):
-        make_scene(0, i)
-    per_image = (time.perf_counter() - t0) / 20
-    assert per_image < 0.06, f"{per_image * 1e3:.1f} ms per 128x128 scene"  # target 20 ms; slack for a shared CI box

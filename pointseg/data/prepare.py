@@ -173,6 +173,13 @@ def _materialise_image(rec: ImageRecord, output: str) -> str:
     return uri
 
 
+def clear_dir(uri: str) -> None:
+    """Remove a folder (if any) so that it can be written afresh."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
 def write_index(uri: str, rows: list[dict]) -> None:
     table = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
     with open_out(uri, "wb") as f:
