@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import logging
 
-from common import StageTimer, base_parser, init_ray, setup_logging
+from common import StageTimer, base_parser, init_ray, setup_logging  # also puts the repo on sys.path
+from tqdm import tqdm
 
 from operators.pseudo_label import GenerateLabels, attach_points, decode_images, encode_labels
 from pointseg.config import PipelineConfig, load_config
@@ -88,7 +89,8 @@ def export_panoptic(output: str, categories: dict[int, Category]) -> dict:
     writer = PanopticWriter(output, categories)
     written: set[int] = set()
     errors: dict[int, str] = {}
-    for r in iter_shard_rows(shards, ["image_id", "file_name", "label_png", "segments_info", "error"]):
+    rows = iter_shard_rows(shards, ["image_id", "file_name", "label_png", "segments_info", "error"])
+    for r in tqdm(rows, desc="export COCO panoptic", unit="img"):
         image_id = r["image_id"]
         if r["error"]:
             if image_id not in ok:

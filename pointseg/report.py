@@ -7,6 +7,7 @@ the same on a laptop and against ``s3://`` outputs.
 from __future__ import annotations
 
 import json
+import math
 from typing import Iterable
 
 from tqdm import tqdm
@@ -22,8 +23,13 @@ from pointseg.viz.overlay import panel, save_png
 SUMMARY_KEYS = ("pq", "sq", "rq", "pq_th", "sq_th", "rq_th", "pq_st", "sq_st", "rq_st")
 
 
+def _finite_or_none(v):
+    """NaN (e.g. PQ_st on a things-only dataset) becomes None: ``null`` in strict JSON."""
+    return None if isinstance(v, float) and math.isnan(v) else v
+
+
 def flatten_metrics(pq: dict, miou: dict) -> dict:
-    out = {k: pq[k] for k in SUMMARY_KEYS if k in pq}
+    out = {k: _finite_or_none(pq[k]) for k in SUMMARY_KEYS if k in pq}
     out["miou"] = miou["miou"]
     out["per_class"] = pq.get("per_class", {})
     return out

@@ -51,7 +51,17 @@ def panel(
     categories: dict[int, Category],
     titles: tuple[str, ...] = ("image + points", "pseudo label", "ground truth"),
 ) -> np.ndarray:
-    """Side-by-side ``image+points | pseudo label | ground truth`` as one RGB array."""
+    """Side-by-side ``image+points | pseudo label | ground truth`` as one RGB array.
+
+    Small images are enlarged (nearest neighbour, integer factor) to at least
+    256 px on the long side so that the tiles stay readable.
+    """
+    f = max(1, int(np.ceil(256 / max(image.shape[:2]))))
+    if f > 1:
+        image = np.repeat(np.repeat(image, f, 0), f, 1)
+        points = Points(points.xy * f + (f - 1) / 2, points.segment, points.category_id)
+        pred = (np.repeat(np.repeat(pred[0], f, 0), f, 1), pred[1])
+        gt = None if gt is None else (np.repeat(np.repeat(gt[0], f, 0), f, 1), gt[1])
     tiles = [draw_points(image, points), blend(image, colorize(*pred, categories))]
     if gt is not None:
         tiles.append(blend(image, colorize(*gt, categories)))
