@@ -14,7 +14,8 @@ Run (training-free maps by default; ``--checkpoint`` uses learned maps)::
 
     python benchmarks/point2mask_ablation.py --dataset synthetic --images 24
     python benchmarks/point2mask_ablation.py --dataset coco-mini --images 80
-    python benchmarks/point2mask_ablation.py --dataset synthetic --set thing_competition=things --set beta=1.0
+    python benchmarks/point2mask_ablation.py --dataset synthetic --set thing_competition=class --set beta=1.0
+    python benchmarks/point2mask_ablation.py --dataset coco-mini --images 80 --train-steps 300   # + learned maps
 
 Points are P1 (``pointseg.data.points.sample_points``, seed ``--point-seed``).
 """
@@ -40,7 +41,7 @@ COCO_MINI = ROOT.parent / "shared" / "data" / "coco-mini"
 
 
 def load_dataset(name: str, n: int, point_seed: int, size: int = 128):
-    """``(categories, [(image, points, gt_id_map, gt_segments_info, image_id)])``."""
+    """``(categories, [(image, points, gt_id_map, gt_segments_info, image_id)], records with points)``."""
     if name == "synthetic":
         from pointseg.data.synthetic import SyntheticDataset
 
@@ -61,9 +62,10 @@ def load_dataset(name: str, n: int, point_seed: int, size: int = 128):
     items = []
     for r in records:
         pts, _ = validate_points(sample_points(r, "p1", point_seed), r.height, r.width, cats)
+        r.points = pts
         gt_map, gt_info = r.panoptic()
         items.append((r.image, pts, gt_map, gt_info, r.image_id))
-    return cats, items
+    return cats, items, records
 
 
 def score(method: str, params: dict, cats, items) -> dict:
@@ -92,9 +94,15 @@ def score(method: str, params: dict, cats, items) -> dict:
     return out
 
 
-def rows(base: dict) -> list[tuple[str, str, dict]]:
+def rows(base: dict, learned: dict | None = None) -> list[tuple[str, str, dict]]:
     p2m = dict(base)
-    return [
+    extra = []
+    if learned:
+        extra = [
+            ("P2M learned MinCost", "point2mask", {**p2m, **learned, "assignment": "mincost"}),
+            ("P2M learned OT centroid", "point2mask", {**p2m, **learned, "assignment": "ot"}),
+        ]
+    return extra + [
         ("Voronoi", "voronoi", {}),
         ("PSPS", "psps", {}),
         ("P2M MinCost", "point2mask", {**p2m, "assignment": "mincost"}),
@@ -110,22 +118,41 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=24)
     ap.add_argument("--size", type=int, default=128, help="synthetic image side")
     ap.add_argument("--point-seed", type=int, default=0)
-    ap.add_argument("--checkpoint", default=None, help="MapNet checkpoint: learned maps for the Point2Mask rows")
+    ap.add_argument("--checkpoint", default=None, help="MapNet checkpoint: adds learned-map rows (trained first with --train-steps)")
+    ap.add_argument("--train-steps", type=int, default=0, help="train the MapNet on these images' points first")
+    ap.add_argument("--train-size", type=int, default=256, help="square training size of the MapNet")
+    ap.add_argument("--loss-stride", type=int, default=2, help="L_sem^LAB / L_sem^RGB at 1/stride resolution")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra Point2Mask config (YAML value), e.g. --set beta=1.0")
     args = ap.parse_args()
     base: dict = {}
-    if args.checkpoint:
-        base.update(maps="learned", checkpoint=args.checkpoint)
     for kv in args.set:
         k, v = kv.split("=", 1)
         base[k] = yaml.safe_load(v)
-    cats, items = load_dataset(args.dataset, args.images, args.point_seed, args.size)
+    cats, items, records = load_dataset(args.dataset, args.images, args.point_seed, args.size)
     print(f"# {args.dataset}, {len(items)} images, P1 points (seed {args.point_seed}), point2mask extra config {base}")
+    learned = None
+    if args.train_steps:
+        import logging
+
+        from pointseg.losses.point2mask import Point2MaskLossConfig
+        from pointseg.train.point2mask_maps import MapTrainConfig, train_map_net
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        ckpt = args.checkpoint or str(ROOT / "out" / f"point2mask_maps_{args.dataset}.pt")
+        cfg = MapTrainConfig(image_size=args.train_size, loss=Point2MaskLossConfig(loss_stride=args.loss_stride),
+                             generator={k: v for k, v in base.items() if k != "maps"})
+        res = train_map_net(records, cats, cfg, steps=args.train_steps, checkpoint_path=ckpt, resume=False)
+        print(f"# trained MapNet: {args.train_steps} steps at {args.train_size}px in {res['seconds']:.0f} s "
+              f"({res['pseudo_refreshes']} pseudo-label refreshes) -> {ckpt}; last terms "
+              f"{ {k: round(v, 3) for k, v in res['history'][-1].items()} }")
+        args.checkpoint = ckpt
+    if args.checkpoint:
+        learned = {"maps": "learned", "checkpoint": args.checkpoint}
     head = f"{'method':26s} {'PQ':>6s} {'PQ_th':>6s} {'SQ_th':>6s} {'RQ_th':>6s} {'PQ_st':>6s} {'err_row':>8s} {'err_col':>8s} {'s':>6s}"
     print(head)
     print("-" * len(head))
-    for label, method, params in rows(base):
+    for label, method, params in rows(base, learned):
         r = score(method, params, cats, items)
         f = lambda v: f"{100 * v:6.2f}" if v == v else "   nan"  # noqa: E731
         e = lambda v: f"{v:8.1e}" if method == "point2mask" and "MinCost" not in label else f"{'-':>8s}"  # noqa: E731

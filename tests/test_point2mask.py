@@ -1,0 +1,323 @@
+"""Point2Mask generator: costs against scipy's Dijkstra, supplier schemes, OT on toys, bad input, training."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import dijkstra
+
+from pointseg.data.record import Category, ImageRecord, Points
+from pointseg.generators import build_generator, seed_groups
+from pointseg.generators.point2mask import (
+    Point2MaskConfig,
+    Point2MaskGenerator,
+    TransportMaps,
+    group_costs,
+    point2mask_assignment,
+    supplier_units,
+)
+
+CATS = {1: Category(1, "thing", True), 2: Category(2, "other", True), 10: Category(10, "sky", False)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- cost (Eq. 2-3)
+
+
+def _direct_graph(channel: np.ndarray, boundary: np.ndarray, beta: float) -> csr_matrix:
+    """Eq. 2-3 edge lengths written out pixel by pixel (independent of pointseg.geodesic)."""
+    h, w = channel.shape
+    rows, cols, vals = [], [], []
+    for y in range(h):
+        for x in range(w):
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    yy, xx = y + dy, x + dx
+                    if (dy, dx) == (0, 0) or not (0 <= yy < h and 0 <= xx < w):
+                        continue
+                    d_s = abs(channel[y, x] - channel[yy, xx])
+                    d_b = max(boundary[y, x], boundary[yy, xx])
+                    rows.append(y * w + x)
+                    cols.append(yy * w + xx)
+                    vals.append(d_s + beta * d_b + 1e-300)  # keep exact zeros as edges
+    return csr_matrix((vals, (rows, cols)), shape=(h * w, h * w))
+
+
+def test_costs_equal_scipy_dijkstra_on_the_class_channel():
+    rng = np.random.default_rng(0)
+    h, w, beta = 7, 9, 0.1
+    sem = rng.random((3, h, w))
+    sem /= sem.sum(0)  # like softmax probabilities
+    bnd = rng.random((h, w))
+    maps = TransportMaps(sem, bnd, None, channel_of={1: 0, 2: 2, 10: 1})
+    pts = Points([[1, 1], [7, 5], [4, 3], [0, 6], [8, 0]], [11, 12, 21, 30, 30], [1, 1, 2, 10, 10])
+    groups = seed_groups(pts, CATS)
+    sources = pts.pixels(h, w)
+    costs = group_costs(maps, sources, groups, beta)
+    assert costs.shape == (len(groups), h, w)
+    for gi, g in enumerate(groups):
+        graph = _direct_graph(sem[maps.channel_of[g.category_id]], bnd, beta)
+        flat = sources[g.point_index, 0] * w + sources[g.point_index, 1]
+        expected = dijkstra(graph, directed=True, indices=flat).min(0).reshape(h, w)
+        np.testing.assert_allclose(costs[gi], expected, rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- supplier units (Eq. 4)
+
+
+def test_equal_division_sums_to_n():
+    costs = np.zeros((3, 5, 7))
+    scope = np.ones((5, 7), bool)
+    scope[0, :3] = False
+    k, _ = supplier_units("equal", costs, scope, np.arange(3), None, [])
+    assert k.sum() == scope.sum() == 32 and k.max() - k.min() <= 1
+
+
+def test_nearest_centroid_falls_back_to_the_point_outside_its_mask():
+    # member 0 owns a ring, member 1 the disc inside it: the ring's centroid lies in the disc.
+    n = 21
+    yy, xx = np.mgrid[:n, :n]
+    disc = (yy - 10) ** 2 + (xx - 10) ** 2 <= 9
+    costs = np.stack([disc.astype(float), (~disc).astype(float)])
+    scope = np.ones((n, n), bool)
+    point_rc = [np.array([[0, 0]]), np.array([[10, 11]])]
+    calls = {}
+
+    def recompute(gi, src):
+        calls[gi] = src.tolist()
+        return costs[gi]
+
+    k, fallbacks = supplier_units("nearest_centroid", costs, scope, np.array([0, 1]), recompute, point_rc, 1)
+    assert fallbacks == 1
+    assert calls[0] == [[0, 0]]  # the point, not the centroid (10, 10) outside the ring
+    assert calls[1] == [[10, 10]]  # the disc's centroid is inside the disc
+    assert k.tolist() == [n * n - disc.sum(), disc.sum()]
+    k_np, _ = supplier_units("nearest_point", costs, scope, np.array([0, 1]), None, point_rc)
+    assert k_np.tolist() == k.tolist()
+
+
+# ----------------------------------------------------------------------------- OT on a toy
+
+
+def two_touching_squares(seed=0):
+    """Two same-colour 24x24 squares side by side (one texture, no edge between them).
+
+    Points: left square near its right edge (col 21), right square near its far
+    right (col 45). Ground truth: columns < 24 vs >= 24.
+    """
+    rng = np.random.default_rng(seed)
+    img = np.clip(150 + rng.normal(0, 6, (24, 48, 3)), 0, 255).astype(np.uint8)
+    pts = Points([[21, 12], [45, 12]], [1, 2], [1, 1])
+    gt = np.zeros((24, 48), int)
+    gt[:, 24:] = 1
+    return img, pts, gt
+
+
+def _iou_cols(label, gt):
+    ids = [s["id"] for s in label.segments_info]
+    ious = []
+    for k, sid in enumerate(ids):
+        m, g = label.id_map == sid, gt == k
+        ious.append((m & g).sum() / (m | g).sum())
+    return ious
+
+
+def test_ot_separates_touching_same_colour_squares_where_mincost_bleeds():
+    img, pts, gt = two_touching_squares()
+    base = {"downscale": 1.0, "blur_sigma": 0.0, "beta": 0.1}
+    mc = build_generator("point2mask", {**base, "assignment": "mincost"}, CATS).generate(img, pts)
+    vor = build_generator("voronoi", {}, CATS).generate(img, pts)
+    ot = build_generator("point2mask", {**base, "supplier_scheme": "nearest_centroid", "centroid_iters": 10}, CATS).generate(img, pts)
+    eq = build_generator("point2mask", {**base, "supplier_scheme": "equal"}, CATS).generate(img, pts)
+    iou_mc, iou_vor, iou_ot, iou_eq = (min(_iou_cols(x, gt)) for x in (mc, vor, ot, eq))
+    # MinCost and Voronoi put the border near the points' midpoint (col 33): the left square bleeds
+    assert iou_mc < 0.75 and iou_vor < 0.75
+    # OT with centroid supplier units moves it back to the true border
+    assert iou_ot > 0.9 and iou_eq > 0.9
+    assert iou_ot > iou_mc + 0.15
+
+
+def test_exact_solver_segment_sizes_equal_k():
+    img, pts, _ = two_touching_squares(seed=1)
+    for scheme in ("equal", "nearest_centroid"):
+        lab = build_generator("point2mask", {"downscale": 1.0, "supplier_scheme": scheme}, CATS).generate(img, pts)
+        (k,) = lab.diagnostics["supplier_units"]
+        assert [s["area"] for s in lab.segments_info] == k
+        assert lab.diagnostics["marginal_error_row"] == 0 and lab.diagnostics["converged"]
+
+
+def test_nearest_point_ot_equals_mincost_exactly():
+    # With exact transport and k = the MinCost sizes, the MinCost labelling is an
+    # optimal plan (each pixel at its cheapest supplier, sizes met): the same labels.
+    from pointseg.data.points import sample_points
+    from pointseg.data.synthetic import SyntheticDataset
+
+    ds = SyntheticDataset(3, height=96, width=96, seed=0)
+    mc = build_generator("point2mask", {"assignment": "mincost"}, ds.categories)
+    npt = build_generator("point2mask", {"supplier_scheme": "nearest_point"}, ds.categories)
+    for rec in ds:
+        pts = sample_points(rec, "p1", 0)
+        a, b = mc.generate(rec.image, pts), npt.generate(rec.image, pts)
+        assert (a.id_map == b.id_map).mean() > 0.999
+
+
+# ----------------------------------------------------------------------------- interface
+
+
+def test_interface_schema_and_mincost_equals_psps():
+    from pointseg.data.points import sample_points
+    from pointseg.data.synthetic import SyntheticDataset
+
+    ds = SyntheticDataset(2, height=96, width=96, seed=3)
+    gen = build_generator("point2mask", {"beta": 0.1}, ds.categories)
+    assert isinstance(gen, Point2MaskGenerator)
+    psps = build_generator("psps", {"beta": 0.1, "downscale": 0.5, "blur_sigma": 0.5}, ds.categories)
+    mc = build_generator("point2mask", {"assignment": "mincost"}, ds.categories)
+    for rec in ds:
+        pts = sample_points(rec, "p1", 0)
+        (lab,) = gen([rec.image], [pts])
+        assert lab.id_map.shape == (96, 96) and lab.id_map.dtype == np.int32
+        ids = {s["id"] for s in lab.segments_info}
+        assert set(np.unique(lab.id_map)) <= ids | {0}
+        for s in lab.segments_info:
+            assert set(s) == {"id", "category_id", "isthing", "iscrowd", "area", "bbox", "source_segment"}
+            assert s["area"] == int((lab.id_map == s["id"]).sum())
+        d = json.loads(json.dumps(lab.diagnostics))
+        for key in ("marginal_error_row", "marginal_error_col", "ot_iterations", "plan_entropy", "diverged", "solver"):
+            assert key in d
+        # MinCost on the low-level maps is PSPS (same costs, argmin)
+        agree = (mc.generate(rec.image, pts).id_map == psps.generate(rec.image, pts).id_map).mean()
+        assert agree > 0.999
+    with pytest.raises(Exception, match="supplier_scheme"):
+        build_generator("point2mask", {"supplier_scheme": "median"}, CATS)
+    with pytest.raises(Exception, match="solver"):
+        build_generator("point2mask", {"solver": "simplex"}, CATS)
+    with pytest.raises(Exception, match="checkpoint"):
+        build_generator("point2mask", {"maps": "learned"}, CATS)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_point_outside_or_not_finite_is_a_clear_error():
+    img, _, _ = two_touching_squares()
+    gen = build_generator("point2mask", {}, CATS)
+    with pytest.raises(ValueError, match=r"points.xy\[1\].*outside"):
+        gen.generate(img, Points([[3, 3], [60, 3]], [1, 2], [1, 1]))
+    with pytest.raises(ValueError, match=r"points.xy\[0\].*not finite"):
+        gen.generate(img, Points([[np.nan, 3], [6, 3]], [1, 2], [1, 1]))
+
+
+def test_zero_supply_is_raised_and_counted():
+    # two segments clicked on the same pixel: MinCost gives one of them nothing
+    img, _, _ = two_touching_squares()
+    pts = Points([[10, 10], [10, 10], [40, 10]], [1, 2, 3], [1, 1, 1])
+    lab = build_generator("point2mask", {"downscale": 1.0, "supplier_scheme": "nearest_point"}, CATS).generate(img, pts)
+    assert lab.diagnostics["zero_supply_raised"] == 1
+    assert len(lab.segments_info) == 3 and min(s["area"] for s in lab.segments_info) >= 1
+
+
+def test_points_on_one_working_pixel_retry_at_full_resolution_then_fail():
+    img, _, _ = two_touching_squares()
+    gen = build_generator("point2mask", {"downscale": 0.1}, CATS)
+    lab = gen.generate(img, Points([[20, 10], [22, 11]], [1, 2], [1, 1]))  # same pixel at 1/10
+    assert lab.diagnostics["fullres_retry"] == 1 and len(lab.segments_info) == 2
+    with pytest.raises(ValueError, match="cannot be told apart"):
+        gen.generate(img, Points([[20, 10], [20, 10]], [1, 2], [1, 1]))
+
+
+def test_nan_in_a_map_is_filled_and_counted_or_an_error():
+    rng = np.random.default_rng(0)
+    sem = rng.random((3, 12, 12))
+    bnd = rng.random((12, 12))
+    sem[1, 4:6, 4:6] = np.nan
+    bnd[0, 0] = np.inf
+    pts = Points([[1, 1], [10, 10]], [1, 2], [1, 1])
+    groups = seed_groups(pts, CATS)
+    cfg = Point2MaskConfig()
+    assignment, diag = point2mask_assignment(TransportMaps(sem, bnd), pts.pixels(12, 12), groups, cfg)
+    assert diag["nonfinite_map_pixels"] == 5 and (assignment >= 0).all()
+    sem[:] = np.nan
+    with pytest.raises(ValueError, match="P\\^s.*NaN"):
+        point2mask_assignment(TransportMaps(sem, bnd), pts.pixels(12, 12), groups, cfg)
+
+
+def test_diverged_sinkhorn_is_never_decoded():
+    img, pts, _ = two_touching_squares()
+    base = {"downscale": 0.5, "solver": "reference", "eps": 1e-40, "ot_dtype": "float32", "supplier_scheme": "equal"}
+    mc = build_generator("point2mask", {"downscale": 0.5, "assignment": "mincost"}, CATS).generate(img, pts)
+    lab = build_generator("point2mask", base, CATS).generate(img, pts)
+    assert lab.diagnostics["diverged"] and lab.diagnostics["ot_diverged"] == 1
+    np.testing.assert_array_equal(lab.id_map, mc.id_map)  # fell back to MinCost labels
+    with pytest.raises(FloatingPointError, match="diverged"):
+        build_generator("point2mask", {**base, "on_diverge": "raise"}, CATS).generate(img, pts)
+
+
+# ----------------------------------------------------------------------------- learned maps
+
+
+def test_train_checkpoint_and_learned_generator(tmp_path):
+    from pointseg.train.point2mask_maps import MapTrainConfig, load_map_net, train_map_net
+
+    recs = []
+    for i in range(2):
+        img, pts, _ = two_touching_squares(seed=i)
+        img[:4] = (20, 90, 200)  # a strip of "sky"
+        pts = Points(np.vstack([pts.xy, [[5, 1]]]), [1, 2, 9], [1, 1, 10])
+        recs.append(ImageRecord(i, 24, 48, image=img, points=pts))
+    cfg = MapTrainConfig(pretrained=False, width=16, image_size=64, batch_size=2, pseudo_start=1, pseudo_every=2,
+                         generator={"downscale": 0.5})
+    ckpt = tmp_path / "maps.pt"
+    out = train_map_net(recs, CATS, cfg, steps=3, checkpoint_path=ckpt)
+    assert out["pseudo_refreshes"] == 2  # step 1 (both images), fresh at step 2
+    assert "boundary" in out["history"][-1] and all(np.isfinite(v) for v in out["history"][-1].values())
+    net, meta = load_map_net(ckpt)
+    assert meta["categories"] == [1, 2, 10] and meta["step"] == 3
+    x = torch.rand(1, 3, 64, 64)
+    torch.testing.assert_close(net(x)["sem_logits"], out["model"](x)["sem_logits"])
+    gen = build_generator("point2mask", {"maps": "learned", "checkpoint": str(ckpt)}, CATS)
+    lab = gen.generate(recs[0].image, recs[0].points)
+    assert lab.id_map.shape == (24, 48) and len(lab.segments_info) == 3
+    again = train_map_net(recs, CATS, cfg, steps=3, checkpoint_path=ckpt)  # resumes at the last step
+    assert again["start_step"] == 3 and again["history"] == []
+
+
+# ----------------------------------------------------------------------------- synthetic, measured
+
+
+def test_synthetic_pq_th_ot_against_mincost():
+    """Measured (benchmarks/point2mask_ablation.py): on 8 synthetic 128x128 images with
+    P1 points, PQ_th is MinCost 50.7, OT nearest-centroid 50.9, Voronoi 0.0; on 128
+    images MinCost 47.3 and OT 47.0. OT and MinCost are within noise of each other,
+    so only that, and their large margin over the image-blind baseline, is asserted."""
+    from pointseg.data.points import sample_points
+    from pointseg.data.synthetic import SyntheticDataset
+    from pointseg.metrics import PQEvaluator
+
+    ds = SyntheticDataset(8, seed=0)
+    gens = {
+        "voronoi": build_generator("voronoi", {}, ds.categories),
+        "mincost": build_generator("point2mask", {"assignment": "mincost"}, ds.categories),
+        "ot": build_generator("point2mask", {}, ds.categories),
+    }
+    evs = {k: PQEvaluator(ds.categories) for k in gens}
+    for rec in ds:
+        pts = sample_points(rec, "p1", 0)
+        gt = rec.panoptic()
+        for k, g in gens.items():
+            lab = g.generate(rec.image, pts)
+            evs[k].process(*gt, lab.id_map, lab.segments_info)
+    pq = {k: 100 * ev.evaluate()["pq_th"] for k, ev in evs.items()}
+    assert abs(pq["ot"] - pq["mincost"]) < 3.0, pq
+    assert min(pq["ot"], pq["mincost"]) > pq["voronoi"] + 30, pq
