@@ -1,4 +1,5 @@
-"""The whole pointseg run: dataset -> points -> Ray Data pseudo labels -> evaluation -> report.
+"""The whole pointseg run: dataset -> points -> Ray Data pseudo labels -> evaluation
+-> (train.enabled) Ray Train stage 2 -> model evaluation -> report.
 
     python flows/full_pipeline.py --config configs/full_pipeline.yaml --output out/demo [key.path=value ...]
     RAY_AUTH_MODE=token ray job submit --working-dir . -- python flows/full_pipeline.py --output /tmp/run
@@ -10,15 +11,23 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Callable
 
 from common import StageTimer, base_parser, init_ray, setup_logging
+from evaluate_model import evaluate_model
 from pseudo_label import export_panoptic, run_pseudo_labels
+from train import run_training
 
 from pointseg.config import PipelineConfig, load_config
-from pointseg.data.prepare import join, prepare_inputs
+from pointseg.data.prepare import join, open_out, prepare_inputs, read_index
 from pointseg.report import baseline_scores, evaluate_labels, write_report
 
 log = logging.getLogger("pointseg.flows.full_pipeline")
+
+#: Generators whose stage 1 needs training before labelling (e.g. Point2Mask's learned maps,
+#: pointseg/train/point2mask_maps.py): method -> fn(cfg, categories, output) -> dict for the report.
+#: Empty for now: the hook is here so the flow order is points -> generator training -> pseudo labels.
+GENERATOR_TRAINING: dict[str, Callable] = {}
 
 
 def run(cfg: PipelineConfig, output: str) -> dict:
@@ -26,6 +35,10 @@ def run(cfg: PipelineConfig, output: str) -> dict:
     with timer.stage("prepare"):
         categories, prep = prepare_inputs(cfg.dataset, cfg.points, output, cfg.strict)
     init_ray(cfg.ray)
+    generator_training = None
+    if cfg.generator.method in GENERATOR_TRAINING:
+        with timer.stage("generator_training"):
+            generator_training = GENERATOR_TRAINING[cfg.generator.method](cfg, categories, output)
     with timer.stage("pseudo_label"):
         counts = run_pseudo_labels(cfg, categories, output)
     with timer.stage("export"):
@@ -44,10 +57,97 @@ def run(cfg: PipelineConfig, output: str) -> dict:
         "prepare": prep.to_dict(),
         "timings": timer.seconds,
     }
+    if generator_training is not None:
+        report["generator_training"] = generator_training
+    stage2 = None
+    if cfg.train.enabled:
+        with timer.stage("train"):
+            trained = run_training(cfg, categories, output)
+        with timer.stage("evaluate_model"):
+            stage2 = evaluate_model(cfg, categories, output, trained["checkpoint"], trained["validation_images"])
+        report["model"] = model_section(cfg, trained, stage2["metrics"])
     with timer.stage("report"):
         write_report(output, report, categories, cfg.report.num_overlays)
+        if stage2 is not None:
+            append_model_report(output, report, trained, stage2["rows"], categories, cfg.train.eval.num_pictures)
     report["timings"] = timer.seconds
+    with open_out(join(output, "report.json"), "w") as f:
+        json.dump(report, f, indent=2, default=str)
     return report
+
+
+def model_section(cfg: PipelineConfig, trained: dict, metrics: dict) -> dict:
+    keys = ("pq", "pq_th", "pq_st", "sq", "rq") + (("ap", "ap50", "ap75") if cfg.train.task == "instance" else ())
+    history = trained["history"]
+    return {
+        "task": cfg.train.task,
+        "supervision": cfg.train.supervision,
+        **{k: metrics.get(k) for k in keys},
+        "metrics": metrics,
+        "checkpoint": trained["checkpoint"],
+        "tensorboard": trained["log_dir"],
+        "steps": cfg.train.steps,
+        "first_loss": history[0]["loss"] if history else None,
+        "last_loss": history[-1]["loss"] if history else None,
+        "train_rows": trained["train_rows"],
+        "skipped_rows": trained["skipped_rows"],
+        "skip_reasons": trained["skip_reasons"],
+        "validation_images": len(trained["validation_images"]),
+    }
+
+
+def append_model_report(output: str, report: dict, trained: dict, rows: list[dict], categories, n: int) -> None:
+    """Add the stage-2 section to report.md: metrics, a loss curve and validation predictions beside ground truth."""
+    from pointseg.data.coco_panoptic_io import read_id_map, read_panoptic_annotations
+    from pointseg.data.images import read_image
+    from pointseg.data.panoptic_format import decode_png
+    from pointseg.data.record import Points
+    from pointseg.viz.curves import loss_curve_png
+    from pointseg.viz.overlay import panel, save_png
+
+    m = report["model"]
+    pct = lambda v: "-" if v is None or v != v else f"{100 * v:.1f}"  # noqa: E731
+    lines = ["", f"## Stage-2 model ({m['task']}, trained on {m['supervision']} labels)", "",
+             "| PQ | PQ_th | PQ_st | SQ | RQ |" + (" AP | AP50 | AP75 |" if "ap" in m else ""),
+             "|---|---|---|---|---|" + ("---|---|---|" if "ap" in m else ""),
+             "| " + " | ".join(pct(m[k]) for k in ("pq", "pq_th", "pq_st", "sq", "rq")) + " |"
+             + ("".join(f" {pct(m[k])} |" for k in ("ap", "ap50", "ap75")) if "ap" in m else ""),
+             "", f"- {m['validation_images']} validation images (never trained on), {m['steps']} steps, "
+             f"{m['train_rows']} training rows, {m['skipped_rows']} bad rows skipped {m['skip_reasons'] or ''}",
+             f"- checkpoint: `{m['checkpoint']}`", f"- TensorBoard: `tensorboard --logdir {m['tensorboard']}`"]
+    if trained["history"]:
+        with open_out(join(output, "report", "loss_curve.png"), "wb") as f:
+            f.write(loss_curve_png(trained["history"]))
+        lines += ["", "![training loss](report/loss_curve.png)"]
+    _, _, gt = read_panoptic_annotations(join(output, "gt", "panoptic.json"))
+    index = {r["image_id"]: r for r in read_index(join(output, "index", "index.parquet"))}
+    pics = []
+    for r in rows[:n]:
+        image_id = int(r["image_id"])
+        ann = gt[image_id]
+        image = read_image(index[image_id]["file_name"])
+        pred = (decode_png(bytes(r["pred_png"])), json.loads(r["pred_segments_info"]))
+        truth = (read_id_map(join(output, "gt", "panoptic"), ann["file_name"]), ann["segments_info"])
+        rel = f"report/model_{image_id}.png"
+        with open_out(join(output, rel), "wb") as f:
+            save_png(f, panel(image, Points.empty(), pred, truth, categories, ("image", "model prediction", "ground truth")))
+        pics.append(rel)
+    if pics:
+        lines += ["", "### Validation predictions | ground truth", ""] + [f"![{p}]({p})" for p in pics]
+    report["model"]["pictures"] = pics
+    import fsspec
+
+    with fsspec.open(join(output, "report.md"), "r") as f:
+        text = f.read()
+    with open_out(join(output, "report.md"), "w") as f:
+        f.write(text + "\n".join(lines) + "\n")
+
+
+def scores_line(m: dict) -> str:
+    return "  ".join(
+        f"{name} {'n/a' if m.get(key) is None else f'{100 * m[key]:.1f}'}"
+        for name, key in (("PQ", "pq"), ("PQ_th", "pq_th"), ("PQ_st", "pq_st"), ("mIoU", "miou"))
+    )
 
 
 def main() -> None:
@@ -57,12 +157,15 @@ def main() -> None:
     output = args.output or cfg.output
     report = run(cfg, output)
     m = report["pseudo_labels"]
-    print(
-        f"\npseudo labels ({report['method']}): PQ {100 * m['pq']:.1f}  PQ_th {100 * m['pq_th']:.1f}  "
-        f"PQ_st {100 * m['pq_st']:.1f}  mIoU {100 * m['miou']:.1f}  on {report['images']['exported']} images"
-    )
+    print(f"\npseudo labels ({report['method']}): {scores_line(m)}  on {report['images']['exported']} images")
     for name, b in report["baselines"].items():
-        print(f"baseline {name}: PQ {100 * b['pq']:.1f}  PQ_th {100 * b['pq_th']:.1f}  PQ_st {100 * b['pq_st']:.1f}")
+        print(f"baseline {name}: {scores_line(b)}")
+    if "model" in report:
+        mm = report["model"]
+        extra = f"  AP {100 * mm['ap']:.1f}  AP50 {100 * mm['ap50']:.1f}  AP75 {100 * mm['ap75']:.1f}" if "ap" in mm else ""
+        print(f"stage-2 model ({mm['supervision']} labels): PQ {100 * mm['pq']:.1f}  PQ_th {100 * mm['pq_th']:.1f}  "
+              f"PQ_st {100 * mm['pq_st']:.1f}{extra}  loss {mm['first_loss']} -> {mm['last_loss']}  "
+              f"checkpoint {mm['checkpoint']}")
     print(f"report: {join(output, 'report.md')}  (json: {join(output, 'report.json')})")
     print(json.dumps({"timings_s": report["timings"]}))
 

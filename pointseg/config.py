@@ -13,7 +13,7 @@ from typing import Any, Literal, TypeVar
 
 import fsspec
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -83,6 +83,88 @@ class ReportConfig(Strict):
     baselines: list[str] = Field(default_factory=lambda: ["voronoi"], description="generators scored alongside, on the driver")
 
 
+class Stage2EvalConfig(Strict):
+    """Evaluation of the trained model: a Ray Data actor pool over the validation images."""
+
+    num_actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(0.5, gt=0)
+    batch_size: int = Field(2, ge=1)
+    threshold: float = Field(0.5, ge=0, le=1, description="panoptic: min query class probability")
+    score_threshold: float = Field(0.05, ge=0, le=1, description="instance: min detection score")
+    num_pictures: int = Field(4, ge=0, description="validation predictions drawn beside ground truth")
+
+
+class Stage2Config(Strict):
+    """Stage-2 training on the pseudo labels (Ray Train) and its evaluation.
+
+    ``panoptic`` / ``instance`` hold the fields of
+    :class:`pointseg.models.panoptic.PanopticModelConfig` /
+    :class:`pointseg.models.instance.InstanceModelConfig`, validated here (the
+    model modules, and torch, are imported only when the section is given).
+    ``supervision: points`` trains on disks of ``point_radius`` pixels around
+    the clicks instead of the pseudo labels (EPLD Table 6, "point label" row).
+    Validation images (every ``val_every``-th image id in sorted order) are
+    never trained on.
+    """
+
+    enabled: bool = False
+    task: Literal["panoptic", "instance"] = "panoptic"
+    supervision: Literal["pseudo", "points"] = "pseudo"
+    point_radius: int = Field(3, ge=0)
+    panoptic: dict[str, Any] = Field(default_factory=dict)
+    instance: dict[str, Any] = Field(default_factory=dict)
+    augment: dict[str, Any] = Field(default_factory=dict)
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(2, ge=1, description="images per worker per step")
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    checkpoint_every: int = Field(50, ge=1)
+    report_every: int = Field(10, ge=1)
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(0.5, gt=0, description="fractional on small boxes: 1-CPU workers deadlock on 2 cores")
+    use_gpu: bool = False
+    max_failures: int = Field(1, ge=-1)
+    find_unused_parameters: bool = True
+    run_name: str = "stage2"
+    storage_path: str | None = Field(None, description="Ray Train storage (fsspec URI); default OUTPUT/train")
+    val_every: int = Field(4, ge=2, description="every k-th image (sorted ids) is validation")
+    seed: int = 0
+    eval: Stage2EvalConfig = Stage2EvalConfig()
+
+    @field_validator("panoptic")
+    @classmethod
+    def _panoptic(cls, v: dict) -> dict:
+        from pointseg.models.panoptic import PanopticModelConfig
+
+        return PanopticModelConfig.model_validate(v).model_dump(exclude_unset=True)
+
+    @field_validator("instance")
+    @classmethod
+    def _instance(cls, v: dict) -> dict:
+        from pointseg.models.instance import InstanceModelConfig
+
+        return InstanceModelConfig.model_validate(v).model_dump(exclude_unset=True)
+
+    @field_validator("augment")
+    @classmethod
+    def _augment(cls, v: dict) -> dict:
+        from pointseg.train.augment import AugmentConfig
+
+        return AugmentConfig.model_validate(v).model_dump(exclude_unset=True)
+
+    @model_validator(mode="after")
+    def _crop_is_model_size(self):
+        size = (self.panoptic if self.task == "panoptic" else self.instance).get("image_size", 256)
+        crop = self.augment.get("crop_size", size)
+        if crop != size:
+            raise ValueError(
+                f"augment.crop_size ({crop}) must equal {self.task}.image_size ({size}): "
+                "the model is trained on crops of the size it predicts at"
+            )
+        return self
+
+
 class PipelineConfig(Strict):
     output: str = "out/run"
     dataset: DatasetConfig = DatasetConfig()
@@ -91,6 +173,7 @@ class PipelineConfig(Strict):
     ray: RayConfig = RayConfig()
     ray_data: RayDataConfig = RayDataConfig()
     report: ReportConfig = ReportConfig()
+    train: Stage2Config = Stage2Config()
     strict: bool = False
     resume: bool = True
 

@@ -235,3 +235,20 @@ def test_panoptic_loss_decreases_and_predicts_known_categories():
     truth = toy_id_map()
     dogs = [s for s in info if s["category_id"] == 2]
     assert dogs and max((truth[id_map == s["id"]] == 2).mean() for s in dogs) > 0.6, info
+
+
+def test_collate_reads_file_name_when_no_image_bytes(tmp_path):
+    ids = toy_id_map(96, 112)
+    img = toy_image(ids, 4)
+    path = tmp_path / "img4.png"
+    Image.fromarray(img).save(path)
+    row = make_row(4, ids, img)
+    row.update(image=b"", file_name=str(path))
+    missing = dict(row, image_id=5, file_name=str(tmp_path / "absent.png"))
+    collate = InstanceCollate(CATS, augment_config=dict(crop_size=112, scale_range=(1.0, 1.0), hflip_prob=0.0))
+    batch = collate([row, missing])  # a plain list of row dicts works too
+    assert batch["image_ids"].tolist() == [4] and collate.skip_reasons["image"] == 1
+    # no resize (longest side already 112), so the image comes back exactly, padded at the bottom
+    got = (batch["images"][0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    assert np.array_equal(got[:96], img) and (got[96:] == 0).all()
+    assert batch["targets"][0]["labels"].tolist() == [1, 2]
