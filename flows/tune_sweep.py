@@ -33,12 +33,12 @@ from pointseg.tuning import (
     build_search_space,
     check_space_against,
     load_base_config,
+    num_trials,
     resolve_path,
+    rows_to_markdown,
     sort_rows,
     swept_params,
     table_columns,
-    rows_to_markdown,
-    num_trials,
     trial_params,
     write_best_config,
     write_results,
@@ -54,17 +54,16 @@ def pseudo_label_trial(sampled: dict, *, output: str, categories: dict[int, Cate
 
     t0 = time.perf_counter()
     scores = score_generator(output, categories, method, trial_params(base, method, sampled), subset, progress=False)
-    metrics = {k: float(scores[k]) for k in METRICS if k in scores}
+    metrics = {k: float(v) for k in METRICS if (v := scores.get(k)) is not None}  # None: class group absent
     metrics.update(num_images=scores["num_images"], num_failed=len(scores["failed"]),
                    trial_seconds=round(time.perf_counter() - t0, 3))
     tune.report(metrics)
 
 
-def stage2_trial(sampled: dict, **_) -> None:
-    raise NotImplementedError("objective=stage2")
-
-
-OBJECTIVES = {"pseudo_label": pseudo_label_trial, "stage2": stage2_trial}
+# objective -> trial function. ``stage2`` (train on the pseudo labels, report stage-2 PQ each epoch, ASHA
+# stopping) will be a driver function that builds a TorchTrainer and reports through
+# ray.tune.integration.ray_train.TuneReportCallback; ``run`` refuses it until then.
+OBJECTIVES = {"pseudo_label": pseudo_label_trial}
 
 
 def make_trainable(tcfg: TuneConfig, trial_fn, **trial_kwargs):
@@ -108,6 +107,7 @@ def build_tuner(tcfg: TuneConfig, trainable, storage: str, exp_dir: str):
             num_samples=tcfg.num_samples,
             max_concurrent_trials=tcfg.max_concurrent_trials,
             scheduler=scheduler,
+            reuse_actors=True,  # one trial actor per concurrent slot, not one process per trial
         ),
         run_config=tune.RunConfig(name=tcfg.experiment_name, storage_path=storage, verbose=1),
     )
@@ -115,11 +115,12 @@ def build_tuner(tcfg: TuneConfig, trainable, storage: str, exp_dir: str):
 
 
 def result_rows(grid, params: list[str]) -> list[dict]:
-    """One row per trial: swept params, last reported metrics, status and error."""
+    """One row per trial: swept params, last reported metrics, status, error and the full sampled ``config``."""
     rows = []
     for res in grid:
         m = res.metrics or {}
-        row = {"trial_id": m.get("trial_id") or Path(res.path).name, **{p: (res.config or {}).get(p) for p in params}}
+        config = dict(res.config or {})
+        row = {"trial_id": m.get("trial_id") or Path(res.path).name, **{p: config.get(p) for p in params}, "config": config}
         row.update({k: m[k] for k in (*METRICS, "num_images", "num_failed", "trial_seconds") if k in m})
         row["status"] = "error" if res.error else "ok"
         if res.error:
@@ -132,7 +133,7 @@ def run(tcfg: TuneConfig, output: str, base: PipelineConfig, trial_fn=None) -> d
     """Prepare the subset, run (or resume) the sweep, write table/plots/best config; returns a summary."""
     if tcfg.method not in GENERATORS:
         raise ValueError(f"method: unknown generator {tcfg.method!r}; known: {sorted(GENERATORS)}")
-    if tcfg.objective == "stage2":
+    if tcfg.objective not in OBJECTIVES:
         raise NotImplementedError(
             "objective: stage2 (stage-2 PQ after training) is not implemented yet. It will be a driver function "
             "that builds a TorchTrainer and reports through ray.tune.integration.ray_train.TuneReportCallback, "
@@ -170,7 +171,7 @@ def run(tcfg: TuneConfig, output: str, base: PipelineConfig, trial_fn=None) -> d
         written = write_results(tune_dir, rows, tcfg.metric, tcfg.mode, params, list(METRICS))
         best = next((r for r in rows if r["status"] == "ok" and r.get(tcfg.metric) is not None), None)
         if best is not None:
-            best_params = trial_params(base, tcfg.method, {p: best[p] for p in params})
+            best_params = trial_params(base, tcfg.method, best["config"])
             best_cfg = best_pipeline_config(base, tcfg.method, best_params)
             header = (f"Best of {len(rows)} trials of {exp_dir}: {tcfg.metric} {100 * best[tcfg.metric]:.2f} "
                       f"on {best.get('num_images')} images.\nRun: python flows/full_pipeline.py --config THIS_FILE")

@@ -1,0 +1,309 @@
+"""Tune sweeps of generator parameters: search-space parsing, results files, best config, resume."""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pointseg.config import PipelineConfig, load_config
+from pointseg.data.prepare import load_categories
+from pointseg.generators import GENERATORS
+from pointseg.generators.psps import PSPSConfig
+from pointseg.report import score_generator
+from pointseg.tuning import (
+    TuneConfig,
+    build_search_space,
+    check_space_against,
+    num_trials,
+    parse_space,
+    plot_metric_vs_params,
+    rows_to_markdown,
+    sort_rows,
+    swept_params,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE_OVERRIDES = ["dataset.synthetic.num_images=4", "dataset.synthetic.height=64", "dataset.synthetic.width=64"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- search space
+
+
+def test_parse_space_kinds_and_ray_objects():
+    from ray import tune
+
+    space = {
+        "beta": {"grid": [0.1, 1.0]},
+        "downscale": {"choice": [0.25, 0.5]},
+        "blur_sigma": {"uniform": [0.0, 1.0]},
+        "eps": {"loguniform": [1e-3, 1e-1]},
+        "solver": "log",
+    }
+    parsed = parse_space(space)
+    assert parsed["solver"] == ("const", "log") and parsed["eps"] == ("loguniform", [1e-3, 1e-1])
+    assert swept_params(space) == ["beta", "downscale", "blur_sigma", "eps"]
+    assert num_trials(space, num_samples=3) == 2 * 3
+    ps = build_search_space(space)
+    assert ps["beta"] == {"grid_search": [0.1, 1.0]} and ps["solver"] == "log"
+    assert isinstance(ps["downscale"], tune.search.sample.Categorical)
+    assert isinstance(ps["blur_sigma"], tune.search.sample.Float)
+    draws = [ps["eps"].sample() for _ in range(200)]
+    assert all(1e-3 <= d <= 1e-1 for d in draws)
+    # log-uniform: about half the draws below the geometric mean 1e-2 (uniform would put ~9% there)
+    assert 0.35 < sum(d < 1e-2 for d in draws) / len(draws) < 0.65
+
+
+@pytest.mark.parametrize(
+    "space, fragment",
+    [
+        ({"beta": {"grd": [0.1]}}, "space.beta: unknown kind 'grd'"),
+        ({"beta": {"grid": []}}, "space.beta.grid"),
+        ({"beta": {"uniform": [1.0, 0.1]}}, "space.beta.uniform: need lo < hi"),
+        ({"eps": {"loguniform": [0.0, 1.0]}}, "space.eps.loguniform: need lo > 0"),
+        ({"beta": {"grid": [1], "choice": [2]}}, "space.beta: a spec has exactly one key"),
+    ],
+)
+def test_bad_space_names_the_key(space, fragment):
+    with pytest.raises(ValueError, match=fragment.replace(".", r"\.").replace("[", r"\[")):
+        parse_space(space)
+    # the same error through the typed config
+    with pytest.raises(ValueError, match="space"):
+        TuneConfig.model_validate({"space": space})
+
+
+def test_space_checked_against_generator_config():
+    check_space_against(PSPSConfig, {"beta": {"grid": [0.0, 2.0]}, "downscale": {"uniform": [0.25, 1.0]}})
+    with pytest.raises(ValueError, match="space.bta"):
+        check_space_against(PSPSConfig, {"bta": {"grid": [0.1]}})
+    with pytest.raises(ValueError, match="space.downscale: value 2.0"):
+        check_space_against(PSPSConfig, {"downscale": {"grid": [0.5, 2.0]}})
+
+
+def test_shipped_tune_configs_load():
+    psps = load_config(TuneConfig, str(ROOT / "configs" / "tune_psps.yaml"))
+    check_space_against(GENERATORS["psps"].Config, psps.space)
+    p2m = load_config(TuneConfig, str(ROOT / "configs" / "tune_point2mask.yaml"))
+    assert p2m.method == "point2mask" and num_trials(p2m.space) == 4 * 5
+    assert parse_space(p2m.space)["n_iter"] == ("grid", [20, 40, 80, 120])
+    assert parse_space(p2m.space)["beta"] == ("grid", [0.01, 0.05, 0.1, 0.5, 1.0])
+    if "point2mask" in GENERATORS:
+        check_space_against(GENERATORS["point2mask"].Config, p2m.space)
+    with pytest.raises(ValueError, match="num_smaples"):
+        load_config(TuneConfig, str(ROOT / "configs" / "tune_psps.yaml"), ["num_smaples=3"])
+
+
+def test_stage2_objective_is_refused_clearly(tmp_path):
+    import tune_sweep
+
+    tcfg = load_config(TuneConfig, str(_write_tune_yaml(tmp_path / "t.yaml", objective="stage2", scheduler="asha")))
+    with pytest.raises(NotImplementedError, match="objective: stage2.*TorchTrainer.*TuneReportCallback"):
+        tune_sweep.run(tcfg, str(tmp_path / "out"), tune_sweep.load_base_config(tcfg))
+    assert not (tmp_path / "out").exists()  # refused before preparing anything
+
+
+# ----------------------------------------------------------------------------- results helpers
+
+
+def test_sort_table_and_plots():
+    rows = [
+        {"trial_id": "a", "n_iter": 20, "beta": 0.1, "pq": 0.30, "status": "ok"},
+        {"trial_id": "b", "n_iter": 80, "beta": 0.1, "pq": 0.50, "status": "ok"},
+        {"trial_id": "c", "n_iter": 20, "beta": 1.0, "pq": None, "status": "error", "error": "boom | x"},
+        {"trial_id": "d", "n_iter": 80, "beta": 1.0, "pq": 0.40, "status": "ok"},
+        {"trial_id": "e", "n_iter": 40, "beta": 1.0, "pq": float("nan"), "status": "error"},
+    ]
+    assert [r["trial_id"] for r in sort_rows(rows, "pq", "max")] == ["b", "d", "a", "c", "e"]
+    assert [r["trial_id"] for r in sort_rows(rows, "pq", "min")][:3] == ["a", "d", "b"]
+    md = rows_to_markdown(sort_rows(rows, "pq"), ["trial_id", "n_iter", "pq", "error"], ["pq"])
+    lines = md.splitlines()
+    assert lines[0] == "| trial_id | n_iter | pq (%) | error |"
+    assert lines[2] == "| b | 80 | 50.0 | - |" and "boom \\| x" in lines[5]
+    plots = plot_metric_vs_params(rows, "pq", ["n_iter", "beta"])
+    assert sorted(plots) == ["pq_vs_beta.png", "pq_vs_n_iter.png"]
+    assert all(png.startswith(PNG_MAGIC) and len(png) > 2000 for png in plots.values())
+
+
+# ----------------------------------------------------------------------------- sweeps on Ray
+
+
+def _write_tune_yaml(path: Path, **extra) -> Path:
+    cfg = {
+        "base_config": str(ROOT / "configs" / "full_pipeline.yaml"),
+        "base_overrides": BASE_OVERRIDES,
+        "method": "psps",
+        "space": {"beta": {"grid": [0.0, 2.0]}, "downscale": {"grid": [0.25, 1.0]}, "blur_sigma": 0.0},
+        "metric": "pq",
+        "max_concurrent_trials": 2,
+        "cpus_per_trial": 0.25,
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _flaky_trial(marker_dir: str):
+    """The real trial, failing once for (beta=2, downscale=1); every call is logged."""
+
+    def trial(sampled, **kw):
+        import tune_sweep
+
+        d = Path(marker_dir)
+        with open(d / "calls.log", "a") as f:
+            f.write(f"{sampled['beta']},{sampled['downscale']}\n")
+        if (sampled["beta"], sampled["downscale"]) == (2.0, 1.0) and not (d / "failed_once").exists():
+            (d / "failed_once").touch()
+            raise RuntimeError("injected trial failure")
+        tune_sweep.pseudo_label_trial(sampled, **kw)
+
+    return trial
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_sweep_table_best_config_and_resume_errored(ray_local, tmp_path):
+    import tune_sweep
+
+    cfg_path = _write_tune_yaml(tmp_path / "tune.yaml")
+    tcfg = load_config(TuneConfig, str(cfg_path))
+    base = tune_sweep.load_base_config(tcfg)
+    out = tmp_path / "out"
+    marker = tmp_path / "markers"
+    marker.mkdir()
+
+    first = tune_sweep.run(tcfg, str(out), base, trial_fn=_flaky_trial(str(marker)))
+    assert not first["resumed"] and len(first["rows"]) == 4 and first["num_errors"] == 1
+    failed = [r for r in first["rows"] if r["status"] == "error"]
+    assert (failed[0]["beta"], failed[0]["downscale"]) == (2.0, 1.0) and "injected" in failed[0]["error"]
+    assert first["rows"][-1]["status"] == "error"  # errored trials sort last
+
+    second = tune_sweep.run(tcfg, str(out), base, trial_fn=_flaky_trial(str(marker)))
+    assert second["resumed"] and second["num_errors"] == 0 and len(second["rows"]) == 4
+    assert {r["trial_id"] for r in second["rows"]} == {r["trial_id"] for r in first["rows"]}
+    calls = (marker / "calls.log").read_text().split()
+    assert sorted(calls) == sorted(["0.0,0.25", "0.0,1.0", "2.0,0.25", "2.0,1.0", "2.0,1.0"])  # finished trials kept
+    kept = {r["trial_id"]: r["pq"] for r in first["rows"] if r["status"] == "ok"}
+    assert all(math.isclose(r["pq"], kept[r["trial_id"]]) for r in second["rows"] if r["trial_id"] in kept)
+
+    # Oracle: score each setting directly in this process; the table must hold the same scores, best first.
+    categories = load_categories(str(out / "categories.json"))
+    direct = {
+        (b, d): score_generator(str(out), categories, "psps", {"beta": b, "downscale": d, "blur_sigma": 0.0}, progress=False)["pq"]
+        for b in (0.0, 2.0) for d in (0.25, 1.0)
+    }
+    assert len({round(v, 6) for v in direct.values()}) > 1, "settings must matter, or the sweep tests nothing"
+    table = [((r["beta"], r["downscale"]), r["pq"]) for r in second["rows"]]
+    assert [pq for _, pq in table] == sorted(direct.values(), reverse=True)
+    assert all(math.isclose(pq, direct[k], abs_tol=1e-9) for k, pq in table)
+
+    tune_dir = out / "tune"
+    for name in ("results.csv", "results.md", "pq_vs_beta.png", "pq_vs_downscale.png", "best_config.yaml", "sweep.json"):
+        assert (tune_dir / name).stat().st_size > 0, name
+    csv_lines = (tune_dir / "results.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("trial_id,beta,downscale,pq,") and len(csv_lines) == 5
+    best_key = max(direct, key=direct.get)
+    best_cfg = load_config(PipelineConfig, str(tune_dir / "best_config.yaml"))
+    assert best_cfg.generator.method == "psps"
+    assert best_cfg.generator.params == {"beta": best_key[0], "downscale": best_key[1], "blur_sigma": 0.0}
+    assert best_cfg.dataset == base.dataset and best_cfg.points == base.points
+
+    # A changed space must not silently resume the old sweep.
+    changed = load_config(TuneConfig, str(cfg_path), ["space.beta.grid=[0.5]"])
+    with pytest.raises(ValueError, match="different space"):
+        tune_sweep.run(changed, str(out), base)
+
+
+# The killed driver: runs the real trial for the first setting it gets; every later trial waits
+# on a gate that is never opened, so the kill always lands after exactly one finished trial.
+GATED_DRIVER = """
+import os, sys, time
+from pathlib import Path
+import tune_sweep
+from pointseg.config import load_config
+from pointseg.tuning import TuneConfig
+
+config, output, gate_dir = sys.argv[1:4]
+
+def gated(sampled, **kw):
+    try:
+        os.close(os.open(os.path.join(gate_dir, "first"), os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        while not os.path.exists(os.path.join(gate_dir, "open")):
+            time.sleep(0.05)
+    tune_sweep.pseudo_label_trial(sampled, **kw)
+
+gated.__name__ = "pseudo_label_trial"  # the trainable name Tuner.restore checks
+tcfg = load_config(TuneConfig, config)
+tune_sweep.run(tcfg, output, tune_sweep.load_base_config(tcfg), trial_fn=gated)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_resume_after_driver_killed(ray_local, tmp_path):
+    """SIGKILL the sweep driver after its first finished trial; rerunning the command finishes the rest."""
+    import tune_sweep
+
+    cfg_path = _write_tune_yaml(tmp_path / "tune.yaml")
+    out, gate = tmp_path / "out", tmp_path / "gate"
+    gate.mkdir()
+    exp_dir = out / "tune" / "ray_results" / "tune_psps"
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,  # join this session's cluster
+        "TUNE_GLOBAL_CHECKPOINT_S": "0",  # save the experiment state at every step
+        "PYTHONPATH": f"{ROOT}:{ROOT / 'flows'}",
+    }
+    proc = subprocess.Popen([sys.executable, "-c", GATED_DRIVER, str(cfg_path), str(out), str(gate)], env=env,
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    terminated: set[str] = set()
+    try:
+        deadline = time.monotonic() + 150
+        while not (terminated and _trial_status(exp_dir, "RUNNING")) and time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"sweep driver exited early:\n{proc.stderr.read().decode()[-3000:]}")
+            time.sleep(0.1)
+            terminated = _trial_status(exp_dir, "TERMINATED")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc.stderr.close()
+    assert len(terminated) == 1, f"expected one finished trial before the kill, got {terminated}"
+    kept = {t: (next(exp_dir.glob(f"*{t}*")) / "result.json").read_text() for t in terminated}
+
+    # Rerun the command: the real trial function under the same trainable name.
+    summary = tune_sweep.main(["--config", str(cfg_path), "--output", str(out)])
+    assert summary["resumed"] and summary["num_errors"] == 0
+    assert len(summary["rows"]) == 4 and all(r["status"] == "ok" for r in summary["rows"])
+    assert terminated <= {r["trial_id"] for r in summary["rows"]}
+    for t, text in kept.items():  # the finished trial was kept, not run again
+        assert (next(exp_dir.glob(f"*{t}*")) / "result.json").read_text() == text
+    assert load_config(PipelineConfig, str(out / "tune" / "best_config.yaml")).generator.method == "psps"
+
+
+def _trial_status(exp_dir: Path, status: str) -> set[str]:
+    """Trial ids with ``status`` in the newest saved Tune experiment state."""
+    files = sorted(glob.glob(str(exp_dir / "experiment_state-*.json")))
+    if not files:
+        return set()
+    try:
+        state = json.loads(Path(files[-1]).read_text())
+    except (json.JSONDecodeError, OSError):  # being written
+        return set()
+    out = set()
+    for entry in state.get("trial_data", []):
+        meta = json.loads(entry[0])
+        if meta.get("status") == status:
+            out.add(meta["trial_id"])
+    return out
