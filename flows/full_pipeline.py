@@ -1,5 +1,6 @@
-"""The whole pointseg run: dataset -> points -> Ray Data pseudo labels -> evaluation
--> (train.enabled) Ray Train stage 2 -> model evaluation -> report.
+"""The whole pointseg run: dataset -> points -> (Point2Mask, maps: learned) Ray Train map
+network (stage 1) -> Ray Data pseudo labels -> evaluation -> (train.enabled) Ray Train stage 2
+-> model evaluation -> report.
 
     python flows/full_pipeline.py --config configs/full_pipeline.yaml --output out/demo [key.path=value ...]
     RAY_AUTH_MODE=token ray job submit --working-dir . -- python flows/full_pipeline.py --output /tmp/run
@@ -17,17 +18,18 @@ from common import StageTimer, base_parser, init_ray, setup_logging
 from evaluate_model import evaluate_model
 from pseudo_label import export_panoptic, run_pseudo_labels
 from train import run_training
+from train_maps import generator_training as point2mask_maps_training
 
 from pointseg.config import PipelineConfig, load_config
 from pointseg.data.prepare import join, open_out, prepare_inputs, read_index
-from pointseg.report import baseline_scores, evaluate_labels, write_report
+from pointseg.report import baseline_scores, evaluate_labels, map_pictures, ot_diagnostics, write_report
 
 log = logging.getLogger("pointseg.flows.full_pipeline")
 
-#: Generators whose stage 1 needs training before labelling (e.g. Point2Mask's learned maps,
-#: pointseg/train/point2mask_maps.py): method -> fn(cfg, categories, output) -> dict for the report.
-#: Empty for now: the hook is here so the flow order is points -> generator training -> pseudo labels.
-GENERATOR_TRAINING: dict[str, Callable] = {}
+#: Generators whose stage 1 needs training before labelling: method -> fn(cfg, categories, output)
+#: -> None (nothing to train) or a dict for the report whose ``generator_params`` are merged into
+#: ``generator.params`` of the pseudo-label stage (Point2Mask: the trained MapNet checkpoint).
+GENERATOR_TRAINING: dict[str, Callable] = {"point2mask": point2mask_maps_training}
 
 
 def run(cfg: PipelineConfig, output: str) -> dict:
@@ -39,6 +41,9 @@ def run(cfg: PipelineConfig, output: str) -> dict:
     if cfg.generator.method in GENERATOR_TRAINING:
         with timer.stage("generator_training"):
             generator_training = GENERATOR_TRAINING[cfg.generator.method](cfg, categories, output)
+        if generator_training is not None:
+            cfg = cfg.model_copy(deep=True)
+            cfg.generator.params = {**cfg.generator.params, **generator_training["generator_params"]}
     with timer.stage("pseudo_label"):
         counts = run_pseudo_labels(cfg, categories, output)
     with timer.stage("export"):
@@ -58,7 +63,13 @@ def run(cfg: PipelineConfig, output: str) -> dict:
         "timings": timer.seconds,
     }
     if generator_training is not None:
-        report["generator_training"] = generator_training
+        report["generator_training"] = {k: v for k, v in generator_training.items() if k != "history"}
+    diagnostics = ot_diagnostics(output)
+    if diagnostics is not None:
+        report["ot_diagnostics"] = diagnostics
+    if cfg.generator.method == "point2mask":
+        with timer.stage("map_pictures"):
+            report["map_pictures"] = map_pictures(output, categories, cfg.generator.params, cfg.report.num_overlays)
     stage2 = None
     if cfg.train.enabled:
         with timer.stage("train"):
@@ -67,7 +78,8 @@ def run(cfg: PipelineConfig, output: str) -> dict:
             stage2 = evaluate_model(cfg, categories, output, trained["checkpoint"], trained["validation_images"])
         report["model"] = model_section(cfg, trained, stage2["metrics"])
     with timer.stage("report"):
-        write_report(output, report, categories, cfg.report.num_overlays)
+        write_report(output, report, categories, cfg.report.num_overlays,
+                     history=generator_training["history"] if generator_training is not None else None)
         if stage2 is not None:
             append_model_report(output, report, trained, stage2["rows"], categories, cfg.train.eval.num_pictures)
     report["timings"] = timer.seconds
@@ -160,6 +172,14 @@ def main() -> None:
     print(f"\npseudo labels ({report['method']}): {scores_line(m)}  on {report['images']['exported']} images")
     for name, b in report["baselines"].items():
         print(f"baseline {name}: {scores_line(b)}")
+    if "generator_training" in report:
+        g = report["generator_training"]
+        print(f"stage-1 map network: {g['steps']} steps ({g['trained_steps']} in this run), "
+              f"last loss {g['last_loss']}, checkpoint {g['checkpoint']}")
+    if "ot_diagnostics" in report:
+        d = report["ot_diagnostics"]
+        print(f"OT: {d['images']} images, marginal error col max {d['summary']['marginal_error_col']['max']:.3g}, "
+              f"diverged {d['diverged_images']}, fallbacks {d['fallbacks']}")
     if "model" in report:
         mm = report["model"]
         extra = f"  AP {100 * mm['ap']:.1f}  AP50 {100 * mm['ap50']:.1f}  AP75 {100 * mm['ap75']:.1f}" if "ap" in mm else ""

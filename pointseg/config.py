@@ -165,6 +165,47 @@ class Stage2Config(Strict):
         return self
 
 
+class MapsTrainingConfig(Strict):
+    """Stage 1 of a Point2Mask run with ``generator.params.maps: learned``: train the
+    map network (MapNet, ``P^s`` and ``P^b_high``) with Ray Train before labelling.
+
+    ``map_net`` holds the other fields of
+    :class:`pointseg.train.point2mask_maps.MapTrainConfig` (``backbone``,
+    ``pretrained``, ``width``, ``weight_decay``, ``max_grad_norm``,
+    ``pseudo_every``, ``pseudo_start``, ``loss``, ``generator``), validated here
+    (torch is imported only when the section is given). The trained network is
+    written to ``OUTPUT/maps/map_net.pt`` and handed to the generator as
+    ``generator.params.checkpoint``. Rerunning with the same ``run_name`` and
+    ``storage_path`` resumes from the latest Ray Train checkpoint.
+    """
+
+    enabled: bool = True
+    steps: int = Field(300, ge=1)
+    image_size: int = Field(128, ge=32, description="square training and inference size of the map network")
+    batch_size: int = Field(2, ge=1, description="images per worker per step")
+    lr: float = Field(2e-4, gt=0)
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(0.5, gt=0, description="fractional on small boxes: 1-CPU workers deadlock on 2 cores")
+    use_gpu: bool = False
+    max_failures: int = Field(1, ge=-1)
+    checkpoint_every: int = Field(50, ge=1)
+    report_every: int = Field(10, ge=1)
+    run_name: str = "maps"
+    storage_path: str | None = Field(None, description="Ray Train storage (fsspec URI); default OUTPUT/maps_train")
+    seed: int = 0
+    map_net: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("map_net")
+    @classmethod
+    def _map_net(cls, v: dict) -> dict:
+        own = sorted(set(v) & {"image_size", "batch_size", "lr", "seed"})
+        if own:
+            raise ValueError(f"map_net.{own[0]}: set it as maps_training.{own[0]}, not inside map_net")
+        from pointseg.train.point2mask_maps import MapTrainConfig
+
+        return MapTrainConfig.model_validate(v).model_dump(exclude_unset=True)
+
+
 class PipelineConfig(Strict):
     output: str = "out/run"
     dataset: DatasetConfig = DatasetConfig()
@@ -174,6 +215,7 @@ class PipelineConfig(Strict):
     ray_data: RayDataConfig = RayDataConfig()
     report: ReportConfig = ReportConfig()
     train: Stage2Config = Stage2Config()
+    maps_training: MapsTrainingConfig = MapsTrainingConfig()
     strict: bool = False
     resume: bool = True
 

@@ -1,0 +1,141 @@
+"""Point2Mask with learned maps through the full pipeline: Ray Train stage 1 -> Ray Data
+pseudo labels with the trained checkpoint -> evaluation -> report.
+
+Small on purpose: 4 synthetic 64x64 scenes, a 64x64 random-init MapNet, 3 steps,
+one Ray Train worker at 0.5 CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "flows"))
+
+from pointseg.config import PipelineConfig, validate  # noqa: E402
+from pointseg.data.coco_panoptic_io import read_id_map, read_panoptic_annotations  # noqa: E402
+from pointseg.data.prepare import join  # noqa: E402
+
+STEPS = 3
+
+
+def p2m_config(output: Path, maps: str = "learned", **maps_training) -> PipelineConfig:
+    return validate(PipelineConfig, {
+        "output": str(output),
+        "dataset": {"kind": "synthetic", "synthetic": {"num_images": 4, "height": 64, "width": 64, "seed": 5}},
+        "generator": {"method": "point2mask", "params": {"maps": maps, "downscale": 1.0}},
+        "maps_training": {
+            "steps": STEPS, "image_size": 64, "batch_size": 2, "lr": 1e-3, "num_workers": 1, "cpus_per_worker": 0.5,
+            "checkpoint_every": 2, "report_every": 1, "storage_path": str(output / "maps_train"),
+            # L_bou from step 1 with refresh every step: the per-worker pseudo labels are exercised.
+            "map_net": {"pretrained": False, "width": 16, "pseudo_start": 1, "pseudo_every": 1},
+            **maps_training,
+        },
+        "report": {"num_overlays": 2, "baselines": []},
+    })
+
+
+def labels(output: Path) -> dict[int, np.ndarray]:
+    _, _, anns = read_panoptic_annotations(join(str(output), "panoptic.json"))
+    return {i: read_id_map(join(str(output), "panoptic"), a["file_name"]) for i, a in anns.items()}
+
+
+@pytest.fixture(scope="module")
+def learned_run(ray_local, tmp_path_factory):
+    import full_pipeline
+
+    out = tmp_path_factory.mktemp("p2m_learned")
+    return out, full_pipeline.run(p2m_config(out), str(out))
+
+
+def test_stage1_trains_and_the_actors_label_with_its_checkpoint(learned_run):
+    from pointseg.train.point2mask_maps import load_map_net
+
+    out, report = learned_run
+    g = report["generator_training"]
+    assert g["steps"] == STEPS and g["start_step"] == 0 and g["trained_steps"] == STEPS
+    assert g["pseudo_refreshes"] >= 2 * (STEPS - 1)  # L_bou's pseudo labels came from the worker's maps
+    # The checkpoint the generator got is the trained network, in load_map_net's format.
+    assert report["config"]["generator"]["params"]["checkpoint"] == g["checkpoint"]
+    net, meta = load_map_net(g["checkpoint"])
+    assert meta["step"] == STEPS and meta["config"]["image_size"] == 64
+    assert net(torch.zeros(1, 3, 64, 64))["sem_logits"].shape == (1, len(meta["categories"]), 64, 64)
+    assert report["images"]["exported"] == 4 and not report["images"]["failed"]
+    assert report["pseudo_labels"]["pq"] is not None
+
+
+def test_report_has_ot_diagnostics_and_map_pictures(learned_run):
+    out, report = learned_run
+    d = report["ot_diagnostics"]
+    assert d["images"] == 4 and len(d["per_image"]) == 4
+    assert set(d["summary"]) >= {"marginal_error_row", "marginal_error_col", "ot_iterations", "plan_entropy"}
+    for q in d["summary"].values():
+        assert q["max"] >= q["mean"] >= 0
+    # Summary = aggregate of the per-image rows, which are the shards' diagnostics column.
+    assert d["summary"]["plan_entropy"]["max"] == max(r["plan_entropy"] for r in d["per_image"])
+    assert d["diverged_images"] == 0 and "centroid_fallbacks" in d["fallbacks"]
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["ot_diagnostics"]["summary"] == d["summary"]
+    md = (out / "report.md").read_text()
+    assert "## Optimal transport diagnostics (per image)" in md and "## Stage 1: map network (Ray Train)" in md
+    assert len(report["map_pictures"]) == 2
+    for rel in report["map_pictures"]:
+        assert f"]({rel})" in md
+        from pointseg.data.images import read_image
+
+        pic = read_image(str(out / rel))
+        # image | P^s max | P^s argmax | P^b high | P^b low | cost: 6 tiles of (64 * 3) px
+        assert pic.shape[1] == 6 * 192 and pic.std() > 0
+
+
+def test_rerun_resumes_stage1_without_retraining(learned_run):
+    import full_pipeline
+
+    out, first = learned_run
+    mtime = Path(first["generator_training"]["checkpoint"]).stat().st_mtime_ns
+    again = full_pipeline.run(p2m_config(out), str(out))
+    g = again["generator_training"]
+    assert g["start_step"] == STEPS and g["trained_steps"] == 0 and g["steps"] == STEPS
+    from pointseg.train.point2mask_maps import load_map_net
+
+    _, meta = load_map_net(g["checkpoint"])
+    assert meta["step"] == STEPS
+    # Same weights as the first run's network (the file is rewritten from the restored checkpoint).
+    a = torch.load(g["checkpoint"], weights_only=False)["state_dict"]
+    assert Path(g["checkpoint"]).stat().st_mtime_ns >= mtime
+    assert all(torch.equal(a[k], v) for k, v in load_map_net(first["generator_training"]["checkpoint"])[0].state_dict().items()
+               if k in a)
+
+
+def test_learned_maps_change_the_labels_against_lowlevel(learned_run, tmp_path):
+    import full_pipeline
+
+    out, _ = learned_run
+    low = full_pipeline.run(p2m_config(tmp_path, maps="lowlevel"), str(tmp_path))
+    assert "generator_training" not in low  # training-free mode: no stage 1
+    assert low["ot_diagnostics"]["images"] == 4
+    learned, lowlevel = labels(out), labels(tmp_path)
+    assert learned.keys() == lowlevel.keys()
+    assert any(not np.array_equal(learned[i], lowlevel[i]) for i in learned)
+
+
+def test_checkpoint_and_training_together_is_an_error(tmp_path):
+    from train_maps import generator_training
+
+    cfg = p2m_config(tmp_path)
+    cfg.generator.params["checkpoint"] = "/somewhere/map_net.pt"
+    with pytest.raises(ValueError, match="generator.params.checkpoint"):
+        generator_training(cfg, {}, str(tmp_path))
+
+
+def test_map_net_keys_are_validated():
+    with pytest.raises(ValueError, match="maps_training.map_net"):
+        validate(PipelineConfig, {"maps_training": {"map_net": {"lr": 0.1}}})
+    with pytest.raises(ValueError, match="widht"):
+        validate(PipelineConfig, {"maps_training": {"map_net": {"widht": 8}}})
