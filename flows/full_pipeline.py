@@ -22,6 +22,7 @@ from train_maps import generator_training as point2mask_maps_training
 
 from pointseg.config import PipelineConfig, load_config
 from pointseg.data.prepare import join, open_out, prepare_inputs, read_index
+from pointseg.generators import generator_fingerprint
 from pointseg.report import baseline_scores, evaluate_labels, map_pictures, ot_diagnostics, write_report
 
 log = logging.getLogger("pointseg.flows.full_pipeline")
@@ -47,7 +48,8 @@ def run(cfg: PipelineConfig, output: str) -> dict:
     with timer.stage("pseudo_label"):
         counts = run_pseudo_labels(cfg, categories, output)
     with timer.stage("export"):
-        exported = export_panoptic(output, categories)
+        fingerprint = generator_fingerprint(cfg.generator.method, cfg.generator.params)
+        exported = export_panoptic(output, categories, fingerprint)
     with timer.stage("evaluate"):
         metrics = evaluate_labels(output, categories)
     with timer.stage("baselines"):

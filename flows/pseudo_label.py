@@ -21,13 +21,18 @@ from pointseg.data.coco_panoptic_io import PanopticWriter
 from pointseg.data.panoptic_format import decode_png
 from pointseg.data.prepare import clear_dir, iter_shard_rows, join, prepare_inputs, read_index, write_index
 from pointseg.data.record import Category
+from pointseg.generators import generator_fingerprint
 
 log = logging.getLogger("pointseg.flows.pseudo_label")
 
 
-def done_image_ids(shards: str) -> set[int]:
-    """Images already labelled without error by an earlier run (resume)."""
-    return {r["image_id"] for r in iter_shard_rows(shards, ["image_id", "error"]) if not r["error"]}
+def done_image_ids(shards: str, fingerprint: str | None = None) -> set[int]:
+    """Images already labelled without error by an earlier run (resume).
+
+    With ``fingerprint``, only rows made by that exact generator config (and weights) count.
+    """
+    rows = iter_shard_rows(shards, ["image_id", "error", "config_hash"])
+    return {r["image_id"] for r in rows if not r["error"] and fingerprint in (None, r["config_hash"])}
 
 
 def run_pseudo_labels(cfg: PipelineConfig, categories: dict[int, Category], output: str) -> dict:
@@ -37,7 +42,8 @@ def run_pseudo_labels(cfg: PipelineConfig, categories: dict[int, Category], outp
     shards = join(output, "shards")
     rows = read_index(join(output, "index", "index.parquet"))
     rd = cfg.ray_data
-    done = done_image_ids(shards) if cfg.resume else set()
+    fingerprint = generator_fingerprint(cfg.generator.method, cfg.generator.params)
+    done = done_image_ids(shards, fingerprint) if cfg.resume else set()
     todo = [r for r in rows if r["image_id"] not in done]
     log.info("%d images, %d already labelled, %d to label", len(rows), len(rows) - len(todo), len(todo))
     if not todo:
@@ -78,20 +84,23 @@ def run_pseudo_labels(cfg: PipelineConfig, categories: dict[int, Category], outp
     return {"labelled_now": len(todo), "skipped_done": len(done)}
 
 
-def export_panoptic(output: str, categories: dict[int, Category]) -> dict:
+def export_panoptic(output: str, categories: dict[int, Category], fingerprint: str | None = None) -> dict:
     """Write the shards as COCO panoptic (``output/panoptic.json`` + ``output/panoptic/``).
 
-    One row per image: the newest successful label wins; images whose every
-    attempt failed are listed in ``errors`` with their reason.
+    One row per image: with ``fingerprint``, only rows made by that generator
+    config count (shards of earlier configs stay on disk but are not exported);
+    images without a successful row are listed in ``errors`` with their reason.
     """
     shards = join(output, "shards")
-    ok = done_image_ids(shards)
+    ok = done_image_ids(shards, fingerprint)
     writer = PanopticWriter(output, categories)
     written: set[int] = set()
     errors: dict[int, str] = {}
-    rows = iter_shard_rows(shards, ["image_id", "file_name", "label_png", "segments_info", "error"])
+    rows = iter_shard_rows(shards, ["image_id", "file_name", "label_png", "segments_info", "error", "config_hash"])
     for r in tqdm(rows, desc="export COCO panoptic", unit="img"):
         image_id = r["image_id"]
+        if fingerprint is not None and r["config_hash"] != fingerprint:
+            continue
         if r["error"]:
             if image_id not in ok:
                 errors[image_id] = r["error"]
@@ -116,7 +125,7 @@ def main() -> None:
     with timer.stage("pseudo_label"):
         counts = run_pseudo_labels(cfg, categories, output)
     with timer.stage("export"):
-        exported = export_panoptic(output, categories)
+        exported = export_panoptic(output, categories, generator_fingerprint(cfg.generator.method, cfg.generator.params))
     print(json.dumps({"prepare": prep.to_dict(), **counts, "export": exported, "seconds": timer.seconds}, indent=2))
 
 

@@ -19,12 +19,11 @@ import traceback
 
 import numpy as np
 
-from pointseg.config import config_hash
 from pointseg.data.images import read_image
 from pointseg.data.panoptic_format import encode_png
 from pointseg.data.points import validate_points
 from pointseg.data.record import Category, Points
-from pointseg.generators import build_generator
+from pointseg.generators import build_generator, generator_fingerprint
 
 log = logging.getLogger("pointseg.operators")
 
@@ -120,7 +119,7 @@ class GenerateLabels:
     def __init__(self, method: str, params: dict, categories: dict[int, Category], strict: bool = False):
         self.generator = build_generator(method, params, categories)
         self.method = method
-        self.hash = config_hash({"method": method, "params": self.generator.config.model_dump(mode="json")})
+        self.hash = generator_fingerprint(method, params)
         self.strict = strict
 
     def __call__(self, batch: dict) -> dict:

@@ -161,3 +161,16 @@ def test_strict_mode_fails_on_a_broken_image_inside_ray(ray_local, tmp_path):
     cfg["strict"] = True
     with pytest.raises(Exception, match="image 6: decode"):
         run_flow(cfg, tmp_path / "run")
+
+
+def test_changed_generator_config_relabels_on_resume(ray_local, tmp_path):
+    out = tmp_path / "run"
+    first = run_flow(TINY, out)
+    assert first["images"]["labelled_now"] == 4
+    changed = {**TINY, "generator": {"method": "psps", "params": {"beta": 2.0}}}
+    second = run_flow(changed, out)
+    assert second["images"]["labelled_now"] == 4 and second["images"]["exported"] == 4
+    hashes = {r["config_hash"] for r in iter_shard_rows(str(out / "shards"))}
+    assert len(hashes) == 2  # both runs' rows are kept; only the current config's rows are exported
+    again = run_flow(changed, out)
+    assert again["images"]["labelled_now"] == 0
