@@ -1,28 +1,56 @@
-"""Point2Mask ablation: MinCost against OT and the three supplier schemes, as a PQ table.
+"""Point2Mask ablation: MinCost against OT and the supplier schemes, as a Table 7-style PQ table.
 
-On the same images, points and maps, prints pseudo-label PQ / PQ_th / PQ_st /
-SQ_th / RQ_th for:
+On the same images, points and maps, prints pseudo-label PQ / PQ_th / SQ_th /
+RQ_th / PQ_st for:
 
 * Voronoi (Euclidean nearest point, no image) and PSPS (the training-free
   foundation baseline, its own defaults);
 * Point2Mask MinCost (Table 7's MC: argmin of the same geodesic costs);
-* Point2Mask OT x {equal, nearest_point, nearest_centroid} (Table 5);
+* Point2Mask OT x {equal, nearest_point, nearest_centroid} (Table 5) with the
+  exact solver, and OT nearest_centroid with the paper's reference solver
+  (T = 80 log-domain updates, eps = 1e-3, Appendix A);
+* a diagnostic row, OT with ground-truth supplier units ("oracle k",
+  :func:`oracle_supplier_units`): the same costs, the sizes a perfect Eq. 4
+  would give;
 
-plus, per OT row, the largest marginal errors and total solver seconds.
+on the chosen maps (``--maps lowlevel``: LAB / LAB-Sobel, training-free;
+``--maps learned``: a MapNet checkpoint, given or trained first).
 
-Run (training-free maps by default; ``--checkpoint`` uses learned maps)::
+On the synthetic set a second table breaks PQ_th down by where the instance
+sits (:class:`pointseg.data.synthetic.SceneLayout`): members of a touching
+same-class pair with a weak border (one texture, no outline), of a strong
+pair, and all other things. Each P1 point seeds one predicted segment, so a
+ground-truth thing is matched to the segment its own point seeded; it is a
+true positive when their IoU > 0.5, and ``PQ = sum IoU(TP) / n`` over the
+``n`` things of the group (each unmatched thing is one FN and its seeded
+segment one FP).
 
-    python benchmarks/point2mask_ablation.py --dataset synthetic --images 24
-    python benchmarks/point2mask_ablation.py --dataset coco-mini --images 80
-    python benchmarks/point2mask_ablation.py --dataset synthetic --set thing_competition=class --set beta=1.0
-    python benchmarks/point2mask_ablation.py --dataset coco-mini --images 80 --train-steps 300   # + learned maps
+Commands (the README figures come from these; ``OMP_NUM_THREADS=1`` matters on
+a loaded 2-core box: two torch threads stalled training 5-10x there)::
+
+    # training-free maps, 64 held-out synthetic images
+    python benchmarks/point2mask_ablation.py --dataset synthetic --images 64 --data-seed 1
+    # learned maps: train a MapNet on 96 synthetic images (seed 0; 600 steps, ~3 min CPU) ...
+    python benchmarks/point2mask_ablation.py --dataset synthetic --train-steps 600 --train-images 96 \
+        --lr 1e-3 --train-only --checkpoint out/p2m_maps_synthetic.pt
+    # ... and evaluate it on 64 held-out images (seed 1)
+    python benchmarks/point2mask_ablation.py --dataset synthetic --maps learned \
+        --checkpoint out/p2m_maps_synthetic.pt --data-seed 1 --images 64
+    # coco-mini, 80 images, P1 seed 0 (the map net trains on the same images' points:
+    # pseudo labels are a training-set product)
+    python benchmarks/point2mask_ablation.py --dataset coco-mini --images 80 --train-steps 200 \
+        --train-size 256 --train-batch 2 --lr 1e-3 --train-only --checkpoint out/p2m_maps_coco_mini.pt
+    python benchmarks/point2mask_ablation.py --dataset coco-mini --images 80 --maps learned \
+        --checkpoint out/p2m_maps_coco_mini.pt --only "P2M MinCost,P2M OT nearest_centroid,P2M OT centroid T=80"
 
 Points are P1 (``pointseg.data.points.sample_points``, seed ``--point-seed``).
+Wall and process CPU seconds of training and of each row are printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -33,20 +61,29 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a clone without installing
 
+import pointseg.generators.point2mask as p2m  # noqa: E402
 from pointseg.data.points import sample_points, validate_points  # noqa: E402
 from pointseg.generators import build_generator  # noqa: E402
 from pointseg.metrics import PQEvaluator  # noqa: E402
 
 COCO_MINI = ROOT.parent / "shared" / "data" / "coco-mini"
+GROUPS = ("pair_weak", "pair_strong", "other")
 
 
-def load_dataset(name: str, n: int, point_seed: int, size: int = 128):
-    """``(categories, [(image, points, gt_id_map, gt_segments_info, image_id)], records with points)``."""
+def load_dataset(name: str, n: int, point_seed: int, size: int = 128, data_seed: int = 0):
+    """``(categories, records with points and gt, layouts or None)``.
+
+    Synthetic: scenes ``0..n-1`` of dataset ``data_seed`` with their
+    :class:`~pointseg.data.synthetic.SceneLayout`. coco-mini: the first ``n``
+    images of ``../shared/data/coco-mini`` (no layouts).
+    """
+    layouts = None
     if name == "synthetic":
-        from pointseg.data.synthetic import SyntheticDataset
+        from pointseg.data.synthetic import make_scene_with_layout, synthetic_categories
 
-        ds = SyntheticDataset(n, height=size, width=size, seed=0)
-        cats, records = ds.categories, list(ds)
+        cats = synthetic_categories()
+        pairs = [make_scene_with_layout(data_seed, i, size, size) for i in range(n)]
+        records, layouts = [p[0] for p in pairs], [p[1] for p in pairs]
     elif name == "coco-mini":
         from pointseg.data.coco import instances_to_panoptic, read_coco_instances
 
@@ -59,69 +96,183 @@ def load_dataset(name: str, n: int, point_seed: int, size: int = 128):
         records = [instances_to_panoptic(r)[0] for r in stream]
     else:
         raise SystemExit(f"--dataset must be synthetic or coco-mini, got {name!r}")
-    items = []
     for r in records:
-        pts, _ = validate_points(sample_points(r, "p1", point_seed), r.height, r.width, cats)
-        r.points = pts
-        gt_map, gt_info = r.panoptic()
-        items.append((r.image, pts, gt_map, gt_info, r.image_id))
-    return cats, items, records
+        r.points, _ = validate_points(sample_points(r, "p1", point_seed), r.height, r.width, cats)
+    return cats, records, layouts
 
 
-def score(method: str, params: dict, cats, items) -> dict:
-    """PQ of one generator on ``items``; a failed image counts as an empty prediction."""
+def _thing_groups(record, layout) -> dict[int, str]:
+    """Ground-truth thing segment id -> ``pair_weak`` / ``pair_strong`` / ``other``."""
+    out = {s.id: "other" for s in record.segments if s.isthing}
+    for a, b, weak in layout.touching_pairs:
+        out[a] = out[b] = "pair_weak" if weak else "pair_strong"
+    return out
+
+
+def seeded_ious(label, record) -> dict[int, float]:
+    """IoU of every ground-truth thing with the predicted segment its own point seeded (0 if none)."""
+    pred_of = {s["source_segment"]: s["id"] for s in label.segments_info if s["isthing"]}
+    out = {}
+    for s in record.segments:
+        if not s.isthing:
+            continue
+        pid = pred_of.get(s.id)
+        if pid is None:
+            out[s.id] = 0.0
+            continue
+        m = label.id_map == pid
+        out[s.id] = float((m & s.mask).sum() / max((m | s.mask).sum(), 1))
+    return out
+
+
+@contextlib.contextmanager
+def oracle_supplier_units(gt_id_map: np.ndarray):
+    """Diagnostic: Point2Mask's supplier units ``k`` replaced by ground-truth sizes.
+
+    Within a transport problem, a pixel counts for the supplier whose point
+    lies in the pixel's ground-truth segment, and for its MinCost supplier when
+    no supplier's point does (stuff or void pixels MinCost gave to things). The
+    transport cost is unchanged, so this bounds what better ``k`` alone can buy.
+    """
+    import cv2
+
+    original = p2m.supplier_units
+
+    def oracle(scheme, costs, scope, members, recompute, point_rc, centroid_iters=1):
+        h, w = costs.shape[-2:]
+        gt = cv2.resize(gt_id_map.astype(np.int32), (w, h), interpolation=cv2.INTER_NEAREST)
+        lab = costs[members][:, scope].argmin(0)
+        gt_scope = gt[scope]
+        for slot, gi in enumerate(members):
+            r, c = point_rc[gi][0]
+            if gt[r, c] != 0:
+                lab = np.where(gt_scope == gt[r, c], slot, lab)
+        return np.bincount(lab, minlength=len(members)).astype(np.int64), 0
+
+    p2m.supplier_units = oracle  # looked up at call time by point2mask._solve_problem
+    try:
+        yield
+    finally:
+        p2m.supplier_units = original
+
+
+def score(method: str, params: dict, cats, records, layouts=None, oracle: bool = False) -> dict:
+    """PQ of one generator on ``records``; a failed image counts as an empty prediction.
+
+    ``oracle``: ground-truth supplier units (:func:`oracle_supplier_units`), a diagnostic.
+    """
     gen = build_generator(method, params, cats)
     ev = PQEvaluator(cats)
-    t0 = time.perf_counter()
-    errs, diags, failed = [], [], 0
-    for image, pts, gt_map, gt_info, image_id in items:
+    t0, c0 = time.perf_counter(), time.process_time()
+    diags, failed = [], 0
+    by_group: dict[str, list[float]] = {g: [] for g in GROUPS}
+    for i, r in enumerate(records):
+        gt_map, gt_info = r.panoptic()
         try:
-            lab = gen.generate(image, pts)
+            with oracle_supplier_units(gt_map) if oracle else contextlib.nullcontext():
+                lab = gen.generate(r.image, r.points)
             pred = (lab.id_map, lab.segments_info)
             diags.append(lab.diagnostics)
         except Exception as exc:  # noqa: BLE001 - scored as empty, reported
             failed += 1
-            print(f"  {method} image {image_id}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            print(f"  {method} image {r.image_id}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            lab = None
             pred = (np.zeros_like(gt_map), [])
-        ev.process(gt_map, gt_info, *pred, image_id=image_id)
+        ev.process(gt_map, gt_info, *pred, image_id=r.image_id)
+        if layouts is not None:
+            ious = seeded_ious(lab, r) if lab is not None else {}
+            for sid, grp in _thing_groups(r, layouts[i]).items():
+                by_group[grp].append(ious.get(sid, 0.0))
     out = ev.evaluate()
     out["seconds"] = time.perf_counter() - t0
+    out["cpu_seconds"] = time.process_time() - c0
     out["failed"] = failed
     out["err_row"] = max((d.get("marginal_error_row", 0.0) for d in diags), default=float("nan"))
     out["err_col"] = max((d.get("marginal_error_col", 0.0) for d in diags), default=float("nan"))
     out["diverged"] = sum(int(d.get("ot_diverged", 0)) for d in diags)
     out["fallbacks"] = sum(int(d.get("centroid_fallbacks", 0)) for d in diags)
+    out["groups"] = {g: _group_pq(v) for g, v in by_group.items()}
     return out
 
 
-def rows(base: dict, learned: dict | None = None) -> list[tuple[str, str, dict]]:
-    p2m = dict(base)
-    extra = []
-    if learned:
-        extra = [
-            ("P2M learned MinCost", "point2mask", {**p2m, **learned, "assignment": "mincost"}),
-            ("P2M learned OT centroid", "point2mask", {**p2m, **learned, "assignment": "ot"}),
-        ]
-    return extra + [
+def _group_pq(ious: list[float]) -> dict:
+    """Seeded PQ / SQ / RQ of a group of things (module docstring)."""
+    a = np.asarray(ious, float)
+    n, tp = len(a), a > 0.5
+    return {
+        "n": n,
+        "pq": float(a[tp].sum() / n) if n else float("nan"),
+        "sq": float(a[tp].mean()) if tp.any() else float("nan"),
+        "rq": float(tp.mean()) if n else float("nan"),
+        "miou": float(a.mean()) if n else float("nan"),
+    }
+
+
+def rows(p2m: dict) -> list[tuple[str, str, dict]]:
+    """Table rows ``(label, method, params)``; ``p2m`` holds the maps and any ``--set`` keys."""
+    ot = {**p2m, "assignment": "ot"}
+    return [
         ("Voronoi", "voronoi", {}),
         ("PSPS", "psps", {}),
         ("P2M MinCost", "point2mask", {**p2m, "assignment": "mincost"}),
-        ("P2M OT equal", "point2mask", {**p2m, "assignment": "ot", "supplier_scheme": "equal"}),
-        ("P2M OT nearest_point", "point2mask", {**p2m, "assignment": "ot", "supplier_scheme": "nearest_point"}),
-        ("P2M OT nearest_centroid", "point2mask", {**p2m, "assignment": "ot", "supplier_scheme": "nearest_centroid"}),
+        ("P2M OT equal", "point2mask", {**ot, "supplier_scheme": "equal"}),
+        ("P2M OT nearest_point", "point2mask", {**ot, "supplier_scheme": "nearest_point"}),
+        ("P2M OT nearest_centroid", "point2mask", {**ot, "supplier_scheme": "nearest_centroid"}),
+        ("P2M OT centroid T=80", "point2mask",
+         {**ot, "supplier_scheme": "nearest_centroid", "solver": "reference", "n_iter": 80, "eps": 1e-3}),
+        ("P2M OT oracle k", "point2mask", ot),  # diagnostic: ground-truth supplier units
     ]
+
+
+def train(args, cats, base: dict) -> str:
+    """Train a MapNet (``--train-steps``) on P1 points; return the checkpoint path."""
+    import logging
+
+    import torch
+
+    from pointseg.losses.point2mask import Point2MaskLossConfig
+    from pointseg.train.point2mask_maps import MapTrainConfig, train_map_net
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    n = args.train_images or args.images
+    _, records, _ = load_dataset(args.dataset, n, args.point_seed, args.size, args.train_data_seed)
+    ckpt = args.checkpoint or str(ROOT / "out" / f"point2mask_maps_{args.dataset}.pt")
+    cfg = MapTrainConfig(
+        image_size=args.train_size, batch_size=args.train_batch, lr=args.lr,
+        loss=Point2MaskLossConfig(loss_stride=args.loss_stride),
+        generator={k: v for k, v in base.items() if k not in ("maps", "checkpoint")},
+    )
+    t0, c0 = time.perf_counter(), time.process_time()
+    res = train_map_net(records, cats, cfg, steps=args.train_steps, checkpoint_path=ckpt, resume=args.resume)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    last = {k: round(float(np.mean([h[k] for h in res["history"][-20:]])), 3) for k in res["history"][-1]} if res["history"] else {}
+    print(f"# trained MapNet on {len(records)} {args.dataset} images (data seed {args.train_data_seed}): "
+          f"steps {res['start_step']}->{args.train_steps} at {args.train_size}px, batch {args.train_batch}, "
+          f"{wall:.0f} s wall, {cpu:.0f} s CPU ({torch.get_num_threads()} threads), "
+          f"{res['pseudo_refreshes']} pseudo-label refreshes -> {ckpt}", flush=True)
+    print(f"# mean loss terms over the last 20 steps: {last}", flush=True)
+    return ckpt
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dataset", default="synthetic", choices=["synthetic", "coco-mini"])
-    ap.add_argument("--images", type=int, default=24)
+    ap.add_argument("--images", type=int, default=24, help="evaluation images")
     ap.add_argument("--size", type=int, default=128, help="synthetic image side")
+    ap.add_argument("--data-seed", type=int, default=0, help="synthetic dataset seed of the evaluation images")
     ap.add_argument("--point-seed", type=int, default=0)
-    ap.add_argument("--checkpoint", default=None, help="MapNet checkpoint: adds learned-map rows (trained first with --train-steps)")
-    ap.add_argument("--train-steps", type=int, default=0, help="train the MapNet on these images' points first")
-    ap.add_argument("--train-size", type=int, default=256, help="square training size of the MapNet")
-    ap.add_argument("--loss-stride", type=int, default=2, help="L_sem^LAB / L_sem^RGB at 1/stride resolution")
+    ap.add_argument("--maps", default="lowlevel", choices=["lowlevel", "learned"])
+    ap.add_argument("--checkpoint", default=None, help="MapNet checkpoint (--maps learned); written by --train-steps")
+    ap.add_argument("--train-steps", type=int, default=0, help="train the MapNet first (implies --maps learned)")
+    ap.add_argument("--train-images", type=int, default=0, help="training images (default: --images)")
+    ap.add_argument("--train-data-seed", type=int, default=0, help="synthetic dataset seed of the training images")
+    ap.add_argument("--train-size", type=int, default=128, help="square training / inference size of the MapNet")
+    ap.add_argument("--train-batch", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--loss-stride", type=int, default=1, help="L_sem^LAB / L_sem^RGB at 1/stride resolution")
+    ap.add_argument("--resume", action="store_true", help="continue training from --checkpoint")
+    ap.add_argument("--train-only", action="store_true", help="stop after training")
+    ap.add_argument("--only", default=None, help="comma-separated row labels to run (default: all)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra Point2Mask config (YAML value), e.g. --set beta=1.0")
     args = ap.parse_args()
@@ -129,38 +280,52 @@ def main() -> None:
     for kv in args.set:
         k, v = kv.split("=", 1)
         base[k] = yaml.safe_load(v)
-    cats, items, records = load_dataset(args.dataset, args.images, args.point_seed, args.size)
-    print(f"# {args.dataset}, {len(items)} images, P1 points (seed {args.point_seed}), point2mask extra config {base}")
-    learned = None
     if args.train_steps:
-        import logging
+        args.maps = "learned"
+        from pointseg.data.synthetic import synthetic_categories
 
-        from pointseg.losses.point2mask import Point2MaskLossConfig
-        from pointseg.train.point2mask_maps import MapTrainConfig, train_map_net
-
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-        ckpt = args.checkpoint or str(ROOT / "out" / f"point2mask_maps_{args.dataset}.pt")
-        cfg = MapTrainConfig(image_size=args.train_size, loss=Point2MaskLossConfig(loss_stride=args.loss_stride),
-                             generator={k: v for k, v in base.items() if k != "maps"})
-        res = train_map_net(records, cats, cfg, steps=args.train_steps, checkpoint_path=ckpt, resume=False)
-        print(f"# trained MapNet: {args.train_steps} steps at {args.train_size}px in {res['seconds']:.0f} s "
-              f"({res['pseudo_refreshes']} pseudo-label refreshes) -> {ckpt}; last terms "
-              f"{ {k: round(v, 3) for k, v in res['history'][-1].items()} }")
-        args.checkpoint = ckpt
-    if args.checkpoint:
-        learned = {"maps": "learned", "checkpoint": args.checkpoint}
-    head = f"{'method':26s} {'PQ':>6s} {'PQ_th':>6s} {'SQ_th':>6s} {'RQ_th':>6s} {'PQ_st':>6s} {'err_row':>8s} {'err_col':>8s} {'s':>6s}"
+        cats = synthetic_categories() if args.dataset == "synthetic" else load_dataset(args.dataset, 1, 0)[0]
+        args.checkpoint = train(args, cats, base)
+        if args.train_only:
+            return
+    if args.maps == "learned":
+        if not args.checkpoint:
+            raise SystemExit("--maps learned needs --checkpoint PATH or --train-steps N")
+        base.update(maps="learned", checkpoint=args.checkpoint)
+    cats, records, layouts = load_dataset(args.dataset, args.images, args.point_seed, args.size, args.data_seed)
+    seed_note = f", data seed {args.data_seed}" if args.dataset == "synthetic" else ""
+    print(f"# {args.dataset}, {len(records)} images{seed_note}, P1 points (seed {args.point_seed}), "
+          f"{args.maps} maps, point2mask config {base}")
+    head = (f"{'method':26s} {'PQ':>6s} {'PQ_th':>6s} {'SQ_th':>6s} {'RQ_th':>6s} {'PQ_st':>6s} "
+            f"{'err_row':>8s} {'err_col':>8s} {'wall s':>7s} {'cpu s':>7s}")
     print(head)
     print("-" * len(head))
-    for label, method, params in rows(base, learned):
-        r = score(method, params, cats, items)
+    wanted = set(args.only.split(",")) if args.only else None
+    results = []
+    for label, method, params in rows(base):
+        if wanted and label not in wanted:
+            continue
+        r = score(method, params, cats, records, layouts, oracle=label.endswith("oracle k"))
+        results.append((label, r))
         f = lambda v: f"{100 * v:6.2f}" if v == v else "   nan"  # noqa: E731
-        e = lambda v: f"{v:8.1e}" if method == "point2mask" and "MinCost" not in label else f"{'-':>8s}"  # noqa: E731
+        is_ot = method == "point2mask" and "MinCost" not in label
+        e = lambda v: f"{v:8.1e}" if is_ot else f"{'-':>8s}"  # noqa: E731
         extra = f"  failed={r['failed']}" if r["failed"] else ""
         extra += f"  diverged={r['diverged']}" if r["diverged"] else ""
         extra += f"  centroid_fallbacks={r['fallbacks']}" if r["fallbacks"] else ""
         print(f"{label:26s} {f(r['pq'])} {f(r['pq_th'])} {f(r['sq_th'])} {f(r['rq_th'])} {f(r['pq_st'])} "
-              f"{e(r['err_row'])} {e(r['err_col'])} {r['seconds']:6.1f}{extra}", flush=True)
+              f"{e(r['err_row'])} {e(r['err_col'])} {r['seconds']:7.1f} {r['cpu_seconds']:7.1f}{extra}", flush=True)
+    if layouts is not None:
+        n = {g: results[0][1]["groups"][g]["n"] for g in GROUPS}
+        print(f"\n# seeded PQ / SQ / RQ of things by layout (n things: {n}); mIoU = mean seeded IoU")
+        head = f"{'method':26s}" + "".join(f" {g + ' PQ':>15s} {'SQ':>5s} {'RQ':>5s} {'mIoU':>5s}" for g in GROUPS)
+        print(head)
+        print("-" * len(head))
+        for label, r in results:
+            cells = "".join(
+                f" {100 * r['groups'][g]['pq']:15.2f} {100 * r['groups'][g]['sq']:5.1f} {100 * r['groups'][g]['rq']:5.1f} "
+                f"{100 * r['groups'][g]['miou']:5.1f}" for g in GROUPS)
+            print(f"{label:26s}{cells}", flush=True)
 
 
 if __name__ == "__main__":
