@@ -2,8 +2,14 @@
 
     python flows/tune_sweep.py --config configs/tune_psps.yaml [--output DIR] [key.path=value ...]
     python flows/tune_sweep.py --config configs/tune_point2mask.yaml subset=8
+    python flows/tune_sweep.py --config configs/tune_stage2.yaml
 
-prepare inputs once -> Tuner(trial per setting: label the subset, report PQ/mIoU) -> table, plots, best config
+objective pseudo_label:
+    prepare inputs once -> Tuner(trial per setting: label the subset, report PQ/mIoU) -> table, plots, best config
+objective stage2 (sweeps ``train.*``; ASHA stops bad trials on their training loss):
+    prepare inputs -> pseudo labels once (OUTPUT/shards) -> Tuner(trial = driver function:
+        TorchTrainer(train_loop_per_worker, callbacks=[TuneReportCallback]) -> each report to Tune (ASHA)
+        -> unstopped: evaluate the model on the held-out images -> report PQ) -> table, plots, best config
 
 Writes under ``OUTPUT/tune/``: ``results.csv``, ``results.md``, ``<metric>_vs_<param>.png``,
 ``best_config.yaml`` (ready for ``flows/full_pipeline.py --config``) and ``sweep.json``.
@@ -15,28 +21,40 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from functools import partial
 from pathlib import Path
 
 from common import ROOT, StageTimer, base_parser, init_ray, setup_logging
 
+from evaluate_model import EvaluateModel
+from pseudo_label import run_pseudo_labels
+from train import absolute_file_names, is_local, point_shards, storage_args, training_dataset
+
 from pointseg.config import PipelineConfig, load_config
-from pointseg.data.prepare import join, open_out, prepare_inputs
+from pointseg.data.prepare import join, open_out, prepare_inputs, read_index
 from pointseg.data.record import Category
 from pointseg.generators import GENERATORS
 from pointseg.report import score_generator
+from pointseg.train.ray_loop import train_loop_per_worker
+from pointseg.train.stage2 import validation_ids
 from pointseg.tuning import (
     METRICS,
     TuneConfig,
     best_pipeline_config,
     build_search_space,
     check_space_against,
+    check_stage2_space,
+    final_loss,
     load_base_config,
     num_trials,
     resolve_path,
     rows_to_markdown,
     sort_rows,
+    stage2_base_config,
+    stage2_max_reports,
+    stage2_trial_config,
     swept_params,
     table_columns,
     trial_params,
@@ -60,17 +78,111 @@ def pseudo_label_trial(sampled: dict, *, output: str, categories: dict[int, Cate
     tune.report(metrics)
 
 
-# objective -> trial function. ``stage2`` (train on the pseudo labels, report stage-2 PQ each epoch, ASHA
-# stopping) will be a driver function that builds a TorchTrainer and reports through
-# ray.tune.integration.ray_train.TuneReportCallback; ``run`` refuses it until then.
-OBJECTIVES = {"pseudo_label": pseudo_label_trial}
+def report_callback():
+    """``TuneReportCallback`` that also passes :func:`~pointseg.tuning.final_loss`, the loss ASHA can
+    compare across decoder layer counts. Built in the trial (it must be created in a Tune session)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class FinalLossReportCallback(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            metrics = [dict(m, final_loss=final_loss(m)) if "loss" in m else m for m in metrics]
+            super().after_report(run_context, metrics, checkpoint)
+
+    return FinalLossReportCallback()
 
 
-def make_trainable(tcfg: TuneConfig, trial_fn, **trial_kwargs):
-    """The trial function bound to its inputs, at a fractional CPU share (whole CPUs deadlock 2 cores)."""
+def stage2_trial(sampled: dict, *, train_ds, output: str, categories: dict[int, Category], base: PipelineConfig,
+                 val_rows: list[dict], storage: str, experiment: str) -> None:
+    """One stage-2 trial, the Tune driver function of a Ray Train run.
+
+    Trains ``base`` with the sampled ``train.*`` settings on ``train_ds`` (the
+    pseudo-label shard rows outside validation, read once by the sweep); every
+    training report reaches Tune through the callback, so ASHA may stop the
+    trial between reports (Tune then ends this function, and with it the Train
+    run). A trial that finishes evaluates its model on ``val_rows`` and
+    reports PQ as its last result.
+    """
+    from dataclasses import asdict
+
+    from ray import tune
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    t0 = time.perf_counter()
+    cfg = stage2_trial_config(base, sampled)
+    s2 = cfg.train
+    sargs = storage_args(storage)
+    run_name = f"{experiment}_{tune.get_context().get_trial_id()}"  # a rerun of the trial resumes this run
+    local = "storage_filesystem" not in sargs and is_local(storage)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"stage2": s2.model_dump(mode="json"), "categories": [asdict(c) for c in categories.values()],
+                           "log_dir": join(sargs["storage_path"], run_name, "tensorboard") if local else None},
+        scaling_config=ScalingConfig(
+            num_workers=s2.num_workers, use_gpu=s2.use_gpu,
+            resources_per_worker={"CPU": s2.cpus_per_worker, **({"GPU": 1} if s2.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            failure_config=FailureConfig(max_failures=s2.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            callbacks=[report_callback()],
+            **sargs,
+        ),
+        datasets={"train": train_ds},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"stage-2 trial {run_name}: training finished without a checkpoint (error: {result.error})")
+    last = dict(result.metrics or {})
+    scores = evaluate_checkpoint(cfg, categories, output, result.checkpoint.path, val_rows)
+    metrics = {k: float(v) for k in METRICS if (v := scores.get(k)) is not None}
+    metrics.update(loss=float(last["loss"]), final_loss=final_loss(last), step=int(last["step"]),
+                   num_images=scores["num_images"], checkpoint=result.checkpoint.path,
+                   trial_seconds=round(time.perf_counter() - t0, 3))
+    tune.report(metrics)
+
+
+def evaluate_checkpoint(cfg: PipelineConfig, categories: dict[int, Category], output: str, checkpoint: str,
+                        val_rows: list[dict]) -> dict:
+    """PQ/SQ/RQ of ``checkpoint`` on the held-out images, in this process.
+
+    The same per-image code as ``flows/evaluate_model.py`` (its ``EvaluateModel``
+    actor, called directly): a trial scores a handful of images, where starting
+    a Ray Data actor pool would cost more than the predictions.
+    """
+    import numpy as np
+
+    from pointseg.metrics import PQEvaluator
+
+    ev = cfg.train.eval
+    model = EvaluateModel(checkpoint, join(output, "gt", "panoptic.json"), join(output, "gt", "panoptic"),
+                          threshold=ev.threshold, score_threshold=ev.score_threshold)
+    pq_ev = PQEvaluator(categories)
+    for i in range(0, len(val_rows), ev.batch_size):
+        chunk = val_rows[i : i + ev.batch_size]
+        out = model({"image_id": np.array([r["image_id"] for r in chunk]),
+                     "file_name": np.array([r["file_name"] for r in chunk])})
+        for stat in out["pq_stat"]:
+            pq_ev.add_stat(json.loads(stat))
+    return {**pq_ev.evaluate(), "num_images": len(val_rows)}
+
+
+# objective -> trial function
+OBJECTIVES = {"pseudo_label": pseudo_label_trial, "stage2": stage2_trial}
+
+
+def make_trainable(tcfg: TuneConfig, trial_fn, shared: dict | None = None, **trial_kwargs):
+    """The trial function bound to its inputs, at a fractional CPU share (whole CPUs deadlock 2 cores).
+
+    With ``shared`` objects (e.g. a materialised dataset) every input goes through
+    the object store once (``tune.with_parameters``) instead of being pickled
+    with every trial.
+    """
     from ray import tune
 
-    return tune.with_resources(partial(trial_fn, **trial_kwargs), {"cpu": tcfg.cpus_per_trial})
+    fn = tune.with_parameters(trial_fn, **shared, **trial_kwargs) if shared else partial(trial_fn, **trial_kwargs)
+    return tune.with_resources(fn, {"cpu": tcfg.cpus_per_trial})
 
 
 def experiment_path(tcfg: TuneConfig, output: str) -> tuple[str, str]:
@@ -83,63 +195,123 @@ def experiment_path(tcfg: TuneConfig, output: str) -> tuple[str, str]:
 
 def sweep_fingerprint(tcfg: TuneConfig, base: PipelineConfig) -> dict:
     """What must not change between a sweep and its resumption."""
-    return {"method": tcfg.method, "space": tcfg.space, "objective": tcfg.objective, "metric": tcfg.metric,
-            "mode": tcfg.mode, "num_samples": tcfg.num_samples, "subset": tcfg.subset,
-            "dataset": base.dataset.model_dump(mode="json"), "points": base.points.model_dump(mode="json"),
-            "base_params": base.generator.params if base.generator.method == tcfg.method else {}}
+    out = {"method": tcfg.method, "space": tcfg.space, "objective": tcfg.objective, "metric": tcfg.metric,
+           "mode": tcfg.mode, "num_samples": tcfg.num_samples, "subset": tcfg.subset,
+           "dataset": base.dataset.model_dump(mode="json"), "points": base.points.model_dump(mode="json"),
+           "base_params": base.generator.params if base.generator.method == tcfg.method else {}}
+    if tcfg.objective == "stage2":  # the trials train from this config and the ASHA settings
+        out.update(train=base.train.model_dump(mode="json"), scheduler=tcfg.scheduler,
+                   asha=tcfg.asha.model_dump(mode="json"))
+    return out
 
 
-def build_tuner(tcfg: TuneConfig, trainable, storage: str, exp_dir: str):
+def build_scheduler(tcfg: TuneConfig, max_reports: int | None = None):
+    """``(scheduler, metric, mode)``: the ASHA scheduler (or None) and the metric/mode for ``TuneConfig``.
+
+    Stage 2 reports the training loss at every report and PQ only at the end,
+    so ASHA gets its own loss metric and ``TuneConfig`` none (Tune demands
+    its metric in every result); ``max_t`` is the reports of a trial plus
+    the final one, so ASHA never cuts a trial off just before its evaluation.
+    """
+    from ray.tune.schedulers import ASHAScheduler
+
+    a = tcfg.asha
+    if tcfg.objective == "pseudo_label":
+        if tcfg.scheduler != "asha":
+            return None, tcfg.metric, tcfg.mode
+        kw = {"metric": a.metric, "mode": a.mode or tcfg.mode} if a.metric else {}
+        scheduler = ASHAScheduler(grace_period=a.grace_period, reduction_factor=a.reduction_factor,
+                                  **({"max_t": a.max_t} if a.max_t else {}), **kw)
+        return (scheduler, None, None) if kw else (scheduler, tcfg.metric, tcfg.mode)
+    if tcfg.scheduler != "asha":
+        return None, None, None
+    scheduler = ASHAScheduler(time_attr="training_iteration", metric=a.metric or "loss", mode=a.mode or "min",
+                              grace_period=a.grace_period, reduction_factor=a.reduction_factor,
+                              max_t=a.max_t or (max_reports or 1) + 1)
+    return scheduler, None, None
+
+
+def build_tuner(tcfg: TuneConfig, trainable, storage: str, exp_dir: str, max_reports: int | None = None):
     """A new Tuner, or the restored one when ``exp_dir`` holds an interrupted sweep."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     if tune.Tuner.can_restore(exp_dir):
         log.info("resuming the sweep in %s", exp_dir)
         return tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True), True
-    scheduler = ASHAScheduler(grace_period=1, reduction_factor=3) if tcfg.scheduler == "asha" else None
+    scheduler, metric, mode = build_scheduler(tcfg, max_reports)
     tuner = tune.Tuner(
         trainable,
         param_space=build_search_space(tcfg.space),
         tune_config=tune.TuneConfig(
-            metric=tcfg.metric,
-            mode=tcfg.mode,
+            metric=metric,
+            mode=mode,
             num_samples=tcfg.num_samples,
             max_concurrent_trials=tcfg.max_concurrent_trials,
             scheduler=scheduler,
-            reuse_actors=True,  # one trial actor per concurrent slot, not one process per trial
+            # pseudo_label: one trial actor per concurrent slot, not one process per trial. stage2: a fresh
+            # process per trial (a driver function's Train session cannot be reset for the next trial).
+            reuse_actors=tcfg.objective == "pseudo_label",
         ),
         run_config=tune.RunConfig(name=tcfg.experiment_name, storage_path=storage, verbose=1),
     )
     return tuner, False
 
 
-def result_rows(grid, params: list[str]) -> list[dict]:
-    """One row per trial: swept params, last reported metrics, status, error and the full sampled ``config``."""
+ROW_KEYS = (*METRICS, "step", "loss", "final_loss", "num_images", "num_failed", "trial_seconds", "checkpoint")
+
+
+def result_rows(grid, params: list[str], metric: str | None = None) -> list[dict]:
+    """One row per trial: swept params, last reported metrics, status, error and the full sampled ``config``.
+
+    ``status``: ``ok``; ``error``; or, when ``metric`` is given, ``stopped`` for a
+    trial that ended without it (ASHA stopped it before its final evaluation).
+    """
     rows = []
     for res in grid:
         m = res.metrics or {}
         config = dict(res.config or {})
         row = {"trial_id": m.get("trial_id") or Path(res.path).name, **{p: config.get(p) for p in params}, "config": config}
-        row.update({k: m[k] for k in (*METRICS, "num_images", "num_failed", "trial_seconds") if k in m})
-        row["status"] = "error" if res.error else "ok"
+        row.update({k: m[k] for k in ROW_KEYS if m.get(k) is not None})
+        row["status"] = "error" if res.error else "stopped" if metric and metric not in row else "ok"
         if res.error:
             row["error"] = f"{type(res.error).__name__}: {str(res.error).strip().splitlines()[-1][:200]}"
         rows.append(row)
     return rows
 
 
+def prepare_stage2(tcfg: TuneConfig, base: PipelineConfig, categories: dict[int, Category], output: str,
+                   timer: StageTimer) -> tuple[dict, dict, str]:
+    """Pseudo labels once, the training rows read once, the held-out rows: the inputs every stage-2 trial shares.
+
+    Returns ``(shared, trial_kwargs, description)`` for :func:`make_trainable`.
+    """
+    with timer.stage("pseudo_label"):  # resumes: images already in OUTPUT/shards are kept
+        labelled = run_pseudo_labels(base, categories, output)
+    log.info("pseudo labels (%s): %s", tcfg.method, labelled)
+    s2 = base.train
+    shards = join(output, "shards") if s2.supervision == "pseudo" else point_shards(output, categories, s2.point_radius)
+    index = read_index(join(output, "index", "index.parquet"))
+    val_ids = validation_ids([r["image_id"] for r in index], s2.val_every)
+    held_out = [r for r in index if r["image_id"] in val_ids]
+    files = absolute_file_names({"file_name": [r["file_name"] for r in held_out]}, os.getcwd())["file_name"]
+    val_rows = [{"image_id": r["image_id"], "file_name": f} for r, f in zip(held_out, files)]  # trials run elsewhere
+    with timer.stage("read_shards"):  # materialised once, shared by every trial through the object store
+        train_ds, counts = training_dataset(shards, val_ids, s2.val_every)
+    kwargs = dict(output=output, categories=categories, base=base, val_rows=val_rows,
+                  storage=s2.storage_path or join(output, "tune", "train"), experiment=tcfg.experiment_name)
+    return {"train_ds": train_ds}, kwargs, f"{len(val_rows)} held-out images, trained on {counts['train_rows']}"
+
+
 def run(tcfg: TuneConfig, output: str, base: PipelineConfig, trial_fn=None) -> dict:
     """Prepare the subset, run (or resume) the sweep, write table/plots/best config; returns a summary."""
     if tcfg.method not in GENERATORS:
         raise ValueError(f"method: unknown generator {tcfg.method!r}; known: {sorted(GENERATORS)}")
-    if tcfg.objective not in OBJECTIVES:
-        raise NotImplementedError(
-            "objective: stage2 (stage-2 PQ after training) is not implemented yet. It will be a driver function "
-            "that builds a TorchTrainer and reports through ray.tune.integration.ray_train.TuneReportCallback, "
-            "with scheduler: asha stopping bad trials early. Use objective: pseudo_label."
-        )
-    check_space_against(GENERATORS[tcfg.method].Config, tcfg.space, trial_params(base, tcfg.method, {}))
+    stage2 = tcfg.objective == "stage2"
+    if stage2:
+        base = stage2_base_config(base, tcfg.method)  # labels from `method`, then train with each trial's train.*
+        check_stage2_space(base, tcfg.space)
+    else:
+        check_space_against(GENERATORS[tcfg.method].Config, tcfg.space, trial_params(base, tcfg.method, {}))
     if "://" not in output:
         output = str(Path(output).resolve())
     tune_dir = join(output, "tune")
@@ -156,25 +328,35 @@ def run(tcfg: TuneConfig, output: str, base: PipelineConfig, trial_fn=None) -> d
         json.dump(fingerprint, f, indent=2)
 
     init_ray(base.ray)
-    trainable = make_trainable(tcfg, trial_fn or OBJECTIVES[tcfg.objective], output=output, categories=categories,
-                               method=tcfg.method, base=base, subset=tcfg.subset)
-    tuner, resumed = build_tuner(tcfg, trainable, storage, exp_dir)
-    log.info("%s sweep of %s: %d trials on %d images, %s CPU each, at most %d at once",
-             "resumed" if resumed else "new", tcfg.method, num_trials(tcfg.space, tcfg.num_samples),
-             min(prep.num_images, tcfg.subset or prep.num_images), tcfg.cpus_per_trial, tcfg.max_concurrent_trials)
+    if stage2:
+        shared, trial_kwargs, scored = prepare_stage2(tcfg, base, categories, output, timer)
+    else:
+        shared = None
+        trial_kwargs = dict(output=output, categories=categories, method=tcfg.method, base=base, subset=tcfg.subset)
+        scored = f"{min(prep.num_images, tcfg.subset or prep.num_images)} images"
+    trainable = make_trainable(tcfg, trial_fn or OBJECTIVES[tcfg.objective], shared, **trial_kwargs)
+    max_reports = stage2_max_reports(base, tcfg.space) if stage2 else None
+    tuner, resumed = build_tuner(tcfg, trainable, storage, exp_dir, max_reports)
+    log.info("%s %s sweep of %s: %d trials scored on %s, %s CPU each, at most %d at once",
+             "resumed" if resumed else "new", tcfg.objective, tcfg.method, num_trials(tcfg.space, tcfg.num_samples),
+             scored, tcfg.cpus_per_trial, tcfg.max_concurrent_trials)
     with timer.stage("sweep"):
         grid = tuner.fit()
 
     params = swept_params(tcfg.space)
-    rows = sort_rows(result_rows(grid, params), tcfg.metric, tcfg.mode)
+    rows = sort_rows(result_rows(grid, params, tcfg.metric if stage2 else None), tcfg.metric, tcfg.mode)
     with timer.stage("results"):
-        written = write_results(tune_dir, rows, tcfg.metric, tcfg.mode, params, list(METRICS))
+        metrics = [m for m in METRICS if not (stage2 and m == "miou")]  # a model evaluation has no mIoU
+        written = write_results(tune_dir, rows, tcfg.metric, tcfg.mode, params, metrics)
         best = next((r for r in rows if r["status"] == "ok" and r.get(tcfg.metric) is not None), None)
         if best is not None:
-            best_params = trial_params(base, tcfg.method, best["config"])
-            best_cfg = best_pipeline_config(base, tcfg.method, best_params)
+            if stage2:
+                best_cfg = stage2_trial_config(base, {k: v for k, v in best["config"].items() if k in tcfg.space})
+            else:
+                best_cfg = best_pipeline_config(base, tcfg.method, trial_params(base, tcfg.method, best["config"]))
             header = (f"Best of {len(rows)} trials of {exp_dir}: {tcfg.metric} {100 * best[tcfg.metric]:.2f} "
-                      f"on {best.get('num_images')} images.\nRun: python flows/full_pipeline.py --config THIS_FILE")
+                      f"on {best.get('num_images')} {'held-out ' if stage2 else ''}images."
+                      f"\nRun: python flows/full_pipeline.py --config THIS_FILE")
             write_best_config(join(tune_dir, "best_config.yaml"), best_cfg, header)
             written["best_config.yaml"] = join(tune_dir, "best_config.yaml")
     return {
@@ -185,6 +367,7 @@ def run(tcfg: TuneConfig, output: str, base: PipelineConfig, trial_fn=None) -> d
         "best": best,
         "files": written,
         "num_errors": sum(r["status"] == "error" for r in rows),
+        "num_stopped": sum(r["status"] == "stopped" for r in rows),
         "timings": timer.seconds,
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }
@@ -218,12 +401,15 @@ def main(argv: list[str] | None = None) -> dict:
     summary = run(tcfg, output, base)
 
     rows, metric = summary["rows"], tcfg.metric
-    metrics = [metric, *[m for m in ("pq", "pq_th", "pq_st", "miou") if m != metric]]
+    metrics = [metric, *[m for m in ("pq", "pq_th", "pq_st", *(() if tcfg.objective == "stage2" else ("miou",)))
+                         if m != metric]]
     print()
     print(rows_to_markdown(rows, table_columns(rows, summary["params"], metrics), metrics))
     best = summary["best"]
     if best:
         print(f"best {metric}: {100 * best[metric]:.2f}  with " + ", ".join(f"{p}={best[p]}" for p in summary["params"]))
+    if summary["num_stopped"]:
+        print(f"{summary['num_stopped']} trial(s) stopped early by ASHA ({tcfg.asha.metric or 'loss'})")
     if summary["num_errors"]:
         print(f"{summary['num_errors']} trial(s) failed; rerun the same command to retry them")
     for name, uri in summary["files"].items():

@@ -21,6 +21,20 @@ The search space is YAML, one entry per generator parameter::
 Grid entries multiply, ``num_samples`` repeats the whole grid with fresh
 draws of the random entries (Ray Tune semantics).
 
+With ``objective: stage2`` the sweep asks instead which stage-2 training
+settings give the best model: the pseudo labels are made once, each trial
+trains on them with its own ``train.*`` settings (``space`` keys are pipeline
+config paths such as ``train.panoptic.decoder_layers`` or ``train.lr``) and
+scores the trained model's PQ on the held-out images (every
+``train.val_every``-th image, never trained on)::
+
+    score(theta) = PQ( f_theta(validation images), ground truth ),   f_theta = stage 2 trained with theta
+
+ASHA (Li et al., "A System for Massively Parallel Hyperparameter Tuning",
+MLSys 2020) stops a trial at rung ``r_k = grace_period * eta^k`` reports when
+its training loss there is worse than the ``1 - 1/eta`` quantile of the
+losses other trials had at ``r_k`` (``eta`` = ``reduction_factor``).
+
 This module needs no Ray at import; :func:`build_search_space` imports
 ``ray.tune`` when called. The sweep itself is ``flows/tune_sweep.py``.
 """
@@ -41,6 +55,30 @@ from pointseg.data.prepare import join, open_out
 
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform")
 METRICS = ("pq", "sq", "rq", "pq_th", "sq_th", "rq_th", "pq_st", "sq_st", "rq_st", "miou")
+
+#: Stage-2 settings a trial may not change: they decide which images are held out or what the
+#: training labels are, so trials with different values would be scored on different things.
+STAGE2_FIXED = ("train.enabled", "train.supervision", "train.point_radius", "train.val_every",
+                "train.storage_path", "train.run_name")
+
+
+class AshaConfig(Strict):
+    """ASHA early stopping (``scheduler: asha``), counted in reports (``training_iteration``).
+
+    ``metric``/``mode``: what ASHA compares at each rung. For ``objective: stage2``
+    (default ``loss``, ``min``) it must be something every training report holds:
+    ``loss`` (Mask2Former: summed over every decoder layer's auxiliary loss, so it
+    grows with ``decoder_layers``) or ``final_loss`` (the last layer's loss only;
+    comparable across decoder layer counts). For ``pseudo_label`` the default is
+    the sweep's ``metric``/``mode``. ``max_t``: default the most reports a trial
+    makes, plus one for the final PQ.
+    """
+
+    metric: str | None = None
+    mode: Literal["max", "min"] | None = None
+    grace_period: int = Field(1, ge=1, description="reports before a trial can be stopped")
+    reduction_factor: float = Field(3.0, gt=1, description="eta: keep the best 1/eta at each rung")
+    max_t: int | None = Field(None, ge=1)
 
 
 class TuneConfig(Strict):
@@ -66,15 +104,27 @@ class TuneConfig(Strict):
     name: str | None = Field(None, description="experiment name; default tune_<method>")
     storage_path: str | None = Field(None, description="Tune experiment root; default OUTPUT/tune/ray_results")
     scheduler: Literal["asha"] | None = Field(None, description="asha: early stopping, for objectives that report repeatedly (stage2)")
+    asha: AshaConfig = AshaConfig()
 
     @model_validator(mode="after")
     def _space_parses(self) -> "TuneConfig":
         parse_space(self.space)
+        if self.objective == "stage2":
+            for name in self.space:
+                if not name.startswith("train."):
+                    raise ValueError(f"space.{name}: objective stage2 sweeps stage-2 settings; keys are pipeline "
+                                     f"config paths under train. (e.g. train.{name})")
+                if any(name == k or name.startswith(k + ".") for k in STAGE2_FIXED):
+                    raise ValueError(f"space.{name}: fixed for a stage-2 sweep (it changes the held-out images or "
+                                     f"the training labels); set it in base_config or base_overrides")
+            if self.subset is not None:
+                raise ValueError("subset: not used by objective stage2 (the held-out images are every "
+                                 "train.val_every-th image); shrink the dataset with base_overrides instead")
         return self
 
     @property
     def experiment_name(self) -> str:
-        return self.name or f"tune_{self.method}"
+        return self.name or (f"tune_stage2_{self.method}" if self.objective == "stage2" else f"tune_{self.method}")
 
 
 # --------------------------------------------------------------------------- search space
@@ -193,6 +243,78 @@ def write_best_config(uri: str, cfg: PipelineConfig, header: str = "") -> None:
         f.write(comment + text)
 
 
+def _nest(dotted: str, value) -> dict:
+    """``"a.b.c", v`` -> ``{"a": {"b": {"c": v}}}``."""
+    out: dict = value
+    for key in reversed(dotted.split(".")):
+        out = {key: out}
+    return out
+
+
+def stage2_base_config(base: PipelineConfig, method: str) -> PipelineConfig:
+    """The base config of a stage-2 sweep: generator ``method`` (base params if same method), training on."""
+    data = base.model_dump(mode="json")
+    data["generator"] = {"method": method, "params": trial_params(base, method, {})}
+    data["train"]["enabled"] = True
+    return validate(PipelineConfig, data, source="stage-2 sweep base config")
+
+
+def stage2_trial_config(base: PipelineConfig, sampled: dict) -> PipelineConfig:
+    """The pipeline config of one stage-2 trial: ``base`` with each ``train.*`` key of ``sampled`` set.
+
+    Raises ``ValueError`` naming ``space.<key>`` when the value is not valid there.
+    """
+    data = base.model_dump(mode="json")
+    for name, value in _plain(sampled).items():
+        data = deep_merge(data, _nest(name, value))
+        try:
+            validate(PipelineConfig, data, source="stage-2 trial config")
+        except ValueError as exc:
+            raise ValueError(f"space.{name}: value {value!r} is not valid: {exc}") from None
+    return validate(PipelineConfig, data, source="stage-2 trial config")
+
+
+def check_stage2_space(base: PipelineConfig, space: dict[str, Any]) -> None:
+    """Validate each value a stage-2 space can take (others at their first value), before any trial."""
+    parsed = parse_space(space)
+    first = {n: values[0] if kind != "const" else values for n, (kind, values) in parsed.items()}
+    for name, (kind, values) in parsed.items():
+        for v in [values] if kind == "const" else values:
+            stage2_trial_config(base, {**first, name: v})
+
+
+def stage2_max_reports(base: PipelineConfig, space: dict[str, Any]) -> int:
+    """Most training reports a stage-2 trial makes: ``ceil(steps / checkpoint_every)`` over the space.
+
+    The training loop (``pointseg/train/ray_loop.py``) reports at every
+    ``checkpoint_every``-th step and at the last step.
+    """
+    parsed = parse_space(space)
+
+    def candidates(key: str, default: int) -> list[int]:
+        kind, values = parsed.get(f"train.{key}", ("const", default))
+        return [int(v) for v in ([values] if kind == "const" else values)]
+
+    return max(-(-s // c) for s in candidates("steps", base.train.steps)
+               for c in candidates("checkpoint_every", base.train.checkpoint_every))
+
+
+def final_loss(metrics: dict) -> float | None:
+    """The loss of the model's final output, comparable across decoder layer counts.
+
+    Mask2Former's ``loss`` is ``sum_{l=1..L} (L_ce^l + L_mask^l + L_dice^l)`` over the
+    predictions of its ``L`` decoder layers (the first ``L-1`` as auxiliary
+    terms), so it grows about ``L``-fold with ``decoder_layers``; this is the
+    last layer's term ``L_ce^L + L_mask^L + L_dice^L`` alone (the keys without a
+    layer suffix), the loss of the prediction the model is evaluated on.
+    Mask R-CNN has no per-layer terms: its ``loss``. ``None`` without a loss.
+    """
+    parts = ("loss_cross_entropy", "loss_mask", "loss_dice")
+    if all(k in metrics for k in parts):
+        return float(sum(metrics[k] for k in parts))
+    return None if metrics.get("loss") is None else float(metrics["loss"])
+
+
 # --------------------------------------------------------------------------- results
 
 
@@ -208,7 +330,8 @@ def sort_rows(rows: list[dict], metric: str, mode: str = "max") -> list[dict]:
 
 
 def table_columns(rows: list[dict], params: list[str], metrics: list[str]) -> list[str]:
-    extra = [c for c in ("num_images", "num_failed", "trial_seconds", "status", "error") if any(c in r for r in rows)]
+    extra = [c for c in ("step", "loss", "final_loss", "num_images", "num_failed", "trial_seconds", "status", "error")
+             if any(c in r for r in rows)]
     return ["trial_id", *params, *metrics, *extra]
 
 

@@ -103,13 +103,52 @@ def test_shipped_tune_configs_load():
         load_config(TuneConfig, str(ROOT / "configs" / "tune_psps.yaml"), ["num_smaples=3"])
 
 
-def test_stage2_objective_is_refused_clearly(tmp_path):
+@pytest.mark.parametrize(
+    "space, fragment",
+    [
+        ({"lr": {"grid": [1e-3]}}, "space.lr: objective stage2 sweeps stage-2 settings"),
+        ({"train.val_every": {"grid": [2, 4]}}, "space.train.val_every: fixed for a stage-2 sweep"),
+        ({"train.lr": {"grid": [1e-3, -1.0]}}, "space.train.lr: value -1.0 is not valid"),
+        ({"train.panoptc.decoder_layers": {"grid": [1]}}, "space.train.panoptc.decoder_layers: value 1 is not valid"),
+    ],
+)
+def test_stage2_space_errors_name_the_key_before_anything_runs(tmp_path, space, fragment):
     import tune_sweep
 
-    tcfg = load_config(TuneConfig, str(_write_tune_yaml(tmp_path / "t.yaml", objective="stage2", scheduler="asha")))
-    with pytest.raises(NotImplementedError, match="objective: stage2.*TorchTrainer.*TuneReportCallback"):
+    path = _write_tune_yaml(tmp_path / "t.yaml", objective="stage2", scheduler="asha", space=space,
+                            base_config=str(ROOT / "configs" / "train.yaml"))
+    with pytest.raises(ValueError, match=fragment.replace(".", r"\.")):
+        tcfg = load_config(TuneConfig, str(path))
         tune_sweep.run(tcfg, str(tmp_path / "out"), tune_sweep.load_base_config(tcfg))
     assert not (tmp_path / "out").exists()  # refused before preparing anything
+
+
+def test_stage2_config_scheduler_and_final_loss():
+    import tune_sweep
+
+    from pointseg.tuning import (
+        final_loss, load_base_config, stage2_base_config, stage2_max_reports, stage2_trial_config,
+    )
+
+    tcfg = load_config(TuneConfig, str(ROOT / "configs" / "tune_stage2.yaml"))
+    base = stage2_base_config(load_base_config(tcfg, str(ROOT / tcfg.base_config)), tcfg.method)
+    assert tcfg.objective == "stage2" and tcfg.experiment_name == "tune_stage2_psps" and num_trials(tcfg.space) == 6
+    assert base.train.enabled and base.generator.method == "psps" and base.generator.params["beta"] == 0.1
+    # 60 steps, a report every 15 -> 4 reports; with 120 steps swept in, 8
+    assert stage2_max_reports(base, tcfg.space) == 4
+    assert stage2_max_reports(base, {**tcfg.space, "train.steps": {"grid": [30, 120]}}) == 8
+    cfg = stage2_trial_config(base, {"train.panoptic.decoder_layers": 2, "train.lr": 0.01})
+    assert cfg.train.panoptic["decoder_layers"] == 2 and cfg.train.lr == 0.01
+    assert cfg.train.panoptic["hidden_dim"] == base.train.panoptic["hidden_dim"]  # the rest of the section kept
+    # ASHA gets its own loss metric; TuneConfig none (PQ comes only in the last result)
+    scheduler, metric, mode = tune_sweep.build_scheduler(tcfg, max_reports=4)
+    assert (metric, mode) == (None, None)
+    assert (scheduler.metric, scheduler._max_t, scheduler._reduction_factor) == ("final_loss", 5, 2)
+    psps = load_config(TuneConfig, str(ROOT / "configs" / "tune_psps.yaml"))
+    assert tune_sweep.build_scheduler(psps)[1:] == ("pq", "max")
+    # final_loss: the last decoder layer's terms only; Mask R-CNN (no per-layer terms): the loss
+    m = {"loss": 30.0, "loss_cross_entropy": 1.0, "loss_mask": 2.0, "loss_dice": 3.5}
+    assert final_loss(m) == 6.5 and final_loss({"loss": 4.0, "loss_mask": 1.0}) == 4.0 and final_loss({}) is None
 
 
 # ----------------------------------------------------------------------------- results helpers
@@ -307,3 +346,87 @@ def _trial_status(exp_dir: Path, status: str) -> set[str]:
         if meta.get("status") == status:
             out.add(meta["trial_id"])
     return out
+
+
+# ----------------------------------------------------------------------------- stage-2 sweep
+
+TINY_PANOPTIC = {  # with train.yaml's ImageNet backbone: 20 steps give a non-zero PQ
+    "image_size": 64, "num_queries": 8, "encoder_layers": 1, "hidden_dim": 32,
+    "feature_size": 32, "mask_feature_size": 32, "encoder_feedforward_dim": 64, "dim_feedforward": 64,
+    "num_attention_heads": 2, "train_num_points": 512,
+}
+
+
+def _trial_history(exp_dir: Path) -> dict[str, list[dict]]:
+    """trial id -> every result Tune recorded for it (the trial folder's result.json, one JSON a line)."""
+    out = {}
+    for f in exp_dir.glob("*/result.json"):
+        lines = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        if lines:
+            out[lines[0]["trial_id"]] = lines
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_stage2_sweep_asha_stops_the_worse_trial(ray_local, tmp_path):
+    """Two sequential trials, decoder_layers 1 then 3, ASHA on the summed loss (grace 1, eta 2).
+
+    The 3-layer model's summed loss adds two more layers' auxiliary terms, so at the
+    first report it is about three times the 1-layer model's, and ASHA must stop it there
+    (stop iff its loss is above the 1-layer trial's at that rung: the median of two).
+    The finished trial's PQ must equal the flow's Ray Data evaluation of its checkpoint
+    on every 4th image id, which the test picks itself.
+    """
+    import tune_sweep
+    from evaluate_model import evaluate_model
+
+    cfg_path = _write_tune_yaml(
+        tmp_path / "tune.yaml",
+        base_config=str(ROOT / "configs" / "train.yaml"),
+        base_overrides=[*BASE_OVERRIDES[1:], "dataset.synthetic.num_images=8",
+                        f"train.panoptic={json.dumps(TINY_PANOPTIC)}",
+                        "train.steps=20", "train.checkpoint_every=10", "train.report_every=10", "train.val_every=4",
+                        "train.eval.num_pictures=0"],
+        objective="stage2",
+        space={"train.panoptic.decoder_layers": {"grid": [1, 3]}, "train.lr": 1e-2},
+        max_concurrent_trials=1,  # sequential: the second trial meets the first one's rung results
+        cpus_per_trial=0.1,
+        scheduler="asha",
+        asha={"metric": "loss", "mode": "min", "grace_period": 1, "reduction_factor": 2},
+    )
+    tcfg = load_config(TuneConfig, str(cfg_path))
+    base = tune_sweep.load_base_config(tcfg)
+    out = tmp_path / "out"
+    summary = tune_sweep.run(tcfg, str(out), base)
+
+    rows = {r["train.panoptic.decoder_layers"]: r for r in summary["rows"]}
+    assert sorted(rows) == [1, 3] and summary["num_errors"] == 0
+    history = _trial_history(Path(summary["experiment"]))
+    one, three = history[rows[1]["trial_id"]], history[rows[3]["trial_id"]]
+    # Mask2Former's loss sums the outputs of all L decoder layers: L=1 is the final loss alone
+    assert math.isclose(one[0]["loss"], one[0]["final_loss"], rel_tol=1e-6)
+    assert three[0]["loss"] > 2 * three[0]["final_loss"] > 0
+    # the ASHA oracle, and the outcome the setup makes certain
+    assert (rows[3]["status"] == "stopped") == (three[0]["loss"] > one[0]["loss"])
+    assert rows[3]["status"] == "stopped" and len(three) == 1 and "pq" not in rows[3]
+    # the finished trial: 2 training reports (steps 10, 20) then the evaluation
+    assert rows[1]["status"] == "ok" and [h.get("step") for h in one] == [10, 20, 20]
+    assert "pq" not in one[0] and 0.0 < rows[1]["pq"] <= 1.0 and rows[1]["num_images"] == 2
+    assert summary["rows"][0] is rows[1] and summary["best"] is rows[1]  # stopped trials sort last
+
+    # PQ oracle: the Ray Data evaluation flow on the held-out ids (every 4th sorted id)
+    cfg = load_config(PipelineConfig, str(out / "tune" / "best_config.yaml"))
+    ids = sorted(r["image_id"] for r in json.loads((out / "gt" / "panoptic.json").read_text())["annotations"])
+    ev = evaluate_model(cfg, load_categories(str(out / "categories.json")), str(out), rows[1]["checkpoint"], ids[::4])
+    assert ev["metrics"]["num_images"] == 2 and math.isclose(ev["metrics"]["pq"], rows[1]["pq"], abs_tol=1e-9)
+
+    tune_dir = out / "tune"
+    header = (tune_dir / "results.csv").read_text().splitlines()[0].split(",")
+    assert header[:3] == ["trial_id", "train.panoptic.decoder_layers", "pq"]
+    assert {"pq_th", "pq_st", "loss", "final_loss", "step", "status"} <= set(header) and "miou" not in header
+    assert "| stopped |" in (tune_dir / "results.md").read_text()
+    # best config = the base pipeline config with the winning train.* settings, ready for full_pipeline
+    assert cfg.train.enabled and cfg.train.panoptic["decoder_layers"] == 1 and cfg.train.lr == 1e-2
+    assert cfg.train.panoptic["hidden_dim"] == 32 and cfg.generator.method == "psps"
+    assert cfg.dataset == base.dataset and cfg.points == base.points
