@@ -105,11 +105,39 @@ def training_dataset(shards: str, val_ids: set[int], val_every: int):
     return ds, {"shard_rows": len(meta), "error_rows": len(meta) - len(ok), "train_rows": len(train)}
 
 
+def fit_torch_trainer(loop, loop_config: dict, section, run_name: str, datasets: dict, storage_kwargs: dict,
+                      what: str, callbacks: list | None = None, num_to_keep: int = 2):
+    """Build and fit the one ``TorchTrainer`` shape every flow uses; a run without a checkpoint is an error.
+
+    ``section`` is a config with ``num_workers, cpus_per_worker, use_gpu, max_failures`` (fractional CPUs:
+    two 1-CPU workers deadlock a 2-core box).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": section.cpus_per_worker, **({"GPU": 1} if section.use_gpu else {})}
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=section.num_workers, use_gpu=section.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_name,
+            failure_config=FailureConfig(max_failures=section.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
+            callbacks=callbacks,
+            **storage_kwargs,
+        ),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{what} {run_name!r} finished without a checkpoint (error: {result.error})")
+    return result
+
+
 def run_training(cfg: PipelineConfig, categories: dict[int, Category], output: str, loop_extra: dict | None = None) -> dict:
     """Train ``cfg.train`` on ``output``'s shards; returns the checkpoint path, metrics and counts."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     s2: Stage2Config = cfg.train
     ctx = ray.data.DataContext.get_current()
@@ -127,27 +155,13 @@ def run_training(cfg: PipelineConfig, categories: dict[int, Category], output: s
     log_dir = join(run_dir, "tensorboard") if "storage_filesystem" not in sargs and is_local(storage) else str(
         Path(output if is_local(output) else ".").resolve() / "tensorboard" / s2.run_name
     )
-    resources = {"CPU": s2.cpus_per_worker, **({"GPU": 1} if s2.use_gpu else {})}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "stage2": s2.model_dump(mode="json"),
-            "categories": [asdict(c) for c in categories.values()],
-            "log_dir": log_dir,
-            **(loop_extra or {}),
-        },
-        scaling_config=ScalingConfig(num_workers=s2.num_workers, use_gpu=s2.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(
-            name=s2.run_name,
-            failure_config=FailureConfig(max_failures=s2.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            **sargs,
-        ),
-        datasets={"train": ds},
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"stage-2 run {s2.run_name!r} finished without a checkpoint (error: {result.error})")
+    loop_config = {
+        "stage2": s2.model_dump(mode="json"),
+        "categories": [asdict(c) for c in categories.values()],
+        "log_dir": log_dir,
+        **(loop_extra or {}),
+    }
+    result = fit_torch_trainer(train_loop_per_worker, loop_config, s2, s2.run_name, {"train": ds}, sargs, "stage-2 run")
     metrics = dict(result.metrics or {})
     history_file = Path(log_dir) / "metrics.jsonl"
     history = [json.loads(line) for line in history_file.read_text().splitlines()] if history_file.exists() else []

@@ -27,7 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from common import StageTimer, base_parser, init_ray, setup_logging
-from train import absolute_file_names, is_local, storage_args
+from train import absolute_file_names, fit_torch_trainer, is_local, storage_args
 
 from pointseg.config import PipelineConfig, load_config
 from pointseg.data.prepare import join, prepare_inputs
@@ -64,8 +64,6 @@ def map_train_config(cfg: PipelineConfig) -> dict:
 def run_map_training(cfg: PipelineConfig, categories: dict[int, Category], output: str) -> dict:
     """Train MapNet on ``output``'s index with Ray Train; returns the checkpoint path and the run's numbers."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     mt = cfg.maps_training
     if not is_local(output):
@@ -84,29 +82,15 @@ def run_map_training(cfg: PipelineConfig, categories: dict[int, Category], outpu
     run_dir = join(sargs["storage_path"], mt.run_name)
     log_dir = join(run_dir, "tensorboard") if "storage_filesystem" not in sargs and is_local(sargs["storage_path"]) else join(
         output, "tensorboard", mt.run_name)
-    resources = {"CPU": mt.cpus_per_worker, **({"GPU": 1} if mt.use_gpu else {})}
-    trainer = TorchTrainer(
-        map_train_loop_per_worker,
-        train_loop_config={
-            "map_train": map_train_config(cfg),
-            "steps": mt.steps,
-            "report_every": mt.report_every,
-            "checkpoint_every": mt.checkpoint_every,
-            "categories": [asdict(c) for c in categories.values()],
-            "log_dir": log_dir,
-        },
-        scaling_config=ScalingConfig(num_workers=mt.num_workers, use_gpu=mt.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(
-            name=mt.run_name,
-            failure_config=FailureConfig(max_failures=mt.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            **sargs,
-        ),
-        datasets={"train": ds},
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"map-training run {mt.run_name!r} finished without a checkpoint (error: {result.error})")
+    loop_config = {
+        "map_train": map_train_config(cfg),
+        "steps": mt.steps,
+        "report_every": mt.report_every,
+        "checkpoint_every": mt.checkpoint_every,
+        "categories": [asdict(c) for c in categories.values()],
+        "log_dir": log_dir,
+    }
+    result = fit_torch_trainer(map_train_loop_per_worker, loop_config, mt, mt.run_name, {"train": ds}, sargs, "map-training run")
     target = Path(map_net_path(output))
     target.parent.mkdir(parents=True, exist_ok=True)
     with result.checkpoint.as_directory() as d:

@@ -30,7 +30,7 @@ from common import ROOT, StageTimer, base_parser, init_ray, setup_logging
 
 from evaluate_model import EvaluateModel
 from pseudo_label import run_pseudo_labels
-from train import absolute_file_names, is_local, point_shards, storage_args, training_dataset
+from train import absolute_file_names, fit_torch_trainer, is_local, point_shards, storage_args, training_dataset
 
 from pointseg.config import PipelineConfig, load_config
 from pointseg.data.prepare import join, open_out, prepare_inputs, read_index
@@ -105,8 +105,6 @@ def stage2_trial(sampled: dict, *, train_ds, output: str, categories: dict[int, 
     from dataclasses import asdict
 
     from ray import tune
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     t0 = time.perf_counter()
     cfg = stage2_trial_config(base, sampled)
@@ -114,26 +112,10 @@ def stage2_trial(sampled: dict, *, train_ds, output: str, categories: dict[int, 
     sargs = storage_args(storage)
     run_name = f"{experiment}_{tune.get_context().get_trial_id()}"  # a rerun of the trial resumes this run
     local = "storage_filesystem" not in sargs and is_local(storage)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"stage2": s2.model_dump(mode="json"), "categories": [asdict(c) for c in categories.values()],
-                           "log_dir": join(sargs["storage_path"], run_name, "tensorboard") if local else None},
-        scaling_config=ScalingConfig(
-            num_workers=s2.num_workers, use_gpu=s2.use_gpu,
-            resources_per_worker={"CPU": s2.cpus_per_worker, **({"GPU": 1} if s2.use_gpu else {})},
-        ),
-        run_config=RunConfig(
-            name=run_name,
-            failure_config=FailureConfig(max_failures=s2.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
-            callbacks=[report_callback()],
-            **sargs,
-        ),
-        datasets={"train": train_ds},
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"stage-2 trial {run_name}: training finished without a checkpoint (error: {result.error})")
+    loop_config = {"stage2": s2.model_dump(mode="json"), "categories": [asdict(c) for c in categories.values()],
+                   "log_dir": join(sargs["storage_path"], run_name, "tensorboard") if local else None}
+    result = fit_torch_trainer(train_loop_per_worker, loop_config, s2, run_name, {"train": train_ds}, sargs,
+                               "stage-2 trial", callbacks=[report_callback()], num_to_keep=1)
     last = dict(result.metrics or {})
     scores = evaluate_checkpoint(cfg, categories, output, result.checkpoint.path, val_rows)
     metrics = {k: float(v) for k in METRICS if (v := scores.get(k)) is not None}

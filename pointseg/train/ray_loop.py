@@ -106,7 +106,8 @@ def _batch_size(batch) -> int:
     return len(batch["pixel_values"]) if "pixel_values" in batch else len(batch["targets"])
 
 
-def _all_min(flags: list[int], world: int) -> list[int]:
+def all_min(flags: list[int], world: int) -> list[int]:
+    """Element-wise minimum of per-worker flags (one tiny all-reduce), so all ranks agree to step."""
     if world == 1:
         return flags
     import torch.distributed as dist
@@ -195,7 +196,7 @@ def train_loop_per_worker(config: dict) -> None:
             if batch is not None:
                 skipped += batch.pop("num_skipped")
                 reasons.update(batch.pop("skip_reasons"))
-            has_batch, has_rows = _all_min([batch is not None, batch is not None and _batch_size(batch) > 0], world)
+            has_batch, has_rows = all_min([batch is not None, batch is not None and _batch_size(batch) > 0], world)
             if not has_batch:
                 break  # end of epoch (all workers together)
             got_any = True

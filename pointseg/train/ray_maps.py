@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from pointseg.data.record import Category, ImageRecord, Points
+from pointseg.train.ray_loop import all_min
 
 log = logging.getLogger("pointseg.train.maps")
 
@@ -110,16 +111,6 @@ def map_collate(categories: dict[int, Category], image_size: int):
             return out
 
     return MapCollate()
-
-
-def _all_min(flags: list[int], world: int) -> list[int]:
-    if world == 1:
-        return flags
-    import torch.distributed as dist
-
-    t = torch.tensor(flags, dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return t.tolist()
 
 
 def save_ray_checkpoint(directory: str, net, optimizer, cfg, category_ids: list[int], step: int) -> None:
@@ -201,7 +192,7 @@ def map_train_loop_per_worker(config: dict) -> None:
             if batch is not None:
                 skipped += batch.pop("num_skipped")
                 reasons.update(batch.pop("skip_reasons"))
-            has_batch, has_rows = _all_min([batch is not None, batch is not None and batch["image"] is not None], world)
+            has_batch, has_rows = all_min([batch is not None, batch is not None and batch["image"] is not None], world)
             if not has_batch:
                 break  # end of epoch (all workers together)
             got_any = True
