@@ -380,6 +380,8 @@ def plot_metric_vs_params(rows: list[dict], metric: str, params: list[str], mode
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pointseg.viz.curves import figure_png
+
     ok = [r for r in rows if isinstance(r.get(metric), (int, float)) and not math.isnan(r[metric])]
     best = max if mode == "max" else min
     plots: dict[str, bytes] = {}
@@ -404,11 +406,7 @@ def plot_metric_vs_params(rows: list[dict], metric: str, params: list[str], mode
         ax.grid(alpha=0.3)
         if q:
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        plt.close(fig)
-        plots[f"{metric}_vs_{p}.png"] = buf.getvalue()
+        plots[f"{metric}_vs_{p}.png"] = figure_png(fig)
     return plots
 
 

@@ -106,6 +106,16 @@ def _batch_size(batch) -> int:
     return len(batch["pixel_values"]) if "pixel_values" in batch else len(batch["targets"])
 
 
+def open_metric_logs(log_dir: str | None, rank: int):
+    """Rank 0's TensorBoard writer and ``metrics.jsonl`` (appended, so a resumed run continues it); ``(None, None)`` elsewhere."""
+    if rank != 0 or not log_dir:
+        return None, None
+    from torch.utils.tensorboard import SummaryWriter
+
+    Path(log_dir).mkdir(parents=True, exist_ok=True)
+    return SummaryWriter(log_dir), open(Path(log_dir) / "metrics.jsonl", "a")
+
+
 def all_min(flags: list[int], world: int) -> list[int]:
     """Element-wise minimum of per-worker flags (one tiny all-reduce), so all ranks agree to step."""
     if world == 1:
@@ -174,13 +184,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     collate = ray_collate(make_collate(s2, categories))
     shard = ray.train.get_dataset_shard("train")
-    writer = history = None
-    if rank == 0 and config.get("log_dir"):
-        from torch.utils.tensorboard import SummaryWriter
-
-        Path(config["log_dir"]).mkdir(parents=True, exist_ok=True)
-        writer = SummaryWriter(config["log_dir"])
-        history = open(Path(config["log_dir"]) / "metrics.jsonl", "a")
+    writer, history = open_metric_logs(config.get("log_dir"), rank)
 
     skipped, empty_steps, reasons = 0, 0, Counter()
     window: list[dict] = []

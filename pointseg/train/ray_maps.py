@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from pointseg.data.record import Category, ImageRecord, Points
-from pointseg.train.ray_loop import all_min
+from pointseg.train.ray_loop import all_min, open_metric_logs
 
 log = logging.getLogger("pointseg.train.maps")
 
@@ -162,13 +162,7 @@ def map_train_loop_per_worker(config: dict) -> None:
 
     collate = map_collate(categories, cfg.image_size)
     shard = ray.train.get_dataset_shard("train")
-    writer = history = None
-    if rank == 0 and config.get("log_dir"):
-        from torch.utils.tensorboard import SummaryWriter
-
-        Path(config["log_dir"]).mkdir(parents=True, exist_ok=True)
-        writer = SummaryWriter(config["log_dir"])
-        history = open(Path(config["log_dir"]) / "metrics.jsonl", "a")
+    writer, history = open_metric_logs(config.get("log_dir"), rank)
 
     def report(metrics: dict) -> None:
         with tempfile.TemporaryDirectory() as d:

@@ -40,6 +40,13 @@ def loss_curve_png(history: list[dict], keys: list[str] | None = None, title: st
     ax.grid(alpha=0.3)
     if keys:
         ax.legend(fontsize=7)
+    return figure_png(fig)
+
+
+def figure_png(fig) -> bytes:
+    """A matplotlib figure as PNG bytes (the figure is closed)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
