@@ -125,31 +125,46 @@ def seeded_ious(label, record) -> dict[int, float]:
     return out
 
 
-@contextlib.contextmanager
-def oracle_supplier_units(gt_id_map: np.ndarray):
-    """Diagnostic: Point2Mask's supplier units ``k`` replaced by ground-truth sizes.
-
-    Within a transport problem, a pixel counts for the supplier whose point
-    lies in the pixel's ground-truth segment, and for its MinCost supplier when
-    no supplier's point does (stuff or void pixels MinCost gave to things). The
-    transport cost is unchanged, so this bounds what better ``k`` alone can buy.
-    """
+def _oracle_k(gt_id_map: np.ndarray, costs, scope, members, point_rc) -> np.ndarray:
+    """Ground-truth supplier units of one transport problem (:func:`oracle_supplier_units`)."""
     import cv2
 
+    h, w = costs.shape[-2:]
+    gt = cv2.resize(gt_id_map.astype(np.int32), (w, h), interpolation=cv2.INTER_NEAREST)
+    lab = costs[members][:, scope].argmin(0)
+    gt_scope = gt[scope]
+    for slot, gi in enumerate(members):
+        r, c = point_rc[gi][0]
+        if gt[r, c] != 0:
+            lab = np.where(gt_scope == gt[r, c], slot, lab)
+    return np.bincount(lab, minlength=len(members)).astype(np.int64)
+
+
+@contextlib.contextmanager
+def oracle_supplier_units(gt_id_map: np.ndarray, use: bool, record: list):
+    """Supplier units against ground truth, per transport problem.
+
+    The oracle: within a transport problem, a pixel counts for the supplier
+    whose point lies in the pixel's ground-truth segment, and for its MinCost
+    supplier when no supplier's point does (stuff or void pixels MinCost gave
+    to things). ``use``: Point2Mask's ``k`` is replaced by the oracle (the
+    transport cost is unchanged, so this bounds what better ``k`` alone can
+    buy). Always: ``(sum_i |k_i - k_oracle_i|, n)`` of each problem is appended
+    to ``record`` (the "k err" column: the L1 error of the scheme's ``k`` as a
+    fraction of the problem's pixels).
+    """
     original = p2m.supplier_units
 
-    def oracle(scheme, costs, scope, members, recompute, point_rc, centroid_iters=1):
-        h, w = costs.shape[-2:]
-        gt = cv2.resize(gt_id_map.astype(np.int32), (w, h), interpolation=cv2.INTER_NEAREST)
-        lab = costs[members][:, scope].argmin(0)
-        gt_scope = gt[scope]
-        for slot, gi in enumerate(members):
-            r, c = point_rc[gi][0]
-            if gt[r, c] != 0:
-                lab = np.where(gt_scope == gt[r, c], slot, lab)
-        return np.bincount(lab, minlength=len(members)).astype(np.int64), 0
+    def wrapped(scheme, costs, scope, members, recompute, point_rc, centroid_iters=1):
+        k_or = _oracle_k(gt_id_map, costs, scope, members, point_rc)
+        if use:
+            k, fb = k_or, 0
+        else:
+            k, fb = original(scheme, costs, scope, members, recompute, point_rc, centroid_iters)
+        record.append((int(np.abs(k - k_or).sum()), int(scope.sum())))
+        return k, fb
 
-    p2m.supplier_units = oracle  # looked up at call time by point2mask._solve_problem
+    p2m.supplier_units = wrapped  # looked up at call time by point2mask._solve_problem
     try:
         yield
     finally:
@@ -164,12 +179,12 @@ def score(method: str, params: dict, cats, records, layouts=None, oracle: bool =
     gen = build_generator(method, params, cats)
     ev = PQEvaluator(cats)
     t0, c0 = time.perf_counter(), time.process_time()
-    diags, failed = [], 0
+    diags, failed, k_errors = [], 0, []
     by_group: dict[str, list[float]] = {g: [] for g in GROUPS}
     for i, r in enumerate(records):
         gt_map, gt_info = r.panoptic()
         try:
-            with oracle_supplier_units(gt_map) if oracle else contextlib.nullcontext():
+            with oracle_supplier_units(gt_map, oracle, k_errors):
                 lab = gen.generate(r.image, r.points)
             pred = (lab.id_map, lab.segments_info)
             diags.append(lab.diagnostics)
@@ -192,6 +207,8 @@ def score(method: str, params: dict, cats, records, layouts=None, oracle: bool =
     out["diverged"] = sum(int(d.get("ot_diverged", 0)) for d in diags)
     out["fallbacks"] = sum(int(d.get("centroid_fallbacks", 0)) for d in diags)
     out["groups"] = {g: _group_pq(v) for g, v in by_group.items()}
+    # pooled L1 error of the supplier units against the oracle (module docstring)
+    out["k_err"] = sum(e for e, _ in k_errors) / max(sum(n for _, n in k_errors), 1) if k_errors else float("nan")
     return out
 
 
@@ -239,6 +256,7 @@ def train(args, cats, base: dict) -> str:
     ckpt = args.checkpoint or str(ROOT / "out" / f"point2mask_maps_{args.dataset}.pt")
     cfg = MapTrainConfig(
         image_size=args.train_size, batch_size=args.train_batch, lr=args.lr,
+        pseudo_every=args.pseudo_every, pseudo_start=args.pseudo_start,
         loss=Point2MaskLossConfig(loss_stride=args.loss_stride),
         generator={k: v for k, v in base.items() if k not in ("maps", "checkpoint")},
     )
@@ -270,6 +288,8 @@ def main() -> None:
     ap.add_argument("--train-batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--loss-stride", type=int, default=1, help="L_sem^LAB / L_sem^RGB at 1/stride resolution")
+    ap.add_argument("--pseudo-every", type=int, default=20, help="K: refresh an image's L_bou pseudo labels when K steps old")
+    ap.add_argument("--pseudo-start", type=int, default=20, help="first step with L_bou")
     ap.add_argument("--resume", action="store_true", help="continue training from --checkpoint")
     ap.add_argument("--train-only", action="store_true", help="stop after training")
     ap.add_argument("--only", default=None, help="comma-separated row labels to run (default: all)")
@@ -297,7 +317,7 @@ def main() -> None:
     print(f"# {args.dataset}, {len(records)} images{seed_note}, P1 points (seed {args.point_seed}), "
           f"{args.maps} maps, point2mask config {base}")
     head = (f"{'method':26s} {'PQ':>6s} {'PQ_th':>6s} {'SQ_th':>6s} {'RQ_th':>6s} {'PQ_st':>6s} "
-            f"{'err_row':>8s} {'err_col':>8s} {'wall s':>7s} {'cpu s':>7s}")
+            f"{'err_row':>8s} {'err_col':>8s} {'k err':>6s} {'wall s':>7s} {'cpu s':>7s}")
     print(head)
     print("-" * len(head))
     wanted = set(args.only.split(",")) if args.only else None
@@ -310,11 +330,12 @@ def main() -> None:
         f = lambda v: f"{100 * v:6.2f}" if v == v else "   nan"  # noqa: E731
         is_ot = method == "point2mask" and "MinCost" not in label
         e = lambda v: f"{v:8.1e}" if is_ot else f"{'-':>8s}"  # noqa: E731
+        k_cell = lambda r: f"{r['k_err']:6.3f}" if is_ot and r["k_err"] == r["k_err"] else f"{'-':>6s}"  # noqa: E731
         extra = f"  failed={r['failed']}" if r["failed"] else ""
         extra += f"  diverged={r['diverged']}" if r["diverged"] else ""
         extra += f"  centroid_fallbacks={r['fallbacks']}" if r["fallbacks"] else ""
         print(f"{label:26s} {f(r['pq'])} {f(r['pq_th'])} {f(r['sq_th'])} {f(r['rq_th'])} {f(r['pq_st'])} "
-              f"{e(r['err_row'])} {e(r['err_col'])} {r['seconds']:7.1f} {r['cpu_seconds']:7.1f}{extra}", flush=True)
+              f"{e(r['err_row'])} {e(r['err_col'])} {k_cell(r)} {r['seconds']:7.1f} {r['cpu_seconds']:7.1f}{extra}", flush=True)
     if layouts is not None:
         n = {g: results[0][1]["groups"][g]["n"] for g in GROUPS}
         print(f"\n# seeded PQ / SQ / RQ of things by layout (n things: {n}); mIoU = mean seeded IoU")

@@ -316,29 +316,49 @@ def test_train_checkpoint_and_learned_generator(tmp_path):
 # ----------------------------------------------------------------------------- synthetic, measured
 
 
-def test_synthetic_pq_th_ot_against_mincost():
-    """Measured (benchmarks/point2mask_ablation.py, low-level maps): PQ_th MinCost ->
-    OT nearest-centroid (exact) -> OT T=80 is 47.3 -> 47.0 -> 47.7 on 128 images of
-    seed 0, 45.5 -> 47.2 -> 47.3 on 64 of seed 1, 46.4 -> 47.0 -> 47.7 on 128 of
-    seed 2; on 8 images the sign flips with the sample. So only "within noise" and
-    the large margin over the image-blind baseline are asserted."""
+def test_synthetic_pq_th_ot_beats_mincost_on_the_same_maps():
+    """Issue acceptance 1 (Point2Mask Table 7), training-free maps: OT with nearest-centroid
+    supplier units (default exact solver) scores a higher PQ_th than MinCost on the same
+    costs. Measured (benchmarks/point2mask_ablation.py, 64 images per seed): seed 0
+    48.51 -> 49.69, seed 1 45.49 -> 47.18, seed 2 48.37 -> 49.59; pooled here over
+    the 192 images, with a margin of 0.5, and both far above the image-blind Voronoi."""
     from pointseg.data.points import sample_points
     from pointseg.data.synthetic import SyntheticDataset
     from pointseg.metrics import PQEvaluator
 
-    ds = SyntheticDataset(8, seed=0)
+    cats = SyntheticDataset(1).categories
     gens = {
-        "voronoi": build_generator("voronoi", {}, ds.categories),
-        "mincost": build_generator("point2mask", {"assignment": "mincost"}, ds.categories),
-        "ot": build_generator("point2mask", {}, ds.categories),
+        "voronoi": build_generator("voronoi", {}, cats),
+        "mincost": build_generator("point2mask", {"assignment": "mincost"}, cats),
+        "ot": build_generator("point2mask", {"supplier_scheme": "nearest_centroid", "solver": "exact"}, cats),
     }
-    evs = {k: PQEvaluator(ds.categories) for k in gens}
-    for rec in ds:
-        pts = sample_points(rec, "p1", 0)
-        gt = rec.panoptic()
-        for k, g in gens.items():
-            lab = g.generate(rec.image, pts)
-            evs[k].process(*gt, lab.id_map, lab.segments_info)
+    evs = {k: PQEvaluator(cats) for k in gens}
+    for seed in (0, 1, 2):
+        for rec in SyntheticDataset(64, seed=seed):
+            pts = sample_points(rec, "p1", 0)
+            gt = rec.panoptic()
+            for k, g in gens.items():
+                lab = g.generate(rec.image, pts)
+                evs[k].process(*gt, lab.id_map, lab.segments_info)
     pq = {k: 100 * ev.evaluate()["pq_th"] for k, ev in evs.items()}
-    assert abs(pq["ot"] - pq["mincost"]) < 3.0, pq
-    assert min(pq["ot"], pq["mincost"]) > pq["voronoi"] + 30, pq
+    assert pq["ot"] > pq["mincost"] + 0.5, pq
+    assert pq["mincost"] > pq["voronoi"] + 30, pq
+
+
+def test_learned_semantic_map_is_renormalised_over_the_points_classes():
+    """semantic_classes='present': P^s keeps the channels of the classes among the points,
+    renormalised (the softmax over their logits); 'all' keeps every channel as given."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 8, 8))
+    probs = np.exp(logits) / np.exp(logits).sum(0)
+    img = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    net_maps = (probs, rng.random((8, 8)))
+    gen = Point2MaskGenerator({"maps": "learned", "downscale": 1.0}, CATS, net=object(), net_categories=[1, 2, 10])
+    maps = gen.maps(img, (8, 8), net_maps, present=[1, 10])
+    assert maps.channel_of == {1: 0, 10: 1}
+    sub = np.exp(logits[[0, 2]]) / np.exp(logits[[0, 2]]).sum(0)
+    np.testing.assert_allclose(maps.semantic, sub, atol=1e-12)
+    every = Point2MaskGenerator({"maps": "learned", "downscale": 1.0, "semantic_classes": "all"}, CATS,
+                                net=object(), net_categories=[1, 2, 10]).maps(img, (8, 8), net_maps, present=[1, 10])
+    assert every.channel_of == {1: 0, 2: 1, 10: 2}
+    np.testing.assert_allclose(every.semantic, probs, atol=1e-12)

@@ -315,3 +315,31 @@ def test_point2mask_loss_terms_switches_and_gradients():
     assert "boundary" not in no_pseudo
     with pytest.raises(Exception, match="alpha_1"):
         Point2MaskLossConfig(alpha_1=3.0)
+
+
+def test_present_classes_terms_equal_all_class_terms_on_the_cut_logits():
+    """present_classes: each image's terms are the all-class terms on its logits cut to the
+    classes among its points (labels renumbered); L_partial is the mean over the batch's points."""
+    torch.manual_seed(1)
+    h = w = 24
+    logits = torch.randn(2, 6, h, w)
+    image = torch.rand(2, 3, h, w)
+    yx = [torch.tensor([[3, 4], [10, 20], [20, 5]]), torch.tensor([[5, 5]])]
+    labels = [torch.tensor([4, 1, 4]), torch.tensor([2])]
+    batch = {"image": image, "point_yx": yx, "point_labels": labels}
+    outputs = {"sem_logits": logits, "boundary": torch.rand(2, 1, h, w)}
+    _, terms = point2mask_loss(outputs, batch, Point2MaskLossConfig(present_classes=True))
+    all_cfg = Point2MaskLossConfig(present_classes=False)
+    # image 0: classes {1, 4} -> channels [1, 4], labels 4->1, 1->0
+    _, t0 = point2mask_loss({"sem_logits": logits[:1, [1, 4]], "boundary": outputs["boundary"][:1]},
+                            {"image": image[:1], "point_yx": yx[:1], "point_labels": [torch.tensor([1, 0, 1])]}, all_cfg)
+    # image 1: one class -> a 1-way softmax: every semantic term is 0
+    _, t1 = point2mask_loss({"sem_logits": logits[1:, [2]], "boundary": outputs["boundary"][1:]},
+                            {"image": image[1:], "point_yx": yx[1:], "point_labels": [torch.tensor([0])]}, all_cfg)
+    assert float(t1["partial"]) == pytest.approx(0.0, abs=1e-6) and float(t1["lab"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(terms["partial"]) == pytest.approx((3 * float(t0["partial"]) + float(t1["partial"])) / 4, rel=1e-6)
+    for name in ("lab", "rgb"):
+        assert float(terms[name]) == pytest.approx((float(t0[name]) + float(t1[name])) / 2, rel=1e-6)
+    # and the present-class CE is smaller than the 6-way CE on the same logits
+    _, full = point2mask_loss(outputs, batch, all_cfg)
+    assert float(terms["partial"]) < float(full["partial"])

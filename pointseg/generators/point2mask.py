@@ -144,6 +144,12 @@ class Point2MaskConfig(GeneratorConfig):
     semantic_distance: Literal["class", "l1"] = Field(
         "class", description="d^s on the supplier's class channel of P^s, or the L1 norm over all channels (authors' code)")
     min_supply: int = Field(1, ge=1, description="smallest k of a supplier (zero-k fallback)")
+    feature_weight: float = Field(
+        0.0, ge=0, description="learned maps: adds feature_weight * ||LAB(k) - LAB(l)|| to every edge (the authors' "
+        "code adds lambda_feat * an instance-feature difference; LAB colour stands in for that embedding). 0: Eq. 2 alone")
+    semantic_classes: Literal["present", "all"] = Field(
+        "present", description="learned P^s: softmax over the classes among the image's points (image-level labels, "
+        "the authors' code masks P^s with them) or over all classes")
 
     @field_validator("solver")
     @classmethod
@@ -170,12 +176,17 @@ class TransportMaps:
     boundary_extra : (h, w) or None -- a second boundary map whose ``d^b`` term adds.
     channel_of : category id -> channel index of ``semantic``; ``None`` means
         every class uses all channels (the Euclidean norm over LAB).
+    feature, feature_weight : (F, h, w) or None -- a feature map whose Euclidean
+        neighbour difference, times ``feature_weight``, adds to every edge (the
+        authors' code's ``lambda_feat * diff_feat`` term; LAB colour here).
     """
 
     semantic: np.ndarray
     boundary: np.ndarray | None
     boundary_extra: np.ndarray | None = None
     channel_of: dict[int, int] | None = None
+    feature: np.ndarray | None = None
+    feature_weight: float = 0.0
 
 
 def _fill_nonfinite(a: np.ndarray, name: str) -> tuple[np.ndarray, int]:
@@ -206,7 +217,7 @@ def _finite_maps(maps: TransportMaps) -> tuple[TransportMaps, int]:
         b, nb = _fill_nonfinite(b, name)
         n += nb
         out.append(np.clip(b, 0.0, None))
-    return TransportMaps(out[0], out[1], out[2], maps.channel_of), n
+    return TransportMaps(out[0], out[1], out[2], maps.channel_of, maps.feature, maps.feature_weight), n
 
 
 def class_edge_costs(maps: TransportMaps, category_id: int, beta: float, use_semantic: bool = True,
@@ -230,7 +241,7 @@ def class_edge_costs(maps: TransportMaps, category_id: int, beta: float, use_sem
             for b in (maps.boundary, maps.boundary_extra):
                 if b is not None:
                     cost = cost + edge_costs(zeros, b, beta=beta)
-        return cost
+        return _with_feature(cost, maps)
     if maps.channel_of is None:
         feats = maps.semantic
     else:
@@ -244,7 +255,14 @@ def class_edge_costs(maps: TransportMaps, category_id: int, beta: float, use_sem
     if use_boundary and maps.boundary_extra is not None:
         # Point2Mask Eq. 2 with P^b_high and P^b_low: the two d^b terms add
         cost = cost + edge_costs(np.zeros(maps.semantic.shape[-2:]), maps.boundary_extra, beta=beta)
-    return cost
+    return _with_feature(cost, maps)
+
+
+def _with_feature(cost: np.ndarray, maps: TransportMaps) -> np.ndarray:
+    """``cost + feature_weight * ||f(k) - f(l)||`` when the maps carry a feature map."""
+    if maps.feature is None or maps.feature_weight <= 0:
+        return cost
+    return cost + maps.feature_weight * edge_costs(maps.feature)
 
 
 def group_costs(maps: TransportMaps, sources: np.ndarray, groups: list[SeedGroup], beta: float,
@@ -519,8 +537,12 @@ class Point2MaskGenerator(PseudoLabelGenerator):
                 raise ValueError(f"checkpoint {cfg.checkpoint}: no semantic channel for category id(s) {missing}")
 
     # ------------------------------------------------------------------ maps
-    def maps(self, image: np.ndarray, size: tuple[int, int], net_maps=None) -> TransportMaps:
+    def maps(self, image: np.ndarray, size: tuple[int, int], net_maps=None, present=None) -> TransportMaps:
         """The task-oriented maps of ``image`` at ``size = (h, w)``.
+
+        ``present``: the category ids among the image's points; with
+        ``semantic_classes="present"`` (learned maps) ``P^s`` is renormalised
+        over their channels.
 
         ``net_maps``: optional precomputed ``(P^s (C, H', W'), P^b_high (H', W'))``
         (softmax probabilities and boundary at any resolution) instead of a
@@ -533,12 +555,21 @@ class Point2MaskGenerator(PseudoLabelGenerator):
         if net_maps is None:
             net_maps = self._net_maps(image)
         sem, high = (np.asarray(m, dtype=np.float64) for m in net_maps)
+        channel_of = {c: i for i, c in enumerate(self.net_categories)}
+        if cfg.semantic_classes == "present" and present is not None:
+            # P^s over the image-level classes (those among the points): the
+            # softmax restricted to them, i.e. the probabilities renormalised.
+            keep = sorted({channel_of[int(c)] for c in present if int(c) in channel_of})
+            if keep:
+                sub = sem[keep]
+                sem = sub / np.maximum(sub.sum(0, keepdims=True), 1e-12)
+                channel_of = {c: keep.index(i) for c, i in channel_of.items() if i in keep}
         h, w = size
         sem = np.stack([cv2.resize(c, (w, h), interpolation=cv2.INTER_LINEAR) for c in sem])
         high = cv2.resize(high, (w, h), interpolation=cv2.INTER_LINEAR)
         boundary, extra = {"low": (low, None), "high": (high, None), "both": (high, low)}[cfg.boundary_maps]
-        channel_of = {c: i for i, c in enumerate(self.net_categories)}
-        return TransportMaps(sem, boundary, extra, channel_of)
+        feature = lab if cfg.feature_weight > 0 else None
+        return TransportMaps(sem, boundary, extra, channel_of, feature, cfg.feature_weight)
 
     @torch.no_grad()
     def _net_maps(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -576,7 +607,7 @@ class Point2MaskGenerator(PseudoLabelGenerator):
                     f"all {len(points)} points of {len(groups)} segments lie on pixel "
                     f"{tuple(sources[0].tolist())}: the segments cannot be told apart"
                 )
-        maps = self.maps(image, (h, w), net_maps)
+        maps = self.maps(image, (h, w), net_maps, present=sorted({g.category_id for g in groups}))
         assignment, diag = point2mask_assignment(maps, sources, groups, cfg)
         diag.update(
             {

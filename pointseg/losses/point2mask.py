@@ -80,6 +80,9 @@ class Point2MaskLossConfig(BaseModel):
     theta2: float = Field(0.02, gt=0, description="RGB tree similarity scale, Eq. 14 (RGB in [0, 1])")
     loss_stride: int = Field(1, ge=1, description="compute L_sem^LAB / L_sem^RGB at 1/loss_stride resolution")
     eps: float = Field(1e-5, gt=0, description="log guard of L_bou")
+    present_classes: bool = Field(
+        True, description="semantic terms on the softmax over the classes among the image's points (image-level "
+        "labels, as the authors' code masks P^s with cls_labels); False: over all C classes")
 
 
 # --------------------------------------------------------------------- L_partial
@@ -490,7 +493,9 @@ def point2mask_loss(
         ``pseudo_ids`` (B, H, W) long, optional: current pseudo masks. Without
         them the ``L_bou`` term is left out (e.g. before the first pseudo labels);
         ``thing_map`` (B, H, W) bool, optional.
-    config : :class:`Point2MaskLossConfig` (defaults if ``None``).
+    config : :class:`Point2MaskLossConfig` (defaults if ``None``). With
+        ``present_classes`` (default) the semantic terms see each image's
+        softmax over the classes among its points (:func:`_present_class_terms`).
 
     Returns
     -------
@@ -505,12 +510,28 @@ def point2mask_loss(
         raise ValueError(f"point2mask_loss: batch['image'] {tuple(image.shape)} does not match sem_logits {tuple(logits.shape)}")
     terms: dict[str, torch.Tensor] = {}
     total = logits.sum() * 0.0
+    if config.present_classes:
+        sem = _present_class_terms(logits, image, batch, config)
+    else:
+        sem = _semantic_terms(logits, image, batch.get("lab"), batch["point_yx"], batch["point_labels"], config)
+    weights = {"partial": 1.0, "lab": config.alpha_lab, "rgb": config.alpha_rgb}
+    for name, value in sem.items():
+        terms[name] = value
+        total = total + weights[name] * value
+    if config.use_boundary and batch.get("pseudo_ids") is not None:
+        terms["boundary"] = boundary_loss(outputs["boundary"], batch["pseudo_ids"], batch.get("thing_map"), eps=config.eps)
+        total = total + config.boundary_weight * terms["boundary"]
+    return total, {k: v.detach() for k, v in terms.items()}
+
+
+def _semantic_terms(logits, image, lab, point_yx, point_labels, config: Point2MaskLossConfig) -> dict[str, torch.Tensor]:
+    """``L_partial``, ``L_sem^LAB``, ``L_sem^RGB`` (those switched on) of a batch, unweighted."""
+    terms: dict[str, torch.Tensor] = {}
     if config.use_partial:
-        terms["partial"] = partial_cross_entropy(logits, batch["point_yx"], batch["point_labels"])
-        total = total + terms["partial"]
+        terms["partial"] = partial_cross_entropy(logits, point_yx, point_labels)
     if config.use_lab or config.use_rgb:
         s = config.loss_stride
-        small_logits, small_image, lab = logits, image, batch.get("lab")
+        small_logits, small_image = logits, image
         if s > 1:
             size = (max(1, logits.shape[2] // s), max(1, logits.shape[3] // s))
             small_logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
@@ -520,11 +541,39 @@ def point2mask_loss(
         if config.use_lab:
             lab = _lab_of(small_image) if lab is None else lab
             terms["lab"] = local_affinity_loss(probs, lab, config.tau, config.theta1, config.lab_dilation)
-            total = total + config.alpha_lab * terms["lab"]
         if config.use_rgb:
             terms["rgb"] = tree_loss(probs, small_image, config.theta2)
-            total = total + config.alpha_rgb * terms["rgb"]
-    if config.use_boundary and batch.get("pseudo_ids") is not None:
-        terms["boundary"] = boundary_loss(outputs["boundary"], batch["pseudo_ids"], batch.get("thing_map"), eps=config.eps)
-        total = total + config.boundary_weight * terms["boundary"]
-    return total, {k: v.detach() for k, v in terms.items()}
+    return terms
+
+
+def _present_class_terms(logits, image, batch: dict, config: Point2MaskLossConfig) -> dict[str, torch.Tensor]:
+    """The semantic terms with ``P^s`` = softmax over the classes among each image's points.
+
+    The points name the classes present in the image (image-level labels; the
+    authors' code multiplies ``P^s`` by them, ``cls_labels``). Each image's
+    logits are cut to those channels, so the terms see a C_b-way softmax
+    (C_b = classes among its points) -- also what the generator's
+    ``semantic_classes="present"`` uses. ``L_partial`` stays the mean over all
+    points of the batch; the other terms the mean over images (as with all
+    classes). An image without points keeps all C channels.
+    """
+    per_image: dict[str, list[tuple[torch.Tensor, float]]] = {}
+    lab_all = batch.get("lab")
+    for i in range(logits.shape[0]):
+        labels = torch.as_tensor(batch["point_labels"][i], dtype=torch.long, device=logits.device).reshape(-1)
+        present = torch.unique(labels[labels >= 0])
+        if len(present):
+            li = logits[i : i + 1, present]
+            labels = torch.where(labels >= 0, torch.searchsorted(present, labels.clamp_min(0)), labels)
+        else:
+            li = logits[i : i + 1]
+        lab = lab_all[i : i + 1] if lab_all is not None else None
+        terms = _semantic_terms(li, image[i : i + 1], lab, [batch["point_yx"][i]], [labels], config)
+        n_points = float((labels >= 0).sum())
+        for name, value in terms.items():
+            per_image.setdefault(name, []).append((value, n_points if name == "partial" else 1.0))
+    out = {}
+    for name, vals in per_image.items():
+        weight = sum(w for _, w in vals)
+        out[name] = sum(v * w for v, w in vals) / weight if weight > 0 else logits.sum() * 0.0
+    return out

@@ -55,7 +55,7 @@ def point2mask_maps(generator, image: np.ndarray, points: Points) -> PointMaps:
     h, w = scaled_size(height, width, cfg.downscale)
     sources = scaled_points(points, height, width, h, w)
     groups = seed_groups(points, generator.categories)
-    maps = generator.maps(image, (h, w))
+    maps = generator.maps(image, (h, w), present=sorted({g.category_id for g in groups}))
     costs = group_costs(maps, sources, groups, cfg.beta, cfg.use_semantic, cfg.use_boundary, cfg.semantic_distance)
     channel_ids = None
     if maps.channel_of is not None:
