@@ -93,6 +93,39 @@ def test_l1_semantic_distance_is_one_graph_for_all_classes():
     np.testing.assert_allclose(costs, expected, rtol=1e-12, atol=1e-12)
 
 
+def test_feature_term_adds_weighted_lab_distance_to_every_edge():
+    # feature_weight: edge = |P^s_c(k) - P^s_c(l)| + beta max(P^b) + lambda ||f(k) - f(l)||_2 (the authors' lambda_feat)
+    rng = np.random.default_rng(2)
+    h, w, beta, lam = 6, 7, 0.1, 0.7
+    sem = rng.random((2, h, w))
+    sem /= sem.sum(0)
+    bnd, feat = rng.random((h, w)), rng.random((3, h, w))
+    maps = TransportMaps(sem, bnd, None, channel_of={1: 0, 2: 1}, feature=feat, feature_weight=lam)
+    pts = Points([[1, 1], [5, 4]], [11, 21], [1, 2])
+    groups = seed_groups(pts, CATS)
+    sources = pts.pixels(h, w)
+    costs = group_costs(maps, sources, groups, beta)
+    for gi, g in enumerate(groups):
+        ch = sem[maps.channel_of[g.category_id]]
+        rows, cols, vals = [], [], []
+        for y in range(h):
+            for x in range(w):
+                for dy in (-1, 0, 1):
+                    for dx in (-1, 0, 1):
+                        yy, xx = y + dy, x + dx
+                        if (dy, dx) == (0, 0) or not (0 <= yy < h and 0 <= xx < w):
+                            continue
+                        d = abs(ch[y, x] - ch[yy, xx]) + beta * max(bnd[y, x], bnd[yy, xx])
+                        d += lam * float(np.linalg.norm(feat[:, y, x] - feat[:, yy, xx]))
+                        rows.append(y * w + x)
+                        cols.append(yy * w + xx)
+                        vals.append(d)
+        graph = csr_matrix((vals, (rows, cols)), shape=(h * w, h * w))
+        src = sources[g.point_index[0]]
+        expected = dijkstra(graph, directed=True, indices=src[0] * w + src[1]).reshape(h, w)
+        np.testing.assert_allclose(costs[gi], expected, rtol=1e-12, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------- supplier units (Eq. 4)
 
 
@@ -125,6 +158,38 @@ def test_nearest_centroid_falls_back_to_the_point_outside_its_mask():
     assert k.tolist() == [n * n - disc.sum(), disc.sum()]
     k_np, _ = supplier_units("nearest_point", costs, scope, np.array([0, 1]), None, point_rc)
     assert k_np.tolist() == k.tolist()
+
+
+def test_centroid_core_takes_the_centroid_of_the_cheapest_part_of_the_mask():
+    # member 0: a 7x7 block (cost 0 from its point) plus a long flooded strip to the right
+    # (cost rising with the distance); member 1 owns the rest. The whole mask's centroid
+    # is dragged out of the block; centroid_core=0.5 keeps it in the block.
+    h, w = 9, 40
+    costs = np.full((2, h, w), 5.0)
+    costs[1] = 1.0
+    block = np.zeros((h, w), bool)
+    block[1:8, 1:8] = True
+    strip = np.zeros((h, w), bool)
+    strip[4, 8:40] = True  # 32 px: the block (49 px) is the cheaper half of the 81-px mask
+    costs[0][block] = 0.0
+    costs[0][strip] = 0.01 * np.arange(8, 40)
+    scope = np.ones((h, w), bool)
+    point_rc = [np.array([[4, 2]]), np.array([[0, 39]])]
+    calls = {}
+
+    def recompute(gi, src):
+        calls[gi] = src.tolist()
+        return costs[gi]
+
+    supplier_units("nearest_centroid", costs, scope, np.array([0, 1]), recompute, point_rc, 1)
+    whole = calls[0][0]
+    supplier_units("nearest_centroid", costs, scope, np.array([0, 1]), recompute, point_rc, 1, centroid_core=0.5)
+    core = calls[0][0]
+    ys, xs = np.nonzero(block | strip)
+    assert whole == [int(round(ys.mean())), int(round(xs.mean()))] and whole[1] > 8  # in the strip
+    assert block[core[0], core[1]] and core == [4, 4]  # the block's centre
+    with pytest.raises(ValueError):
+        Point2MaskConfig(centroid_core=0.0)
 
 
 # ----------------------------------------------------------------------------- OT on a toy

@@ -15,6 +15,13 @@ Transport", ICCV 2023, Sec. 3.3 and Algorithm 1. Per image:
      once in ``__init__``: ``P^s`` = softmax of its semantic logits,
      ``P^b_high`` its boundary map; ``boundary_maps`` picks ``P^b_high``,
      ``P^b_low`` or both (their ``d^b`` terms add, as in the authors' code).
+     With ``semantic_classes="present"`` (default) ``P^s`` is the softmax over
+     the classes among the image's points only (the image-level labels the
+     points give; the authors' code multiplies ``P^s`` by them), which is also
+     what the map losses train (:class:`pointseg.losses.Point2MaskLossConfig`
+     ``present_classes``). ``feature_weight > 0`` adds the authors' code's
+     ``lambda_feat * diff_feat`` edge term with the LAB colour as the feature
+     (their learned instance embedding is not reproduced); 0 = Eq. 2 alone.
 
 2. **Cost** (Eq. 2-3): the geodesic cost on the 8-connected graph with edge
    length ``|P^s_c(k) - P^s_c(l)| + beta * max(P^b(k), P^b(l))``, where ``c`` is
@@ -45,7 +52,10 @@ Transport", ICCV 2023, Sec. 3.3 and Algorithm 1. Per image:
    the MinCost masks; ``"nearest_centroid"`` -- ``centroid_iters`` times: move
    each supplier to the centroid of its current mask, recompute the geodesic
    costs from the centroids and reassign the problem's pixels by minimum cost;
-   ``k`` are the final mask sizes. A centroid that lies outside its own mask
+   ``k`` are the final mask sizes. ``centroid_core < 1`` (our extension, not
+   the paper's) takes each centroid over the cheapest ``centroid_core``
+   fraction of the mask's pixels, so a mask that floods a large region does
+   not drag its centroid out of the object. A centroid that lies outside its own mask
    (non-convex or split masks) falls back to the segment's point(s) (the
    authors' code crashes there); counted in ``diagnostics["centroid_fallbacks"]``.
    The transport cost stays the cost from the points (Eq. 3).
@@ -129,6 +139,8 @@ class Point2MaskConfig(GeneratorConfig):
     assignment: Literal["ot", "mincost"] = Field("ot", description="optimal transport or minimum cost (Table 7)")
     supplier_scheme: Literal["equal", "nearest_point", "nearest_centroid"] = Field("nearest_centroid", description="k of Eq. 4 (Table 5)")
     centroid_iters: int = Field(1, ge=0, description="centroid updates of the nearest-centroid scheme (Table 6)")
+    centroid_core: float = Field(
+        1.0, gt=0, le=1, description="centroid of the cheapest fraction of each initial mask (1: the whole mask, Eq. 4)")
     thing_competition: Literal["things", "class"] = Field("things", description="things compete per class, or all things at once")
     solver: str = Field("exact", description="pointseg.sinkhorn solver: exact | sinkhorn_log | reference")
     n_iter: int = Field(80, ge=1, description="Sinkhorn iterations T (Table A2; sinkhorn_log: budget)")
@@ -297,11 +309,20 @@ def _cost_key(maps: TransportMaps, category_id: int, semantic_distance: str) -> 
     return category_id if maps.channel_of is not None and semantic_distance == "class" else -1
 
 
-def _centroid_sources(masks_of: np.ndarray, members: np.ndarray, point_rc: list[np.ndarray]) -> tuple[list[np.ndarray], int]:
-    """Centroid pixel of each member's mask; its point(s) when the centroid is outside the mask."""
+def _centroid_sources(masks_of: np.ndarray, members: np.ndarray, point_rc: list[np.ndarray],
+                      cost_of=None, core: float = 1.0) -> tuple[list[np.ndarray], int]:
+    """Centroid pixel of each member's mask; its point(s) when the centroid is outside the mask.
+
+    ``core < 1``: the centroid of the mask's ``core`` fraction of pixels with the
+    lowest cost from the member's current source(s) (``cost_of(slot)`` (h, w)).
+    """
     out, fallbacks = [], 0
     for slot, gi in enumerate(members):
         ys, xs = np.nonzero(masks_of == slot)
+        if len(ys) and core < 1.0 and cost_of is not None:
+            c = cost_of(slot)[ys, xs]
+            keep = c <= np.quantile(c, core)
+            ys, xs = ys[keep], xs[keep]
         if len(ys):
             r, c = int(round(ys.mean())), int(round(xs.mean()))
             if masks_of[r, c] == slot:
@@ -313,7 +334,8 @@ def _centroid_sources(masks_of: np.ndarray, members: np.ndarray, point_rc: list[
 
 
 def supplier_units(scheme: str, costs: np.ndarray, scope: np.ndarray, members: np.ndarray,
-                   recompute_costs, point_rc: list[np.ndarray], centroid_iters: int = 1) -> tuple[np.ndarray, int]:
+                   recompute_costs, point_rc: list[np.ndarray], centroid_iters: int = 1,
+                   centroid_core: float = 1.0) -> tuple[np.ndarray, int]:
     """Supplier sizes ``k`` of one transport problem (Point2Mask Eq. 4, Table 5).
 
     costs : (G, h, w) segment costs from the points; scope : (h, w) bool, the
@@ -337,7 +359,13 @@ def supplier_units(scheme: str, costs: np.ndarray, scope: np.ndarray, members: n
         for _ in range(centroid_iters):
             masks_of = np.full(scope.shape, -1, np.int64)
             masks_of[scope] = lab
-            cent, fb = _centroid_sources(masks_of, members, point_rc)
+            full = np.full(scope.shape, np.inf)
+
+            def cost_of(slot: int, sub=sub, full=full) -> np.ndarray:
+                full[scope] = sub[slot]
+                return full
+
+            cent, fb = _centroid_sources(masks_of, members, point_rc, cost_of, centroid_core)
             fallbacks += fb
             sub = np.stack([recompute_costs(gi, src)[scope] for gi, src in zip(members, cent)])
             lab = sub.argmin(0)
@@ -433,7 +461,8 @@ def _solve_problem(costs, scope, members, recompute, point_rc, cfg, counters, as
     if m > n:
         counters.ot_skipped += 1
         return
-    k, fb = supplier_units(cfg.supplier_scheme, costs, scope, members, recompute, point_rc, cfg.centroid_iters)
+    k, fb = supplier_units(cfg.supplier_scheme, costs, scope, members, recompute, point_rc, cfg.centroid_iters,
+                           cfg.centroid_core)
     counters.centroid_fallbacks += fb
     k = _raise_min_supply(k, cfg.min_supply, counters)
     C = costs[members][:, scope]
