@@ -35,10 +35,11 @@ def one_thread():
 # ----------------------------------------------------------------------------- cost (Eq. 2-3)
 
 
-def _direct_graph(channel: np.ndarray, boundary: np.ndarray, beta: float) -> csr_matrix:
+def _direct_graph(channel: np.ndarray, boundary: np.ndarray, beta: float, feature=None, lam: float = 0.0) -> csr_matrix:
     """Eq. 2-3 edge lengths written out pixel by pixel (independent of pointseg.geodesic).
 
-    ``channel`` (h, w): ``|P^s_c(k) - P^s_c(l)|``; (C, h, w): the L1 norm over channels."""
+    ``channel`` (h, w): ``|P^s_c(k) - P^s_c(l)|``; (C, h, w): the L1 norm over channels.
+    ``feature`` (F, h, w): adds ``lam * ||f(k) - f(l)||_2``."""
     channel = channel[None] if channel.ndim == 2 else channel
     h, w = channel.shape[1:]
     rows, cols, vals = [], [], []
@@ -51,9 +52,10 @@ def _direct_graph(channel: np.ndarray, boundary: np.ndarray, beta: float) -> csr
                         continue
                     d_s = sum(abs(ch[y, x] - ch[yy, xx]) for ch in channel)
                     d_b = max(boundary[y, x], boundary[yy, xx])
+                    d_f = lam * float(np.linalg.norm(feature[:, y, x] - feature[:, yy, xx])) if feature is not None else 0.0
                     rows.append(y * w + x)
                     cols.append(yy * w + xx)
-                    vals.append(d_s + beta * d_b + 1e-300)  # keep exact zeros as edges
+                    vals.append(d_s + beta * d_b + d_f + 1e-300)  # keep exact zeros as edges
     return csr_matrix((vals, (rows, cols)), shape=(h * w, h * w))
 
 
@@ -106,21 +108,7 @@ def test_feature_term_adds_weighted_lab_distance_to_every_edge():
     sources = pts.pixels(h, w)
     costs = group_costs(maps, sources, groups, beta)
     for gi, g in enumerate(groups):
-        ch = sem[maps.channel_of[g.category_id]]
-        rows, cols, vals = [], [], []
-        for y in range(h):
-            for x in range(w):
-                for dy in (-1, 0, 1):
-                    for dx in (-1, 0, 1):
-                        yy, xx = y + dy, x + dx
-                        if (dy, dx) == (0, 0) or not (0 <= yy < h and 0 <= xx < w):
-                            continue
-                        d = abs(ch[y, x] - ch[yy, xx]) + beta * max(bnd[y, x], bnd[yy, xx])
-                        d += lam * float(np.linalg.norm(feat[:, y, x] - feat[:, yy, xx]))
-                        rows.append(y * w + x)
-                        cols.append(yy * w + xx)
-                        vals.append(d)
-        graph = csr_matrix((vals, (rows, cols)), shape=(h * w, h * w))
+        graph = _direct_graph(sem[maps.channel_of[g.category_id]], bnd, beta, feat, lam)
         src = sources[g.point_index[0]]
         expected = dijkstra(graph, directed=True, indices=src[0] * w + src[1]).reshape(h, w)
         np.testing.assert_allclose(costs[gi], expected, rtol=1e-12, atol=1e-12)
