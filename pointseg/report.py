@@ -272,8 +272,13 @@ def _ot_markdown(d: dict, max_rows: int = 50) -> list[str]:
     fmt = lambda v: f"{v:.4g}"  # noqa: E731
     lines = ["", "## Optimal transport diagnostics (per image)", "",
              f"{d['images']} images, solver {d['solvers']}; diverged: {d['diverged_images']}, "
-             f"not converged: {d['not_converged_images']}", "",
-             "| quantity | mean | max |", "|---|---|---|"]
+             f"not converged: {d['not_converged_images']}", ""]
+    if not any(r["ot_problems"] for r in d["per_image"]):
+        # assignment: mincost (or no image with two things): nothing was transported
+        fbs = ", ".join(f"{k} {v}" for k, v in d["fallbacks"].items() if v) or "none"
+        return lines + ["No transport problem was solved (assignment `mincost`, or no image with two or more "
+                        f"things); per-image rows are in report.json. Counted fallbacks: {fbs}."]
+    lines += ["| quantity | mean | max |", "|---|---|---|"]
     lines += [f"| {k} | {fmt(v['mean'])} | {fmt(v['max'])} |" for k, v in d["summary"].items()]
     lines += ["", "| fallback (documented, counted) | images summed |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in d["fallbacks"].items()]

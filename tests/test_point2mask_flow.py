@@ -139,3 +139,23 @@ def test_map_net_keys_are_validated():
         validate(PipelineConfig, {"maps_training": {"map_net": {"lr": 0.1}}})
     with pytest.raises(ValueError, match="widht"):
         validate(PipelineConfig, {"maps_training": {"map_net": {"widht": 8}}})
+
+
+def test_ot_section_says_when_nothing_was_transported():
+    from pointseg.report import OT_COUNTERS, OT_QUANTITIES, _ot_markdown
+
+    def row(i, problems, **counts):
+        return {"image_id": i, "solver": "mincost" if not problems else "exact", "diverged": False, "converged": True,
+                **{k: float(problems) for k in OT_QUANTITIES}, **{k: counts.get(k, 0) for k in OT_COUNTERS}}
+
+    def section(rows):
+        return "\n".join(_ot_markdown({
+            "images": len(rows), "solvers": {}, "diverged_images": 0, "not_converged_images": 0,
+            "summary": {k: {"mean": 0.0, "max": 0.0} for k in OT_QUANTITIES},
+            "fallbacks": {k: sum(r[k] for r in rows) for k in OT_COUNTERS}, "per_image": rows}))
+
+    mincost = section([row(1, 0), row(2, 0, fullres_retry=1)])
+    assert "No transport problem was solved" in mincost and "fullres_retry 1" in mincost
+    assert "| image |" not in mincost
+    ot = section([row(1, 2), row(2, 0)])
+    assert "No transport problem" not in ot and "| image |" in ot
