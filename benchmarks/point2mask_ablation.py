@@ -72,15 +72,19 @@ from pointseg.generators import build_generator  # noqa: E402
 from pointseg.metrics import PQEvaluator  # noqa: E402
 
 COCO_MINI = ROOT.parent / "shared" / "data" / "coco-mini"
+COCO_PAN = ROOT.parent / "shared" / "data" / "coco-panoptic-samples"
 GROUPS = ("pair_weak", "pair_strong", "other")
 
 
-def load_dataset(name: str, n: int, point_seed: int, size: int = 128, data_seed: int = 0):
+def load_dataset(name: str, n: int, point_seed: int, size: int = 128, data_seed: int = 0, point_draws: int = 1):
     """``(categories, records with points and gt, layouts or None)``.
 
     Synthetic: scenes ``0..n-1`` of dataset ``data_seed`` with their
     :class:`~pointseg.data.synthetic.SceneLayout`. coco-mini: the first ``n``
-    images of ``../shared/data/coco-mini`` (no layouts).
+    images of ``../shared/data/coco-mini`` (no layouts). coco-panoptic: the 2
+    images of ``../shared/data/coco-panoptic-samples`` (things *and* stuff).
+    ``point_draws > 1``: every image ``point_draws`` times with P1 seeds
+    ``point_seed, point_seed + 1, ...`` (image ids ``1000 * id + draw``).
     """
     layouts = None
     if name == "synthetic":
@@ -99,8 +103,28 @@ def load_dataset(name: str, n: int, point_seed: int, size: int = 128, data_seed:
             load_images=True, max_images=n,
         )
         records = [instances_to_panoptic(r)[0] for r in stream]
+    elif name == "coco-panoptic":
+        from pointseg.data.coco import read_coco_panoptic
+
+        if not COCO_PAN.exists():
+            raise SystemExit(f"coco-panoptic-samples not found at {COCO_PAN} (../shared/data is not part of the repo)")
+        cats, stream = read_coco_panoptic(str(COCO_PAN / "panoptic_examples.json"), str(COCO_PAN / "panoptic_examples"),
+                                          str(COCO_PAN / "images"), load_images=True, max_images=n)
+        records = list(stream)
     else:
-        raise SystemExit(f"--dataset must be synthetic or coco-mini, got {name!r}")
+        raise SystemExit(f"--dataset must be synthetic, coco-mini or coco-panoptic, got {name!r}")
+    if point_draws > 1:
+        import copy
+
+        drawn = []
+        for r in records:
+            for d in range(point_draws):
+                c = copy.copy(r)
+                c.image_id = 1000 * r.image_id + d
+                c.points, _ = validate_points(sample_points(r, "p1", point_seed + d), r.height, r.width, cats)
+                drawn.append(c)
+        layouts = [lay for lay in layouts for _ in range(point_draws)] if layouts is not None else None
+        return cats, drawn, layouts
     for r in records:
         r.points, _ = validate_points(sample_points(r, "p1", point_seed), r.height, r.width, cats)
     return cats, records, layouts
@@ -280,11 +304,12 @@ def train(args, cats, base: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dataset", default="synthetic", choices=["synthetic", "coco-mini"])
+    ap.add_argument("--dataset", default="synthetic", choices=["synthetic", "coco-mini", "coco-panoptic"])
     ap.add_argument("--images", type=int, default=24, help="evaluation images")
     ap.add_argument("--size", type=int, default=128, help="synthetic image side")
     ap.add_argument("--data-seed", type=int, default=0, help="synthetic dataset seed of the evaluation images")
     ap.add_argument("--point-seed", type=int, default=0)
+    ap.add_argument("--point-draws", type=int, default=1, help="score every image with this many P1 draws")
     ap.add_argument("--maps", default="lowlevel", choices=["lowlevel", "learned"])
     ap.add_argument("--checkpoint", default=None, help="MapNet checkpoint (--maps learned); written by --train-steps")
     ap.add_argument("--train-steps", type=int, default=0, help="train the MapNet first (implies --maps learned)")
@@ -318,7 +343,8 @@ def main() -> None:
         if not args.checkpoint:
             raise SystemExit("--maps learned needs --checkpoint PATH or --train-steps N")
         base.update(maps="learned", checkpoint=args.checkpoint)
-    cats, records, layouts = load_dataset(args.dataset, args.images, args.point_seed, args.size, args.data_seed)
+    cats, records, layouts = load_dataset(args.dataset, args.images, args.point_seed, args.size, args.data_seed,
+                                          args.point_draws)
     seed_note = f", data seed {args.data_seed}" if args.dataset == "synthetic" else ""
     print(f"# {args.dataset}, {len(records)} images{seed_note}, P1 points (seed {args.point_seed}), "
           f"{args.maps} maps, point2mask config {base}")
