@@ -71,3 +71,14 @@ def base_parser(description: str, default_config: str) -> argparse.ArgumentParse
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def pipeline_args(doc: str, default_config: str):
+    """The start of a pipeline flow's ``main``: logging, ``--config`` / ``--output`` /
+    overrides parsed into a :class:`~pointseg.config.PipelineConfig`. Returns ``(cfg, output)``."""
+    from pointseg.config import PipelineConfig, load_config
+
+    setup_logging()
+    args = base_parser(doc.splitlines()[0], default_config).parse_args()
+    cfg = load_config(PipelineConfig, args.config, args.overrides)
+    return cfg, args.output or cfg.output

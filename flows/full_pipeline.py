@@ -14,13 +14,13 @@ import json
 import logging
 from typing import Callable
 
-from common import StageTimer, base_parser, init_ray, setup_logging
+from common import StageTimer, init_ray, pipeline_args
 from evaluate_model import evaluate_model
 from pseudo_label import export_panoptic, run_pseudo_labels
 from train import run_training
 from train_maps import generator_training as point2mask_maps_training
 
-from pointseg.config import PipelineConfig, load_config
+from pointseg.config import PipelineConfig
 from pointseg.data.prepare import join, open_out, prepare_inputs, read_index
 from pointseg.generators import generator_fingerprint
 from pointseg.report import baseline_scores, evaluate_labels, map_pictures, ot_diagnostics, write_report
@@ -165,10 +165,7 @@ def scores_line(m: dict) -> str:
 
 
 def main() -> None:
-    setup_logging()
-    args = base_parser(__doc__.splitlines()[0], "configs/full_pipeline.yaml").parse_args()
-    cfg = load_config(PipelineConfig, args.config, args.overrides)
-    output = args.output or cfg.output
+    cfg, output = pipeline_args(__doc__, "configs/full_pipeline.yaml")
     report = run(cfg, output)
     m = report["pseudo_labels"]
     print(f"\npseudo labels ({report['method']}): {scores_line(m)}  on {report['images']['exported']} images")

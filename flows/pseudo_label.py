@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import logging
 
-from common import StageTimer, base_parser, init_ray, setup_logging  # also puts the repo on sys.path
+from common import StageTimer, init_ray, pipeline_args  # also puts the repo on sys.path
 from tqdm import tqdm
 
 from operators.pseudo_label import GenerateLabels, attach_points, decode_images, encode_labels
-from pointseg.config import PipelineConfig, load_config
+from pointseg.config import PipelineConfig
 from pointseg.data.coco_panoptic_io import PanopticWriter
 from pointseg.data.panoptic_format import decode_png
 from pointseg.data.prepare import clear_dir, iter_shard_rows, join, prepare_inputs, read_index, write_index
@@ -114,10 +114,7 @@ def export_panoptic(output: str, categories: dict[int, Category], fingerprint: s
 
 
 def main() -> None:
-    setup_logging()
-    args = base_parser(__doc__.splitlines()[0], "configs/full_pipeline.yaml").parse_args()
-    cfg = load_config(PipelineConfig, args.config, args.overrides)
-    output = args.output or cfg.output
+    cfg, output = pipeline_args(__doc__, "configs/full_pipeline.yaml")
     timer = StageTimer()
     with timer.stage("prepare"):
         categories, prep = prepare_inputs(cfg.dataset, cfg.points, output, cfg.strict)

@@ -21,9 +21,9 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-from common import StageTimer, base_parser, init_ray, setup_logging
+from common import StageTimer, init_ray, pipeline_args
 
-from pointseg.config import PipelineConfig, Stage2Config, load_config
+from pointseg.config import PipelineConfig, Stage2Config
 from pointseg.data.prepare import iter_shard_rows, join, load_categories, read_index
 from pointseg.data.record import Category
 from pointseg.train.ray_loop import train_loop_per_worker
@@ -180,10 +180,7 @@ def run_training(cfg: PipelineConfig, categories: dict[int, Category], output: s
 
 
 def main() -> None:
-    setup_logging()
-    args = base_parser(__doc__.splitlines()[0], "configs/train.yaml").parse_args()
-    cfg = load_config(PipelineConfig, args.config, args.overrides)
-    output = args.output or cfg.output
+    cfg, output = pipeline_args(__doc__, "configs/train.yaml")
     categories = load_categories(join(output, "categories.json"))
     init_ray(cfg.ray)
     timer = StageTimer()

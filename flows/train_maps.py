@@ -26,10 +26,10 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from common import StageTimer, base_parser, init_ray, setup_logging
+from common import StageTimer, init_ray, pipeline_args
 from train import absolute_file_names, fit_torch_trainer, is_local, storage_args
 
-from pointseg.config import PipelineConfig, load_config
+from pointseg.config import PipelineConfig
 from pointseg.data.prepare import join, prepare_inputs
 from pointseg.data.record import Category
 from pointseg.train.ray_maps import MAP_NET_FILE, map_train_loop_per_worker
@@ -134,10 +134,7 @@ def generator_training(cfg: PipelineConfig, categories: dict[int, Category], out
 
 
 def main() -> None:
-    setup_logging()
-    args = base_parser(__doc__.splitlines()[0], "configs/point2mask_trained.yaml").parse_args()
-    cfg = load_config(PipelineConfig, args.config, args.overrides)
-    output = args.output or cfg.output
+    cfg, output = pipeline_args(__doc__, "configs/point2mask_trained.yaml")
     timer = StageTimer()
     with timer.stage("prepare"):
         categories, _ = prepare_inputs(cfg.dataset, cfg.points, output, cfg.strict)

@@ -24,12 +24,7 @@ from pointseg.generators.point2mask import (
 CATS = {1: Category(1, "thing", True), 2: Category(2, "other", True), 10: Category(10, "sky", False)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----------------------------------------------------------------------------- cost (Eq. 2-3)

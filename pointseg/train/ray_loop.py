@@ -116,25 +116,37 @@ def open_metric_logs(log_dir: str | None, rank: int):
     return SummaryWriter(log_dir), open(Path(log_dir) / "metrics.jsonl", "a")
 
 
-def all_min(flags: list[int], world: int) -> list[int]:
-    """Element-wise minimum of per-worker flags (one tiny all-reduce), so all ranks agree to step."""
-    if world == 1:
-        return flags
-    import torch.distributed as dist
+def log_metrics(metrics: dict, step: int, steps: int, label: str, writer, history) -> None:
+    """Rank 0's report of one window: a log line, TensorBoard scalars under ``label/`` and a
+    ``metrics.jsonl`` row (``writer`` / ``history`` from :func:`open_metric_logs`)."""
+    log.info("%s step %d/%d %s", label, step, steps,
+             " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    if writer is not None:
+        for k, v in metrics.items():
+            writer.add_scalar(f"{label}/{k}", v, step)
+        writer.flush()
+        history.write(json.dumps(metrics) + "\n")
+        history.flush()
 
-    t = torch.tensor(flags, dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return t.tolist()
 
-
-def _all_sum(values: list[float], world: int) -> list[float]:
+def _all_reduce(values: list, world: int, op: str, dtype) -> list:
+    """Element-wise ``op`` ("MIN" / "SUM") of per-worker values over the process group."""
     if world == 1:
         return values
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    t = torch.tensor(values, dtype=dtype)
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
     return t.tolist()
+
+
+def all_min(flags: list[int], world: int) -> list[int]:
+    """Element-wise minimum of per-worker flags (one tiny all-reduce), so all ranks agree to step."""
+    return _all_reduce(flags, world, "MIN", torch.int64)
+
+
+def _all_sum(values: list[float], world: int) -> list[float]:
+    return _all_reduce(values, world, "SUM", torch.float64)
 
 
 def _all_reasons(reasons: Counter, world: int) -> dict:
@@ -229,14 +241,7 @@ def train_loop_per_worker(config: dict) -> None:
                 )
                 last_metrics = metrics
                 if rank == 0:
-                    log.info("step %d/%d %s", step, s2.steps,
-                             " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
-                    if writer is not None:
-                        for k, v in metrics.items():
-                            writer.add_scalar(f"train/{k}", v, step)
-                        writer.flush()
-                        history.write(json.dumps(metrics) + "\n")
-                        history.flush()
+                    log_metrics(metrics, step, s2.steps, "train", writer, history)
                 window, images, t_window = [], 0, time.perf_counter()
             if step % s2.checkpoint_every == 0 or final:
                 metrics = dict(last_metrics, step=step)

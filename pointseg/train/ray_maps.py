@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from pointseg.data.record import Category, ImageRecord, Points
-from pointseg.train.ray_loop import all_min, open_metric_logs
+from pointseg.train.ray_loop import all_min, log_metrics, open_metric_logs
 
 log = logging.getLogger("pointseg.train.maps")
 
@@ -206,14 +206,7 @@ def map_train_loop_per_worker(config: dict) -> None:
                                pseudo_refreshes=cache.refreshes, skipped_rows=skipped, world_size=world)
                 last = metrics
                 if rank == 0:
-                    log.info("maps step %d/%d %s", step, steps,
-                             " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
-                    if writer is not None:
-                        for k, v in metrics.items():
-                            writer.add_scalar(f"maps/{k}", v, step)
-                        writer.flush()
-                        history.write(json.dumps(metrics) + "\n")
-                        history.flush()
+                    log_metrics(metrics, step, steps, "maps", writer, history)
                 window, images, t_window = [], 0, time.perf_counter()
             if step % checkpoint_every == 0 or final:
                 report(dict(last, step=step, skip_reasons=json.dumps(dict(reasons))))
