@@ -7,12 +7,12 @@ YAML scalars), and validates. A wrong key is an error that names the key path.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any, Literal, TypeVar
 
 import fsspec
 import yaml
+
+from pointseg.fingerprint import config_hash  # noqa: F401  (re-exported)
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
@@ -43,6 +43,11 @@ class DatasetConfig(Strict):
     panoptic_dir: str | None = None
     categories: str | None = None
     max_images: int | None = Field(None, ge=1)
+    background: Literal["void", "stuff"] = Field(
+        "void", description="instance datasets: pixels outside every instance are VOID, or one 'background' stuff "
+        "segment (the VOC-panoptic protocol: 20 things + 1 background stuff class; P1 puts one click on it)")
+    allow_outside_paths: bool = Field(
+        False, description="allow image file_names that escape the image root (.., absolute, another scheme)")
 
 
 class PointsConfig(Strict):
@@ -281,8 +286,3 @@ def load_config(model: type[C], path: str | None, overrides: list[str] | None = 
     return validate(model, data, source=path or "config")
 
 
-def config_hash(obj: Any) -> str:
-    """Short stable hash of a JSON-able config (for shard provenance)."""
-    if isinstance(obj, BaseModel):
-        obj = obj.model_dump(mode="json")
-    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]

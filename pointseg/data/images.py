@@ -38,6 +38,7 @@ from PIL import Image, ImageFile, ImageOps
 __all__ = [
     "ImageDecodeError",
     "read_image",
+    "read_image_as_annotated",
     "decode_image_bytes",
     "encode_png",
     "encode_jpeg",
@@ -82,6 +83,29 @@ def read_image(uri: str, exif_transpose: bool = True) -> np.ndarray:
     docstring. Raises :class:`ImageDecodeError` when the file is missing,
     unreadable, truncated or not an image.
     """
+    return decode_image_bytes(_read_bytes(uri), uri, exif_transpose=exif_transpose)
+
+
+def read_image_as_annotated(uri: str, height: int, width: int) -> np.ndarray:
+    """The image in the pixel grid its annotation uses: the one rule of every stage.
+
+    EXIF orientation is applied, unless the annotation's ``height x width`` is
+    the stored (unrotated) grid and not the rotated one: then the labels were
+    drawn on the stored pixels (the COCO convention) and those are returned.
+    ``height`` or ``width`` <= 0 means unknown (EXIF applied). A size that
+    matches neither grid raises :class:`ImageDecodeError` naming both sizes.
+    """
+    data = _read_bytes(uri)
+    img = decode_image_bytes(data, uri)
+    if height <= 0 or width <= 0 or img.shape[:2] == (height, width):
+        return img
+    raw = decode_image_bytes(data, uri, exif_transpose=False)
+    if raw.shape[:2] == (height, width):
+        return raw
+    raise ImageDecodeError(uri, f"image is {img.shape[1]}x{img.shape[0]} (WxH) but annotated as {width}x{height}")
+
+
+def _read_bytes(uri: str) -> bytes:
     try:
         with fsspec.open(uri, "rb") as f:
             data = f.read()
@@ -93,7 +117,7 @@ def read_image(uri: str, exif_transpose: bool = True) -> np.ndarray:
         raise ImageDecodeError(uri, f"permission denied ({e})") from None
     except OSError as e:
         raise ImageDecodeError(uri, f"cannot read file ({type(e).__name__}: {e})") from None
-    return decode_image_bytes(data, uri, exif_transpose=exif_transpose)
+    return data
 
 
 def decode_image_bytes(data: bytes, name: str = "<bytes>", exif_transpose: bool = True) -> np.ndarray:

@@ -1,18 +1,27 @@
 """Pseudo-label generators behind one interface (:mod:`pointseg.generators.base`).
 
 ``GENERATORS`` is the one table from method name to class; flows, operators,
-Tune and benchmarks look methods up here and nowhere else.
+Tune and benchmarks look methods up here (:func:`generator_class`) and nowhere
+else. A method outside the table can be named by its import path,
+``"package.module:ClassName"`` (a plug-in: it must be importable by the Ray
+workers too).
 """
 
 from __future__ import annotations
 
-import hashlib
+import importlib
 
-import fsspec
-
-from pointseg.config import config_hash
 from pointseg.data.record import Category
-from pointseg.generators.base import GeneratorConfig, PseudoLabel, PseudoLabelGenerator, assemble, seed_groups
+from pointseg.fingerprint import config_hash
+from pointseg.generators.base import (
+    GeneratorConfig,
+    PseudoLabel,
+    PseudoLabelGenerator,
+    TrainableGenerator,
+    TrainableGeneratorConfig,
+    assemble,
+    seed_groups,
+)
 from pointseg.generators.point2mask import Point2MaskGenerator
 from pointseg.generators.psps import PSPSGenerator
 from pointseg.generators.voronoi import VoronoiGenerator
@@ -24,38 +33,60 @@ GENERATORS: dict[str, type[PseudoLabelGenerator]] = {
 }
 
 
-def build_generator(method: str, params: dict | None, categories: dict[int, Category]) -> PseudoLabelGenerator:
+def generator_class(method: str) -> type[PseudoLabelGenerator]:
+    """The class of ``method``: a ``GENERATORS`` name or a ``"module:Class"`` import path."""
+    if method in GENERATORS:
+        return GENERATORS[method]
+    if ":" in method:
+        module, _, name = method.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"generator method {method!r}: cannot import it ({type(e).__name__}: {e})") from None
+        if not (isinstance(cls, type) and issubclass(cls, PseudoLabelGenerator)):
+            raise ValueError(f"generator method {method!r} is not a PseudoLabelGenerator subclass")
+        return cls
+    raise ValueError(f"unknown generator method {method!r}; known: {sorted(GENERATORS)} (or 'module:Class')")
+
+
+def build_generator(method: str, params: GeneratorConfig | dict | None, categories: dict[int, Category],
+                    **kwargs) -> PseudoLabelGenerator:
     """Build the generator called ``method`` with its config ``params``."""
-    if method not in GENERATORS:
-        raise ValueError(f"unknown generator method {method!r}; known: {sorted(GENERATORS)}")
-    return GENERATORS[method](params or {}, categories)
+    return generator_class(method)(params, categories, **kwargs)
 
 
-def generator_fingerprint(method: str, params: dict | None) -> str:
-    """Short hash of a generator's validated config, and of its weights file if it has one.
+def generator_fingerprint(method: str, params: GeneratorConfig | dict | None) -> str:
+    """Short hash of a generator's validated config, and of its weights if it has a checkpoint.
 
     Stored with every shard row (``config_hash``); a resumed run relabels rows
-    whose fingerprint differs, e.g. after retraining the map network.
+    whose fingerprint differs, e.g. after retraining stage 1. The weights'
+    SHA-1 comes from the checkpoint's ``meta.json`` (no weight file is read).
     """
-    if method not in GENERATORS:
-        raise ValueError(f"unknown generator method {method!r}; known: {sorted(GENERATORS)}")
-    cfg = GENERATORS[method].Config.model_validate(params or {}).model_dump(mode="json")
-    weights = cfg.get("checkpoint")
+    from pointseg.train.checkpoint import checkpoint_fingerprint
+
+    cls = generator_class(method)
+    cfg = params if isinstance(params, cls.Config) else cls.Config.model_validate(
+        params if isinstance(params, dict) else (params.model_dump() if params is not None else {}))
+    data = cfg.model_dump(mode="json")
+    weights = data.get("checkpoint")
     if weights:
-        fs, path = fsspec.core.url_to_fs(str(weights))
-        if fs.exists(path):
-            with fs.open(path, "rb") as f:
-                cfg["checkpoint_sha1"] = hashlib.sha1(f.read()).hexdigest()
-    return config_hash({"method": method, "params": cfg})
+        try:
+            data["checkpoint_sha1"] = checkpoint_fingerprint(str(weights))
+        except FileNotFoundError:
+            pass  # the generator itself reports the missing checkpoint
+    return config_hash({"method": method, "params": data})
 
 
 __all__ = [
     "GENERATORS",
-    "generator_fingerprint",
     "GeneratorConfig",
     "PseudoLabel",
     "PseudoLabelGenerator",
+    "TrainableGenerator",
+    "TrainableGeneratorConfig",
     "assemble",
     "build_generator",
+    "generator_class",
+    "generator_fingerprint",
     "seed_groups",
 ]

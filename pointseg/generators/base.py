@@ -10,6 +10,21 @@ Input: ``images`` is a list of ``(H, W, 3) uint8`` RGB arrays, ``points`` a
 list of :class:`~pointseg.data.record.Points`. Output: one
 :class:`PseudoLabel` per image in the fixed schema below, whatever the method.
 
+Two kinds of generator:
+
+* **from points alone** (PSPS, Voronoi): subclass :class:`PseudoLabelGenerator`
+  and implement :meth:`~PseudoLabelGenerator.generate` (or a batched
+  ``__call__``).
+* **trainable** (Point2Mask's learned maps, EPLD, P2Seg, EXITS): subclass
+  :class:`TrainableGenerator` and declare ``stage1``, a
+  :class:`~pointseg.train.engine.Trainable` (network builder, collate, loss;
+  checkpoint I/O is the engine's). The pipeline then trains stage 1 on the
+  dataset's points through the one engine (``flows/train_generator.py``,
+  ``full_pipeline``) whenever :meth:`~PseudoLabelGenerator.trains` says so,
+  and hands the checkpoint folder to the generator as ``params.checkpoint``.
+  The generator loads it once in ``__init__`` (:attr:`TrainableGenerator.net`).
+  Nothing in ``flows/`` or ``operators/`` names a method.
+
 Grouping rule (shared by all methods, :func:`seed_groups`): every distinct thing
 ``segment`` among the points becomes one instance; all stuff points of one
 category become one stuff segment (COCO panoptic has one segment per stuff class
@@ -23,15 +38,24 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from pointseg.data.record import VOID, Category, Points
+from pointseg.train.engine import Trainable, load_trained
 
 
 class GeneratorConfig(BaseModel):
     """Base of every generator's config: unknown keys are errors that name the key."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class TrainableGeneratorConfig(GeneratorConfig):
+    """Base of a trainable generator's config: where its stage-1 weights are, and their device."""
+
+    checkpoint: str | None = Field(
+        None, description="stage-1 checkpoint folder (fsspec URI); null: the pipeline trains stage 1 first")
+    device: str = Field("cpu", description="torch device of the network (cuda on GPU actors)")
 
 
 @dataclass
@@ -53,11 +77,14 @@ class PseudoLabel:
     segments_info : list of dict with ``id, category_id, isthing, iscrowd,
         area, bbox, source_segment``.
     diagnostics : method-specific numbers (e.g. OT marginal error); JSON-able.
+    uncertainty : optional (H, W) float in [0, 1], higher = less certain; needs
+        no ground truth (each method documents its score).
     """
 
     id_map: np.ndarray
     segments_info: list[dict]
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    uncertainty: np.ndarray | None = None
 
 
 def seed_groups(points: Points, categories: dict[int, Category]) -> list[SeedGroup]:
@@ -81,7 +108,8 @@ def seed_groups(points: Points, categories: dict[int, Category]) -> list[SeedGro
     return groups
 
 
-def assemble(assignment: np.ndarray, groups: list[SeedGroup], diagnostics: dict | None = None) -> PseudoLabel:
+def assemble(assignment: np.ndarray, groups: list[SeedGroup], diagnostics: dict | None = None,
+             uncertainty: np.ndarray | None = None) -> PseudoLabel:
     """Turn a per-pixel group index map into a :class:`PseudoLabel`.
 
     assignment : (H, W) int, index into ``groups`` or -1 for unlabeled.
@@ -109,23 +137,45 @@ def assemble(assignment: np.ndarray, groups: list[SeedGroup], diagnostics: dict 
                 "source_segment": g.source_segment,
             }
         )
-    return PseudoLabel(id_map, info, diagnostics or {})
+    return PseudoLabel(id_map, info, diagnostics or {}, uncertainty)
 
 
 class PseudoLabelGenerator(ABC):
     """Base class: subclasses set ``name`` and ``Config`` and implement :meth:`generate`.
 
-    Batched methods (e.g. a network on a GPU) override :meth:`__call__`.
+    Batched methods (e.g. a network on a GPU) override :meth:`__call__`, which
+    receives the whole actor batch.
     """
 
     name: ClassVar[str]
     Config: ClassVar[type[GeneratorConfig]] = GeneratorConfig
+    #: The stage-1 trainable of a trainable generator; None: labels from points alone.
+    stage1: ClassVar[type[Trainable] | None] = None
 
     def __init__(self, config: GeneratorConfig | dict | None, categories: dict[int, Category]):
-        if not isinstance(config, GeneratorConfig):
-            config = self.Config.model_validate(config or {})
+        if not isinstance(config, self.Config):
+            config = self.Config.model_validate(config if isinstance(config, dict) else
+                                                (config.model_dump() if config is not None else {}))
         self.config = config
         self.categories = categories
+
+    @classmethod
+    def trains(cls, config: GeneratorConfig) -> bool:
+        """Whether labelling with ``config`` needs stage 1 first (no weights given yet)."""
+        return False
+
+    @classmethod
+    def summarize(cls, diagnostics: list[dict]) -> dict | None:
+        """A run-level summary of the per-image ``diagnostics`` for the report, or None.
+
+        Returns ``{"title": str, "summary": {...}, "table": [row dicts]}``; the
+        default has nothing to say.
+        """
+        return None
+
+    def explain(self, image: np.ndarray, points: Points) -> np.ndarray | None:
+        """An ``(h, w, 3) uint8`` picture of the method's inner maps for one image, or None."""
+        return None
 
     @abstractmethod
     def generate(self, image: np.ndarray, points: Points) -> PseudoLabel:
@@ -135,3 +185,41 @@ class PseudoLabelGenerator(ABC):
         if len(images) != len(points):
             raise ValueError(f"{len(images)} images but {len(points)} point sets")
         return [self.generate(im, pts) for im, pts in zip(images, points)]
+
+
+class TrainableGenerator(PseudoLabelGenerator):
+    """A generator whose network is trained on the dataset's points first (stage 1).
+
+    Subclasses set ``stage1`` (a :class:`~pointseg.train.engine.Trainable`
+    whose ``context["generator"]`` receives this generator's params) and a
+    ``Config`` derived from :class:`TrainableGeneratorConfig`. ``__init__``
+    loads the network once from ``config.checkpoint`` (any fsspec URI; read
+    with ``weights_only=True``), or takes ``net``, an in-memory network (a
+    stage-1 loss that needs the current network's pseudo labels).
+    :meth:`uses_net` says whether a config needs the network at all
+    (Point2Mask's training-free maps do not).
+    """
+
+    Config: ClassVar[type[GeneratorConfig]] = TrainableGeneratorConfig
+    stage1: ClassVar[type[Trainable]]
+
+    def __init__(self, config, categories: dict[int, Category], net=None):
+        super().__init__(config, categories)
+        self.net = net
+        self.net_meta: dict = {}
+        if net is None and self.uses_net(self.config):
+            if not self.config.checkpoint:
+                raise ValueError(
+                    f"checkpoint: {self.name} needs its stage-1 network: train it "
+                    f"(flows/train_generator.py, or full_pipeline with generator.train.enabled) or set "
+                    f"generator.params.checkpoint to a checkpoint folder")
+            self.net, self.net_meta = load_trained(self.config.checkpoint, self.stage1, device=self.config.device)
+
+    @classmethod
+    def uses_net(cls, config: GeneratorConfig) -> bool:
+        """Whether ``config`` labels with the stage-1 network (default: always)."""
+        return True
+
+    @classmethod
+    def trains(cls, config: GeneratorConfig) -> bool:
+        return cls.uses_net(config) and not getattr(config, "checkpoint", None)
