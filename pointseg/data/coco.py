@@ -491,6 +491,36 @@ def instances_to_panoptic(record: ImageRecord) -> tuple[ImageRecord, list[int]]:
     return replace(record, segments=kept), dropped
 
 
+#: Name of the one stuff class of the VOC-panoptic protocol (``dataset.background: stuff``).
+BACKGROUND_NAME = "background"
+
+
+def background_category(categories: dict[int, Category]) -> Category:
+    """The ``background`` stuff category added by ``dataset.background: stuff``.
+
+    Its id is 0 (VOC's background index; COCO never uses it), or one above the
+    largest id when 0 is taken.
+    """
+    cid = 0 if 0 not in categories else max(categories) + 1
+    return Category(cid, BACKGROUND_NAME, False, (80, 80, 80))
+
+
+def add_background_segment(record: ImageRecord, category_id: int) -> ImageRecord:
+    """The VOC-panoptic protocol: every pixel outside the instances becomes one stuff segment.
+
+    ``record`` must hold non-overlapping segments (after
+    :func:`instances_to_panoptic`). Crowd regions stay crowd (VOID for PQ). The
+    new segment's id is one above the largest; an image fully covered by
+    instances gets none.
+    """
+    id_map = panoptic_id_map(record.segments, record.height, record.width)
+    mask = id_map == VOID
+    if not mask.any():
+        return record
+    sid = max((s.id for s in record.segments), default=0) + 1
+    return replace(record, segments=[*record.segments, Segment(sid, category_id, False, mask)])
+
+
 # --------------------------------------------------------------------------- panoptic
 
 

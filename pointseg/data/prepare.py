@@ -30,7 +30,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from pointseg.config import DatasetConfig, PointsConfig
-from pointseg.data.coco import instances_to_panoptic, read_coco_instances, read_coco_panoptic
+from pointseg.data.coco import (
+    add_background_segment,
+    background_category,
+    instances_to_panoptic,
+    read_coco_instances,
+    read_coco_panoptic,
+)
 from pointseg.data.coco_panoptic_io import PanopticWriter
 from pointseg.data.points import read_points_jsonl, sample_points, write_points_jsonl
 from pointseg.data.record import Category, ImageRecord, Points
@@ -79,6 +85,9 @@ def open_out(uri: str, mode: str = "wb"):
 def open_dataset(cfg: DatasetConfig, strict: bool = False) -> tuple[dict[int, Category], Iterable[ImageRecord], object]:
     """Categories, a stream of records with ground truth, and the reader's report (or None)."""
     reader_report = None
+    if cfg.background == "stuff" and cfg.kind != "coco_instances":
+        raise ValueError(f"dataset.background=stuff applies to coco_instances datasets; {cfg.kind} already labels "
+                         "its stuff (use background: void)")
     if cfg.kind == "synthetic":
         s = cfg.synthetic
         cats, records = synthetic_categories(), SyntheticDataset(s.num_images, s.height, s.width, s.seed)
@@ -88,6 +97,10 @@ def open_dataset(cfg: DatasetConfig, strict: bool = False) -> tuple[dict[int, Ca
         cats, raw = read_coco_instances(cfg.annotations, cfg.images, strict=strict)
         reader_report = raw.report
         records = (instances_to_panoptic(r)[0] for r in raw)
+        if cfg.background == "stuff":  # VOC-panoptic protocol: one background stuff segment per image
+            bg = background_category(cats)
+            cats = {**cats, bg.id: bg}
+            records = (add_background_segment(r, bg.id) for r in records)
     else:
         if not (cfg.annotations and cfg.panoptic_dir):
             raise ValueError("dataset.kind=coco_panoptic needs dataset.annotations and dataset.panoptic_dir")
