@@ -7,6 +7,8 @@ real COCO image (when ../shared/data is present) and on random directed costs:
   the same ``(8, H, W)`` costs; the graph construction is timed separately;
 * ours: ``geodesic_distance`` serial and ``parallel=True`` (numba threads);
 * ``nearest_source``: one multi-source run giving the PSPS assignment;
+* ``nearest_two_sources``: the nearest and second-nearest label (the PSPS
+  uncertainty), against ``nearest_source`` (10 labels, 2 sources each);
 
 and the first-call (JIT compile) times, measured in fresh subprocesses: once with
 an empty numba cache (a fresh install) and once with the cache filled.
@@ -33,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a clone without installing
 
-from pointseg.geodesic import edge_costs, geodesic_distance, nearest_source, to_csgraph  # noqa: E402
+from pointseg.geodesic import edge_costs, geodesic_distance, nearest_source, nearest_two_sources, to_csgraph  # noqa: E402
 
 COCO_IMAGES = ROOT.parent / "shared" / "data" / "coco-mini" / "train2017"
 N_SOURCES = 20
@@ -84,6 +86,7 @@ def bench(cost: np.ndarray, name: str, repeat: int) -> None:
     rng = np.random.default_rng(0)
     sources = np.stack([rng.integers(0, h, N_SOURCES), rng.integers(0, w, N_SOURCES)], axis=1)
     flat = sources[:, 0] * w + sources[:, 1]
+    labels = np.arange(N_SOURCES) // 2
     build = timed(lambda: to_csgraph(cost), repeat)
     graph = to_csgraph(cost)
 
@@ -92,6 +95,8 @@ def bench(cost: np.ndarray, name: str, repeat: int) -> None:
         "ours serial": lambda: geodesic_distance(cost, sources),
         "ours parallel": lambda: geodesic_distance(cost, sources, parallel=True),
         "nearest_source": lambda: nearest_source(cost, sources),
+        "nearest_source, 10 labels": lambda: nearest_source(cost, sources, labels),
+        "nearest_two_sources, 10 labels": lambda: nearest_two_sources(cost, sources, labels),
     }
     ref = runs["scipy dijkstra"]()
     assert np.allclose(geodesic_distance(cost, sources).reshape(len(flat), -1), ref, atol=1e-5)
@@ -116,6 +121,9 @@ def bench(cost: np.ndarray, name: str, repeat: int) -> None:
         f"  nearest_source vs {N_SOURCES} single-source runs (ours serial): "
         f"{best['ours serial'] / best['nearest_source']:.1f}x faster"
     )
+    two, one = "nearest_two_sources, 10 labels", "nearest_source, 10 labels"
+    print(f"  nearest_two_sources / nearest_source: {best[two] / best[one]:.2f}x (min), "
+          f"{med[two] / med[one]:.2f}x (median)")
 
 
 def main() -> None:

@@ -23,6 +23,9 @@ edge_costs        Point2Mask Eq. 2 edge lengths from a feature map and a boundar
 geodesic_distance one distance map per source, ``(N, H, W)``.
 nearest_source    one multi-source Dijkstra: min distance and the label of the
                   nearest source per pixel (PSPS assignment), ``(H, W)``.
+nearest_two_sources  the nearest and the second-nearest *distinct label* per
+                  pixel, ``(2, H, W)``: how close a pixel came to another
+                  segment (:mod:`pointseg.uncertainty`); about 2x nearest_source.
 to_csgraph        the same graph as a ``scipy.sparse`` CSR matrix (for checks).
 
 The kernels are numba-compiled (``cache=True``): the first call in a fresh
@@ -47,6 +50,7 @@ __all__ = [
     "edge_costs",
     "geodesic_distance",
     "nearest_source",
+    "nearest_two_sources",
     "to_csgraph",
 ]
 
@@ -254,6 +258,21 @@ def _check_sources(sources, height: int, width: int) -> np.ndarray:
             f"shape (H, W) = ({height}, {width}) ({int(outside.sum())} sources outside)"
         )
     return src[:, 0] * width + src[:, 1]
+
+
+def _check_labels(labels, n: int) -> np.ndarray:
+    """``labels`` of ``n`` sources as ``(N,) int64 >= 0``; ``arange(N)`` when None."""
+    if labels is None:
+        return np.arange(n, dtype=np.int64)
+    lab = np.asarray(labels)
+    if lab.shape != (n,):
+        raise ValueError(f"labels must have shape (N,) = ({n},) like sources, got {lab.shape}")
+    if n and not np.issubdtype(lab.dtype, np.integer):
+        raise ValueError(f"labels must be integers, got dtype {lab.dtype}")
+    lab = lab.astype(np.int64)
+    if (lab < 0).any():
+        raise ValueError("labels must be >= 0 (-1 marks unreachable pixels)")
+    return lab
 
 
 # ---------------------------------------------------------------------------
@@ -491,6 +510,83 @@ def _nearest_source(cost, height, width, src_flat, dist, owner, heap_key, heap_t
                     _sift_up_lex(heap_key, heap_tie, heap_node, pos, i, nd, op, q)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _neighbour(p, d, width, last_row, last_col, flat_offset):
+    """Flat index of pixel p's neighbour in direction d, or -1 outside the image."""
+    y = p // width
+    x = p - y * width
+    if 0 < y < last_row and 0 < x < last_col:
+        return p + flat_offset[d]
+    yy = y + _DY[d]
+    xx = x + _DX[d]
+    if yy < 0 or yy > last_row or xx < 0 or xx > last_col:
+        return -1
+    return yy * width + xx
+
+
+@njit(cache=True, nogil=True)
+def _second_source(cost, height, width, dist1, label1, src_flat, src_label, dist2, label2, heap_key, heap_node, pos):
+    """Distance to, and label of, the nearest source whose label differs from ``label1``, in place.
+
+    dist1, label1 (H*W,): the nearest-source result; dist2 (H*W,) filled with
+    inf, label2 (H*W,) with -1; heap_key, heap_node (H*W,) scratch; pos (H*W,)
+    filled with -1.
+
+    Exact because the predecessor ``q`` of pixel ``p`` on the shortest path of
+    p's second label ``L_2(p)`` has that label among its own two nearest (were
+    two other labels nearer to ``q``, they would be nearer to ``p`` too). So
+    either ``L_2(p) = L_1(q) != L_1(p)``: a candidate ``dist1[q] + c(q, p)``
+    across a boundary of the nearest-source partition, the starting keys; or
+    ``L_2(p) = L_2(q)``: a Dijkstra step of this search, allowed when
+    ``L_2(q) != L_1(p)``. Sources whose pixel another label owns start at 0.
+    """
+    npix = height * width
+    flat_offset = _DY * width + _DX
+    last_row = height - 1
+    last_col = width - 1
+    for i in range(src_flat.shape[0]):
+        q = src_flat[i]
+        if src_label[i] != label1[q] and dist2[q] > 0.0:
+            dist2[q] = 0.0
+            label2[q] = src_label[i]
+    for q in range(npix):
+        lq = label1[q]
+        if lq < 0:
+            continue
+        for d in range(8):
+            p = _neighbour(q, d, width, last_row, last_col, flat_offset)
+            if p >= 0 and label1[p] != lq:
+                nd = dist1[q] + cost[d, q]
+                if nd < dist2[p]:
+                    dist2[p] = nd
+                    label2[p] = lq
+    n = 0
+    for p in range(npix):
+        if dist2[p] < np.inf:
+            _sift_up(heap_key, heap_node, pos, n, dist2[p], p)
+            n += 1
+    while n > 0:
+        k = heap_key[0]
+        p = heap_node[0]
+        n -= 1
+        if n > 0:
+            _sift_down(heap_key, heap_node, pos, n, heap_key[n], heap_node[n])
+        lp = label2[p]
+        for d in range(8):
+            q = _neighbour(p, d, width, last_row, last_col, flat_offset)
+            if q < 0:
+                continue
+            nd = k + cost[d, p]
+            if nd < dist2[q] and label1[q] != lp:
+                dist2[q] = nd
+                label2[q] = lp
+                i = pos[q]
+                if i == _NOT_QUEUED:
+                    i = n
+                    n += 1
+                _sift_up(heap_key, heap_node, pos, i, nd, q)
+
+
 @njit(cache=True, nogil=True)
 def _per_source(cost, height, width, src_flat, out):
     """out (N, H*W): one single-source Dijkstra per source, scratch reused."""
@@ -594,18 +690,13 @@ def nearest_source(cost: np.ndarray, sources, labels=None) -> tuple[np.ndarray, 
     cost = _check_cost(cost)
     _, height, width = cost.shape
     src_flat = _check_sources(sources, height, width)
+    return _nearest(cost, src_flat, _check_labels(labels, src_flat.shape[0]))
+
+
+def _nearest(cost: np.ndarray, src_flat: np.ndarray, lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`nearest_source` on checked inputs."""
+    _, height, width = cost.shape
     n = src_flat.shape[0]
-    if labels is None:
-        lab = np.arange(n, dtype=np.int64)
-    else:
-        lab = np.asarray(labels)
-        if lab.shape != (n,):
-            raise ValueError(f"labels must have shape (N,) = ({n},) like sources, got {lab.shape}")
-        if n and not np.issubdtype(lab.dtype, np.integer):
-            raise ValueError(f"labels must be integers, got dtype {lab.dtype}")
-        lab = lab.astype(np.int64)
-        if (lab < 0).any():
-            raise ValueError("labels must be >= 0 (-1 marks unreachable pixels)")
     npix = height * width
     dist = np.full(npix, np.inf, dtype=np.float64)
     owner = np.full(npix, -1, dtype=np.int64)
@@ -619,3 +710,47 @@ def nearest_source(cost: np.ndarray, sources, labels=None) -> tuple[np.ndarray, 
         )
     label = np.where(owner >= 0, lab[np.maximum(owner, 0)] if n else -1, -1)
     return dist.reshape(height, width), label.astype(np.int64).reshape(height, width)
+
+
+def nearest_two_sources(cost: np.ndarray, sources, labels=None) -> tuple[np.ndarray, np.ndarray]:
+    """Distances to, and labels of, the two nearest sources *of distinct labels* per pixel.
+
+    With ``D_L(p) = min { D[i, p] : labels[i] = L }`` (``D`` as in
+    :func:`geodesic_distance`: a label is as near as its nearest source)::
+
+        L_1(p) = argmin_L D_L(p),            distance[0, p] = D_{L_1}(p)
+        L_2(p) = argmin_{L != L_1} D_L(p),   distance[1, p] = D_{L_2}(p)
+
+    ``distance[0]`` and ``label[0]`` are exactly :func:`nearest_source`'s
+    output (its tie rule included); on a tie for the second place ``label[1]``
+    is one of the tied labels. ``distance[0] / distance[1]`` is the
+    uncertainty of :func:`pointseg.uncertainty.distance_ratio`.
+
+    Two searches: :func:`nearest_source`, then one single-label Dijkstra
+    started from the boundaries of its partition (``_second_source``): about
+    2x :func:`nearest_source` (``benchmarks/geodesic.py``).
+
+    Parameters
+    ----------
+    cost, sources, labels : as :func:`nearest_source`.
+
+    Returns
+    -------
+    distance : (2, H, W) float64
+        ``distance[0] <= distance[1]``; ``inf`` where no / only one label reaches the pixel.
+    label : (2, H, W) int64
+        The nearest and the second-nearest label, ``-1`` where not reached.
+    """
+    cost = _check_cost(cost)
+    _, height, width = cost.shape
+    src_flat = _check_sources(sources, height, width)
+    lab = _check_labels(labels, src_flat.shape[0])
+    dist1, label1 = _nearest(cost, src_flat, lab)
+    npix = height * width
+    dist2 = np.full(npix, np.inf, dtype=np.float64)
+    label2 = np.full(npix, -1, dtype=np.int64)
+    if src_flat.shape[0]:
+        _second_source(cost.reshape(8, npix), height, width, dist1.reshape(npix), label1.reshape(npix), src_flat,
+                       lab, dist2, label2, np.empty(npix, dtype=np.float64), np.empty(npix, dtype=np.int64),
+                       np.full(npix, _NOT_QUEUED, dtype=np.int64))
+    return (np.stack([dist1, dist2.reshape(height, width)]), np.stack([label1, label2.reshape(height, width)]))

@@ -15,6 +15,7 @@ from pointseg.geodesic import (
     edge_costs,
     geodesic_distance,
     nearest_source,
+    nearest_two_sources,
     to_csgraph,
 )
 
@@ -398,3 +399,75 @@ def test_bad_labels_raise():
         nearest_source(cost, [[0, 0], [1, 1]], labels=[1])
     with pytest.raises(ValueError, match="labels must be >= 0"):
         nearest_source(cost, [[0, 0], [1, 1]], labels=[0, -1])
+
+
+# ---------------------------------------------------------------------------
+# nearest_two_sources: the two nearest distinct labels
+
+
+def per_label_distances(graph, sources: np.ndarray, labels: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray]:
+    """``(L, H, W)`` scipy multi-source Dijkstra run once per label, and the labels."""
+    h, w = shape
+    uniq = np.unique(labels)
+    flat = sources[:, 0] * w + sources[:, 1]
+    per = [dijkstra(graph, directed=True, indices=flat[labels == u], min_only=True).reshape(h, w) for u in uniq]
+    return np.stack(per), uniq
+
+
+def assert_two_nearest_match(dist, label, per_label, uniq):
+    ref = np.sort(per_label, axis=0)
+    second = ref[1] if len(uniq) > 1 else np.full(ref.shape[1:], np.inf)
+    assert_same_distances(dist[0], ref[0])
+    assert_same_distances(dist[1], second)
+    reached = label[1] >= 0
+    np.testing.assert_array_equal(reached, np.isfinite(second))
+    assert (label[0][reached] != label[1][reached]).all()
+    # whatever the tie, each label's distance is that label's own distance
+    index = {int(u): i for i, u in enumerate(uniq)}
+    for slot in (0, 1):
+        ok = label[slot] >= 0
+        li = np.array([index[int(v)] for v in label[slot][ok]], dtype=np.int64)
+        np.testing.assert_allclose(per_label[li, *np.nonzero(ok)], dist[slot][ok], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("directed", [True, False], ids=["directed", "undirected"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_two_nearest_equal_scipy_per_label(seed, directed):
+    rng = np.random.default_rng(100 + seed)
+    for h, w in SHAPES:
+        for integer in (False, True):  # integer costs: exact, frequent ties
+            cost = random_cost(rng, h, w, directed, p_zero=0.25, integer=integer)
+            n = int(rng.integers(1, 9))
+            sources = random_sources(rng, h, w, n)
+            labels = rng.integers(0, 4, n)
+            dist, label = nearest_two_sources(cost, sources, labels)
+            assert dist.shape == label.shape == (2, h, w) and label.dtype == np.int64
+            per_label, uniq = per_label_distances(loop_graph(cost), sources, labels, (h, w))
+            assert_two_nearest_match(dist, label, per_label, uniq)
+            # the first slot is nearest_source's answer, its tie rule included
+            d1, l1 = nearest_source(cost, sources, labels)
+            np.testing.assert_array_equal(dist[0], d1)
+            np.testing.assert_array_equal(label[0], l1)
+
+
+def test_two_nearest_hand_example():
+    # 1 x 5 row, unit steps: label 3 at column 0, label 8 at columns 3 and 4
+    cost = np.full((8, 1, 5), np.inf)
+    cost[3] = cost[4] = 1.0
+    dist, label = nearest_two_sources(cost, [[0, 0], [0, 3], [0, 4]], labels=[3, 8, 8])
+    np.testing.assert_array_equal(dist[0, 0], [0, 1, 1, 0, 0])
+    np.testing.assert_array_equal(label[0, 0], [3, 3, 8, 8, 8])
+    np.testing.assert_array_equal(dist[1, 0], [3, 2, 2, 3, 4])
+    np.testing.assert_array_equal(label[1, 0], [8, 8, 3, 3, 3])
+
+
+def test_two_nearest_single_label_duplicate_pixel_and_no_sources():
+    cost = np.ones((8, 4, 5))
+    dist, label = nearest_two_sources(cost, [[1, 1], [2, 3]], labels=[4, 4])
+    assert np.isinf(dist[1]).all() and (label[1] == -1).all() and (label[0] == 4).all()
+    # two labels on one pixel: the second label is at distance 0 there
+    dist, label = nearest_two_sources(cost, [[1, 1], [1, 1]], labels=[2, 6])
+    assert dist[1, 1, 1] == 0 and label[0, 1, 1] == 2 and label[1, 1, 1] == 6
+    np.testing.assert_array_equal(dist[0], dist[1])
+    dist, label = nearest_two_sources(cost, np.zeros((0, 2), int))
+    assert np.isinf(dist).all() and (label == -1).all()

@@ -210,7 +210,11 @@ def load_categories(uri: str) -> dict[int, Category]:
 
 
 def iter_shard_rows(shards_uri: str, columns: list[str] | None = None, batch_size: int = 64) -> Iterator[dict]:
-    """Stream rows of the Parquet shards under ``shards_uri`` (skipping unreadable files with a warning)."""
+    """Stream rows of the Parquet shards under ``shards_uri`` (skipping unreadable files with a warning).
+
+    Files are read in sorted order. A requested column that a file lacks (a
+    column added after an older run wrote it) reads as None.
+    """
     fs, path = fsspec.core.url_to_fs(shards_uri)
     if not fs.exists(path):
         return
@@ -222,5 +226,9 @@ def iter_shard_rows(shards_uri: str, columns: list[str] | None = None, batch_siz
         except Exception as exc:  # noqa: BLE001 - a partial file from a killed run
             log.warning("shard %s unreadable (%s); its images will be relabelled", file, exc)
             continue
-        for b in pf.iter_batches(batch_size=batch_size, columns=columns):
-            yield from b.to_pylist()
+        have = None if columns is None else [c for c in columns if c in pf.schema_arrow.names]
+        for b in pf.iter_batches(batch_size=batch_size, columns=have):
+            rows = b.to_pylist()
+            if have is not None and len(have) < len(columns):
+                rows = [{c: r.get(c) for c in columns} for r in rows]
+            yield from rows

@@ -14,6 +14,12 @@ low-level maps only:
 * computed at ``downscale`` of the input and upsampled by nearest neighbour.
 
 Every pixel reachable from a point gets a label; unreachable pixels stay 0.
+
+Uncertainty (``PseudoLabel.uncertainty``): the same search also keeps each
+pixel's second-nearest seed group (:func:`pointseg.geodesic.nearest_two_sources`),
+and ``u = D_1 / D_2``, one minus the relative gap between the nearest and the
+second-nearest group's geodesic distance (:func:`pointseg.uncertainty.distance_ratio`),
+upsampled bilinearly (``uncertainty: false`` skips it).
 """
 
 from __future__ import annotations
@@ -26,14 +32,17 @@ from pydantic import Field
 
 from pointseg.data.record import Points
 from pointseg.generators.base import GeneratorConfig, PseudoLabel, PseudoLabelGenerator, assemble, seed_groups
-from pointseg.geodesic import edge_costs, nearest_source
+from pointseg.geodesic import edge_costs, nearest_source, nearest_two_sources
 from pointseg.lowlevel import lab_sobel_boundary, rgb_to_lab
+from pointseg.uncertainty import distance_ratio
 
 
 class PSPSConfig(GeneratorConfig):
     beta: float = Field(0.1, ge=0, description="weight of the boundary term in the edge cost (Point2Mask default 0.1)")
     downscale: float = Field(0.5, gt=0, le=1, description="geodesic computed at this fraction of the size")
     blur_sigma: float = Field(0.5, ge=0, description="Gaussian blur of the image before LAB, in pixels of the scaled image")
+    uncertainty: bool = Field(True, description="also search the second-nearest group for the uncertainty map "
+                              "(about 2x the geodesic time; benchmarks/psps_uncertainty.py)")
 
 
 def scaled_size(height: int, width: int, downscale: float) -> tuple[int, int]:
@@ -75,9 +84,23 @@ class PSPSGenerator(PseudoLabelGenerator):
         point_group = np.empty(len(points), np.int64)
         for gi, g in enumerate(groups):
             point_group[g.point_index] = gi
-        _, label = nearest_source(cost, sources, labels=point_group)
+        uncertainty = None
+        if cfg.uncertainty:
+            dist, label = nearest_two_sources(cost, sources, labels=point_group)
+            uncertainty = upsample_map(distance_ratio(dist[0], dist[1]), height, width)
+            label = label[0]
+        else:
+            _, label = nearest_source(cost, sources, labels=point_group)
         assignment = upsample_labels(label, height, width)
-        return assemble(assignment, groups, {"geodesic_seconds": time.perf_counter() - t0, "scaled_size": [h, w]})
+        return assemble(assignment, groups, {"geodesic_seconds": time.perf_counter() - t0, "scaled_size": [h, w]},
+                        uncertainty)
+
+
+def upsample_map(values: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A float map bilinearly resized to ``(height, width)`` (values stay within their range)."""
+    if values.shape == (height, width):
+        return values
+    return cv2.resize(values, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
 def scaled_points(points: Points, height: int, width: int, h: int, w: int) -> np.ndarray:
