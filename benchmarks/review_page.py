@@ -28,8 +28,17 @@ sys.path.insert(0, str(ROOT))  # run from a clone without installing
 from pointseg.config import DatasetConfig, PointsConfig  # noqa: E402
 from pointseg.data.prepare import prepare_inputs  # noqa: E402
 from pointseg.data.shards import label_in_process  # noqa: E402
-from pointseg.review import write_review  # noqa: E402
+from pointseg.review.page import write_review  # noqa: E402
 from pointseg.review.browser import chromium, open_review  # noqa: E402
+
+
+def small_png(path: Path) -> None:
+    """Re-save a screenshot with a 128-colour palette (a quarter of the bytes, for the README)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        q = im.convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    q.save(path, optimize=True)
 
 
 def folder_size(path: Path) -> tuple[int, int]:
@@ -43,6 +52,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=32, help="synthetic image side (>= 32)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--output", default=None, help="keep the run here (default: a temporary folder)")
+    p.add_argument("--broken", type=int, default=0, help="make this many images unreadable (failed cards)")
     p.add_argument("--screenshots", type=Path, default=None,
                    help="write review_list.png and review_detail.png of the page here")
     args = p.parse_args()
@@ -53,6 +63,8 @@ def main() -> None:
         cats, _ = prepare_inputs(DatasetConfig(kind="synthetic", synthetic={
             "num_images": args.images, "height": args.size, "width": args.size, "seed": 0}), PointsConfig(), str(out))
         t_prep = time.perf_counter() - t
+        for i in range(args.broken):  # every 7th image, so that they spread over the order
+            (out / "images" / f"{7 * i + 5:012d}.png").write_bytes(b"truncated")
         t = time.perf_counter()
         label_in_process(str(out), "psps", {}, cats)
         t_label = time.perf_counter() - t
@@ -77,12 +89,14 @@ def main() -> None:
                 if i == 0 and args.screenshots is not None:
                     args.screenshots.mkdir(parents=True, exist_ok=True)
                     page.screenshot(path=str(args.screenshots / "review_list.png"))
+                    small_png(args.screenshots / "review_list.png")
                     worst = next(r for r in review["per_image"] if not r["error"])
                     page.click(f".card[data-id='{worst['image_id']}']")
                     page.wait_for_selector(f"body[data-detail='{worst['image_id']}']")
                     page.wait_for_function("Array.from(document.querySelectorAll('.panel img'))"
                                            ".every(i => i.hidden || i.complete)")
                     page.screenshot(path=str(args.screenshots / "review_detail.png"), full_page=True)
+                    small_png(args.screenshots / "review_detail.png")
                 page.close()
         print(f"first screen in headless Chromium: min {min(seconds):.2f} s, median {statistics.median(seconds):.2f} s "
               f"over {len(seconds)} loads (target < 2 s)")

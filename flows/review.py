@@ -1,7 +1,7 @@
 """Review page of a finished (or interrupted) run: ``OUTPUT/review/index.html`` + ``OUTPUT/suggestions.jsonl``.
 
     python flows/review.py --output out/demo                 # then open out/demo/review/index.html
-    python flows/review.py --output s3://bucket/run --page-size 200 --suggestions 5
+    python flows/review.py --output s3://bucket/run --page-size 200 --num-suggestions 5
 
 Reads the run's index, shards, ground truth (when present) and report.json
 through fsspec; no Ray. The page is static: it works from the folder and from a
@@ -15,26 +15,21 @@ import json
 
 from common import setup_logging  # also puts the repo on sys.path
 
-from pointseg.review import ReviewOptions, write_review
-from pointseg.uncertainty import NUM_SUGGESTIONS, SUGGESTION_RADIUS, UNCERTAIN_THRESHOLD
+from pointseg.review.options import ReviewOptions
+from pointseg.review.page import write_review
 
 
 def main() -> None:
     setup_logging()
-    defaults = ReviewOptions()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output", required=True, help="the run's output root (fsspec URI)")
-    p.add_argument("--threshold", type=float, default=UNCERTAIN_THRESHOLD,
-                   help="a pixel is uncertain above this uncertainty (uncertain fraction)")
-    p.add_argument("--suggestions", type=int, default=NUM_SUGGESTIONS, help="next clicks per image")
-    p.add_argument("--radius", type=float, default=SUGGESTION_RADIUS,
-                   help="suggestion window and suppression radius, fraction of the long side")
-    p.add_argument("--page-size", type=int, default=defaults.page_size, help="cards per page")
-    p.add_argument("--detail-size", type=int, default=defaults.detail_size, help="long side of detail pictures, px")
-    args = p.parse_args()
-    out = write_review(args.output, options=ReviewOptions(
-        threshold=args.threshold, num_suggestions=args.suggestions, suggestion_radius=args.radius,
-        page_size=args.page_size, detail_size=args.detail_size))
+    for name, f in ReviewOptions.model_fields.items():  # every page option, e.g. --page-size 200
+        if name != "enabled":
+            p.add_argument("--" + name.replace("_", "-"), type=type(f.default) if f.default is not None else str,
+                           default=f.default, help=f.description)
+    args = vars(p.parse_args())
+    output = args.pop("output")
+    out = write_review(output, options=ReviewOptions.model_validate(args))
     print(json.dumps({k: out[k] for k in ("index", "suggestions", "images", "failed", "sort", "correlation")},
                      indent=2))
 

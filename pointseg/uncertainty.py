@@ -21,7 +21,9 @@ score                    equation (per pixel ``p``)                     generato
 
 Summaries (:func:`segment_summary`, :func:`image_summary`): the mean of ``u``
 and the *uncertain fraction*, the share of pixels with ``u > threshold``
-(default :data:`UNCERTAIN_THRESHOLD`).
+(default :data:`UNCERTAIN_THRESHOLD`); every generator's ``diagnostics`` carry
+them (:func:`uncertainty_diagnostics`, added by
+:func:`pointseg.generators.base.assemble`).
 
 Next clicks (:func:`suggest_clicks`): the ``k`` places where one more point is
 expected to change the label most, each with the segment it would most likely
@@ -48,6 +50,7 @@ from pointseg.data.record import VOID
 __all__ = [
     "NUM_SUGGESTIONS",
     "SUGGESTION_RADIUS",
+    "SUGGESTION_SEPARATION",
     "UNCERTAIN_THRESHOLD",
     "cost_gap",
     "decode_uncertainty",
@@ -59,6 +62,7 @@ __all__ = [
     "segment_summary",
     "suggest_clicks",
     "transport_entropy",
+    "uncertainty_diagnostics",
 ]
 
 #: ``u > UNCERTAIN_THRESHOLD`` counts a pixel as uncertain. 0.5 reads the same
@@ -69,11 +73,14 @@ __all__ = [
 UNCERTAIN_THRESHOLD = 0.5
 #: Next-click suggestions per image.
 NUM_SUGGESTIONS = 3
-#: Radius of a suggestion, as a fraction of the image's long side: the window
-#: its score averages over, and half the distance kept between two suggestions.
-#: Chosen on the first 40 coco-mini images (both background protocols) among
-#: 0.01, 0.02, 0.03, 0.05, 0.08, 0.15 (``benchmarks/next_click.py``).
+#: Radius of the window a suggestion's score averages over, as a fraction of
+#: the image's long side. Chosen on the first 40 coco-mini images (both
+#: background protocols) among 0.01, 0.02, 0.03, 0.05, 0.08, 0.15
+#: (``benchmarks/next_click.py``).
 SUGGESTION_RADIUS = 0.03
+#: Least distance between two suggestions of one image, as a fraction of the
+#: long side (at least two window radii): k suggestions point at k places.
+SUGGESTION_SEPARATION = 0.15
 
 
 # --------------------------------------------------------------------------- scores
@@ -232,11 +239,23 @@ def segment_summary(uncertainty: np.ndarray, id_map: np.ndarray,
             for s, a, t, h in zip(uniq.tolist(), area, total, high) if s != VOID}
 
 
+def uncertainty_diagnostics(uncertainty: np.ndarray, id_map: np.ndarray,
+                            threshold: float = UNCERTAIN_THRESHOLD) -> dict:
+    """The summaries a generator adds to its per-image ``diagnostics`` (JSON-able)::
+
+        {"uncertainty_mean": float, "uncertain_fraction": float,
+         "segment_uncertainty": {"<segment id>": [mean, uncertain_fraction], ...}}
+    """
+    segs = segment_summary(uncertainty, id_map, threshold)
+    return {**image_summary(uncertainty, threshold),
+            "segment_uncertainty": {str(k): [v["uncertainty_mean"], v["uncertain_fraction"]] for k, v in segs.items()}}
+
+
 # --------------------------------------------------------------------------- next clicks
 
 
-def suggest_clicks(uncertainty: np.ndarray, k: int = NUM_SUGGESTIONS,
-                   radius: float = SUGGESTION_RADIUS) -> list[dict]:
+def suggest_clicks(uncertainty: np.ndarray, k: int = NUM_SUGGESTIONS, radius: float = SUGGESTION_RADIUS,
+                   separation: float = SUGGESTION_SEPARATION) -> list[dict]:
     """The ``k`` pixels where one more click is expected to change the label most.
 
     A click relabels a region, not a pixel, so a pixel's score is the mean
@@ -249,8 +268,9 @@ def suggest_clicks(uncertainty: np.ndarray, k: int = NUM_SUGGESTIONS,
     and nothing between them) above a thin uncertain line (a decision boundary
     on a strong edge, where a click changes little). Non-maximum suppression
     then takes the highest ``s`` and removes every pixel within Euclidean
-    distance ``2 r`` of it (two windows do not overlap), ``k`` times or until
-    no pixel with ``s > 0`` is left. Ties go to the first pixel in raster order.
+    distance ``max(2 r, separation * max(H, W))`` of it (two windows never
+    overlap), ``k`` times or until no pixel with ``s > 0`` is left. Ties go to
+    the first pixel in raster order.
 
     Returns ``[{"row", "col", "score": s(p), "uncertainty": u(p)}, ...]``,
     best first (at most ``k``).
@@ -258,10 +278,12 @@ def suggest_clicks(uncertainty: np.ndarray, k: int = NUM_SUGGESTIONS,
     u = _check_map(uncertainty).astype(np.float32)
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
-    if not 0 < radius <= 1:
-        raise ValueError(f"radius is a fraction of the long side in (0, 1], got {radius}")
+    for name, v in (("radius", radius), ("separation", separation)):
+        if not 0 <= v <= 1:
+            raise ValueError(f"{name} is a fraction of the long side in [0, 1], got {v}")
     h, w = u.shape
     r = max(1, int(round(radius * max(h, w))))
+    apart = max(2 * r, separation * max(h, w))
     score = cv2.boxFilter(u, -1, (2 * r + 1, 2 * r + 1), normalize=True, borderType=cv2.BORDER_REFLECT)
     yy, xx = np.mgrid[:h, :w]
     out = []
@@ -273,7 +295,7 @@ def suggest_clicks(uncertainty: np.ndarray, k: int = NUM_SUGGESTIONS,
         if masked[row, col] <= 0:
             break
         out.append({"row": row, "col": col, "score": float(score[row, col]), "uncertainty": float(u[row, col])})
-        alive &= (yy - row) ** 2 + (xx - col) ** 2 > (2 * r) ** 2
+        alive &= (yy - row) ** 2 + (xx - col) ** 2 > apart ** 2
     return out
 
 

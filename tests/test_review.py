@@ -20,7 +20,8 @@ from pointseg.data.prepare import iter_shard_rows, prepare_inputs, read_index, w
 from pointseg.data.record import Category
 from pointseg.data.shards import SHARD_COLUMNS, label_in_process
 from pointseg.metrics import PQEvaluator
-from pointseg.review import image_quality, sort_key, worst_first, write_review
+from pointseg.review.page import write_review
+from pointseg.review.table import image_quality, sort_key, worst_first
 from pointseg.uncertainty import decode_uncertainty
 
 

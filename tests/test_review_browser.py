@@ -12,7 +12,8 @@ import json
 import pytest
 from test_review import make_run
 
-from pointseg.review import worst_first, write_review
+from pointseg.review.page import write_review
+from pointseg.review.table import worst_first
 from pointseg.review.browser import chromium, open_review
 
 PAGE_SIZE = 4

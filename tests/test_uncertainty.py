@@ -101,7 +101,7 @@ def test_suggestions_prefer_a_broad_uncertain_region_and_are_kept_apart():
     u = np.zeros((100, 100), np.float32)
     u[:, 10] = 1.0  # a thin line: the highest pixels, but a click there changes little
     u[60:90, 55:85] = 0.7  # a broad uncertain region
-    picks = suggest_clicks(u, k=3, radius=0.05)  # r = 5 px: window 11 x 11, suppression 10 px
+    picks = suggest_clicks(u, k=3, radius=0.05, separation=0)  # r = 5 px: window 11 x 11, suppression 10 px
     first = picks[0]
     assert 60 <= first["row"] < 90 and 55 <= first["col"] < 85
     assert first["score"] == pytest.approx(0.7) and first["uncertainty"] == pytest.approx(0.7)
@@ -109,6 +109,11 @@ def test_suggestions_prefer_a_broad_uncertain_region_and_are_kept_apart():
         for b in range(a):
             assert np.hypot(picks[a]["row"] - picks[b]["row"], picks[a]["col"] - picks[b]["col"]) > 10
     assert [p["score"] for p in picks] == sorted((p["score"] for p in picks), reverse=True)
+    apart = suggest_clicks(u, k=3, radius=0.05, separation=0.3)
+    for a in range(len(apart)):
+        for b in range(a):
+            assert np.hypot(apart[a]["row"] - apart[b]["row"], apart[a]["col"] - apart[b]["col"]) > 30
+    assert apart[0] == first
     assert suggest_clicks(np.zeros((20, 20)), k=3) == []
     assert len(suggest_clicks(u, k=1)) == 1 and suggest_clicks(u, k=0) == []
 
@@ -191,3 +196,14 @@ def test_voronoi_uncertainty_is_the_ratio_of_euclidean_group_distances():
     assert (one.uncertainty == 0).all()
     # exact EDT check of the distance transform the generator relies on
     assert ndimage.distance_transform_edt(np.array([[0, 1, 1]]))[0, 2] == 2
+
+
+def test_generator_diagnostics_carry_the_uncertainty_summaries():
+    img, pts = scene()
+    label = build_generator("psps", {}, CATS).generate(img, pts)
+    d = label.diagnostics
+    assert d["uncertainty_mean"] == pytest.approx(float(label.uncertainty.mean()), rel=1e-6)
+    segs = segment_summary(label.uncertainty, label.id_map)
+    assert set(d["segment_uncertainty"]) == {str(s["id"]) for s in label.segments_info} == {str(k) for k in segs}
+    for k, (mean, frac) in d["segment_uncertainty"].items():
+        assert mean == pytest.approx(segs[int(k)]["uncertainty_mean"]) and frac == segs[int(k)]["uncertain_fraction"]

@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pointseg.data.record import VOID, Category, Points
 from pointseg.train.engine import Trainable, load_trained
+from pointseg.uncertainty import uncertainty_diagnostics
 
 
 class GeneratorConfig(BaseModel):
@@ -113,6 +114,9 @@ def assemble(assignment: np.ndarray, groups: list[SeedGroup], diagnostics: dict 
     """Turn a per-pixel group index map into a :class:`PseudoLabel`.
 
     assignment : (H, W) int, index into ``groups`` or -1 for unlabeled.
+    uncertainty : optional (H, W) map in [0, 1]; its image and per-segment
+        summaries join ``diagnostics``
+        (:func:`pointseg.uncertainty.uncertainty_diagnostics`).
     """
     assignment = np.asarray(assignment)
     id_map = np.zeros(assignment.shape, np.int32)
@@ -137,7 +141,13 @@ def assemble(assignment: np.ndarray, groups: list[SeedGroup], diagnostics: dict 
                 "source_segment": g.source_segment,
             }
         )
-    return PseudoLabel(id_map, info, diagnostics or {}, uncertainty)
+    diagnostics = dict(diagnostics or {})
+    if uncertainty is not None:
+        uncertainty = np.asarray(uncertainty, np.float32)
+        if uncertainty.shape != id_map.shape:
+            raise ValueError(f"uncertainty map {uncertainty.shape} and label {id_map.shape} differ in shape")
+        diagnostics.update(uncertainty_diagnostics(uncertainty, id_map))
+    return PseudoLabel(id_map, info, diagnostics, uncertainty)
 
 
 class PseudoLabelGenerator(ABC):

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import cv2
 import fsspec
@@ -49,10 +49,8 @@ from pointseg.review.table import (
     uncertainty_quality_correlation,
     worst_first,
 )
+from pointseg.review.options import ReviewOptions
 from pointseg.uncertainty import (
-    NUM_SUGGESTIONS,
-    SUGGESTION_RADIUS,
-    UNCERTAIN_THRESHOLD,
     decode_uncertainty,
     image_summary,
     runner_up_segments,
@@ -69,22 +67,6 @@ SHARD_FIELDS = ["image_id", "file_name", "height", "width", "method", "config_ha
                 "warnings", "error", "uncertainty_png"]
 #: Keys of a per-image row that a run's ``report.json["per_image"]`` may provide.
 SCORE_KEYS = ("pq", "best_iou", "tp", "fp", "fn", "uncertainty_mean", "uncertain_fraction")
-
-
-@dataclass
-class ReviewOptions:
-    """Knobs of the page (defaults: :mod:`pointseg.uncertainty` for the scores)."""
-
-    threshold: float = UNCERTAIN_THRESHOLD
-    num_suggestions: int = NUM_SUGGESTIONS
-    suggestion_radius: float = SUGGESTION_RADIUS
-    page_size: int = 100
-    thumb_size: int = 160
-    detail_size: int = 512
-    chunk_size: int = 250
-    jpeg_quality: int = 85
-    title: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def write_review(output: str, report: dict | None = None, options: ReviewOptions | None = None,
@@ -108,7 +90,7 @@ def write_review(output: str, report: dict | None = None, options: ReviewOptions
     """
     opts = options or ReviewOptions()
     if kwargs:
-        opts = ReviewOptions(**{**opts.__dict__, **kwargs})
+        opts = ReviewOptions.model_validate({**opts.model_dump(), **kwargs})
     if report is None:
         report = _read_json_if_exists(join(output, "report.json")) or {}
     run = _Run.open(output, report)
@@ -330,7 +312,7 @@ def _heat(unc: np.ndarray, id_map: np.ndarray) -> np.ndarray:
 
 def _suggestions(unc: np.ndarray, pred: tuple[np.ndarray, list[dict]], opts: ReviewOptions):
     """Suggested clicks as Points (segment: the runner-up's clicked segment id) and detail rows."""
-    picks = suggest_clicks(unc, opts.num_suggestions, opts.suggestion_radius)
+    picks = suggest_clicks(unc, opts.num_suggestions, opts.suggestion_radius, opts.suggestion_separation)
     if not picks:
         return Points.empty(), []
     id_map, info = pred
@@ -382,7 +364,6 @@ def _meta(run: _Run, rows: list[dict], sort: str, correlation: dict | None, opts
         "mean_pq": mean("pq"),
         "mean_best_iou": mean("best_iou"),
         "correlation": correlation,
-        **opts.extra,
     }
 
 

@@ -46,6 +46,7 @@
     return e;
   }
   function fmt(v, scale, digits) { return v === null || v === undefined ? "n/a" : (scale * v).toFixed(digits); }
+  function pct(v) { return v === null || v === undefined ? "n/a" : (100 * v).toFixed(1) + "%"; }
   function catName(id) { var c = cats[String(id)]; return c ? c[0] : String(id); }
 
   function card(r) {
@@ -142,7 +143,7 @@
     var box = $("dinfo");
     box.replaceChildren();
     var line = "size " + r.w + "x" + r.h + " · " + r.ns + " segments · " + d.points.length + " clicks";
-    if (meta.has_uncertainty) { line += " · uncertainty " + fmt(r.u, 1, 3) + " · uncertain " + fmt(r.uf, 100, 1) + "%"; }
+    if (meta.has_uncertainty) { line += " · uncertainty " + fmt(r.u, 1, 3) + " · uncertain " + pct(r.uf); }
     if (meta.has_gt) { line += " · PQ " + fmt(r.pq, 100, 1) + " · best IoU " + fmt(r.iou, 1, 3) + " · FP " + r.fp + " · FN " + r.fn; }
     box.appendChild(el("p", {}, line));
     if (r.err) { box.appendChild(el("p", { "class": "error" }, "failed at " + (r.st || "?") + ": " + r.err)); }
@@ -163,9 +164,12 @@
     }
     if (d.segments.length) {
       box.appendChild(el("h3", {}, "Segments of the pseudo label"));
-      box.appendChild(table(["id", "class", "area", "mean uncertainty", "uncertain"], d.segments.map(function (s) {
-        return [String(s[0]), catName(s[1]), String(s[2]), fmt(s[3], 1, 3), fmt(s[4], 100, 1) + "%"];
-      })));
+      var withU = d.segments.some(function (s) { return s[3] !== null; });
+      box.appendChild(table(["id", "class", "area"].concat(withU ? ["mean uncertainty", "uncertain"] : []),
+        d.segments.map(function (s) {
+          var row = [String(s[0]), catName(s[1]), String(s[2])];
+          return withU ? row.concat([fmt(s[3], 1, 3), pct(s[4])]) : row;
+        })));
     }
   }
 
