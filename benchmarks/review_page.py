@@ -33,11 +33,11 @@ from pointseg.review.browser import chromium, open_review  # noqa: E402
 
 
 def small_png(path: Path) -> None:
-    """Re-save a screenshot with a 128-colour palette (a quarter of the bytes, for the README)."""
+    """Re-save a screenshot with a 256-colour palette (a quarter of the bytes, for the README)."""
     from PIL import Image
 
     with Image.open(path) as im:
-        q = im.convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+        q = im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
     q.save(path, optimize=True)
 
 

@@ -200,10 +200,10 @@ def margin_uncertainty(probs: np.ndarray, axis: int = 0) -> np.ndarray:
 
 
 def _check_map(uncertainty: np.ndarray) -> np.ndarray:
-    u = np.asarray(uncertainty, np.float64)
-    if u.ndim != 2:
-        raise ValueError(f"uncertainty must be an (H, W) map, got shape {u.shape}")
-    if np.isnan(u).any() or (u < 0).any() or (u > 1).any():
+    u = np.asarray(uncertainty)
+    if u.ndim != 2 or u.size == 0:
+        raise ValueError(f"uncertainty must be a non-empty (H, W) map, got shape {u.shape}")
+    if not (u.min() >= 0 and u.max() <= 1):  # NaN fails both comparisons
         raise ValueError("uncertainty values must lie in [0, 1]")
     return u
 
@@ -215,7 +215,7 @@ def image_summary(uncertainty: np.ndarray, threshold: float = UNCERTAIN_THRESHOL
     what a reviewer has to check.
     """
     u = _check_map(uncertainty)
-    return {"uncertainty_mean": float(u.mean()), "uncertain_fraction": float((u > threshold).mean())}
+    return {"uncertainty_mean": float(u.mean(dtype=np.float64)), "uncertain_fraction": float((u > threshold).mean())}
 
 
 def segment_summary(uncertainty: np.ndarray, id_map: np.ndarray,
@@ -231,12 +231,19 @@ def segment_summary(uncertainty: np.ndarray, id_map: np.ndarray,
     ids = np.asarray(id_map)
     if ids.shape != u.shape:
         raise ValueError(f"id_map {ids.shape} and uncertainty {u.shape} differ in shape")
-    uniq, inv = np.unique(ids.ravel(), return_inverse=True)
-    area = np.bincount(inv, minlength=len(uniq))
-    total = np.bincount(inv, weights=u.ravel(), minlength=len(uniq))
-    high = np.bincount(inv, weights=(u.ravel() > threshold).astype(np.float64), minlength=len(uniq))
-    return {int(s): {"area": int(a), "uncertainty_mean": float(t / a), "uncertain_fraction": float(h / a)}
-            for s, a, t, h in zip(uniq.tolist(), area, total, high) if s != VOID}
+    flat = ids.ravel()
+    if flat.min() >= 0 and flat.max() <= 4 * flat.size:  # segment ids are small: count them directly
+        inv, uniq = flat, None
+    else:
+        uniq, inv = np.unique(flat, return_inverse=True)
+    area = np.bincount(inv)
+    total = np.bincount(inv, weights=u.ravel())
+    high = np.bincount(inv[u.ravel() > threshold], minlength=len(area))
+    present = np.flatnonzero(area)
+    names = present if uniq is None else uniq[present]
+    return {int(s): {"area": int(area[i]), "uncertainty_mean": float(total[i] / area[i]),
+                     "uncertain_fraction": float(high[i] / area[i])}
+            for s, i in zip(names.tolist(), present.tolist()) if s != VOID}
 
 
 def uncertainty_diagnostics(uncertainty: np.ndarray, id_map: np.ndarray,

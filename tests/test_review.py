@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -12,40 +13,21 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import ROOT
 
-from pointseg.config import DatasetConfig, PointsConfig
 from pointseg.data.coco_panoptic_io import read_id_map, read_panoptic_annotations
 from pointseg.data.panoptic_format import decode_png
 from pointseg.data.points import read_points_jsonl
-from pointseg.data.prepare import iter_shard_rows, prepare_inputs, read_index, write_index
+from pointseg.data.prepare import iter_shard_rows
 from pointseg.data.record import Category
-from pointseg.data.shards import SHARD_COLUMNS, label_in_process
+from pointseg.data.shards import SHARD_COLUMNS
 from pointseg.metrics import PQEvaluator
-from pointseg.review.page import write_review
 from pointseg.review.table import image_quality, sort_key, worst_first
 from pointseg.uncertainty import decode_uncertainty
 
 
-def make_run(out, n=10, size=48, broken=(3,), unlabelled=(7,)):
-    """A real small run: synthetic inputs, PSPS in process; image ``broken`` unreadable, ``unlabelled`` never labelled."""
-    cats, _ = prepare_inputs(DatasetConfig(kind="synthetic", synthetic={"num_images": n, "height": size, "width": size,
-                                                                        "seed": 0}), PointsConfig(), str(out))
-    for i in broken:
-        (out / "images" / f"{i:012d}.png").write_bytes(b"not a png")
-    index = read_index(str(out / "index" / "index.parquet"))
-    kept = [r for r in index if r["image_id"] not in unlabelled]
-    write_index(str(out / "index" / "index.parquet"), kept)
-    label_in_process(str(out), "psps", {}, cats, progress=False)
-    write_index(str(out / "index" / "index.parquet"), index)  # the unlabelled image is back in the index
-    return cats
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    cats = make_run(out)
-    report = {"method": "psps", "config": {"generator": {"method": "psps", "params": {}}}}
-    result = write_review(str(out), report, progress=False, page_size=4, num_suggestions=2)
-    return out, cats, result
+def run(review_run):
+    out, cats = review_run
+    return out, cats, json.loads((out / "report.json").read_text())["review"]
 
 
 def test_shards_have_the_pipeline_columns_and_uncertainty(run):
@@ -159,8 +141,9 @@ def test_page_files_and_per_image_json(run):
     assert chunk.startswith("window.reviewDetails(0, ")
 
 
-def test_review_flow_cli(run):
-    out, _, _ = run
+def test_review_flow_cli(run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(run[0], out)  # the browser test reads the original page
     res = subprocess.run([sys.executable, str(ROOT / "flows" / "review.py"), "--output", str(out), "--page-size", "3"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]

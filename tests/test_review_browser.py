@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_review import make_run
 
-from pointseg.review.page import write_review
-from pointseg.review.table import worst_first
 from pointseg.review.browser import chromium, open_review
+from pointseg.review.table import worst_first
 
 PAGE_SIZE = 4
 
@@ -29,15 +27,8 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A real run (synthetic, PSPS in process, one unreadable and one unlabelled image), its page and report.json."""
-    out = tmp_path_factory.mktemp("run")
-    make_run(out, n=10, size=48)
-    report = {"method": "psps", "config": {"generator": {"method": "psps", "params": {}}}}
-    review = write_review(str(out), report, progress=False, page_size=PAGE_SIZE)
-    report["per_image"] = review["per_image"]  # as full_pipeline stores it
-    (out / "report.json").write_text(json.dumps(report))
-    return out
+def run(review_run):
+    return review_run[0]
 
 
 def card_ids(page) -> list[int]:
