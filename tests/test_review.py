@@ -7,19 +7,22 @@ import shutil
 import subprocess
 import sys
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import ROOT
 
+from pointseg.config import DatasetConfig, PointsConfig
 from pointseg.data.coco_panoptic_io import read_id_map, read_panoptic_annotations
 from pointseg.data.panoptic_format import decode_png
 from pointseg.data.points import read_points_jsonl
-from pointseg.data.prepare import iter_shard_rows
+from pointseg.data.prepare import iter_shard_rows, prepare_inputs
 from pointseg.data.record import Category
-from pointseg.data.shards import SHARD_COLUMNS
+from pointseg.data.shards import SHARD_COLUMNS, label_in_process
 from pointseg.metrics import PQEvaluator
+from pointseg.review.page import write_review
 from pointseg.review.table import image_quality, sort_key, worst_first
 from pointseg.uncertainty import decode_uncertainty
 
@@ -149,3 +152,16 @@ def test_review_flow_cli(run, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads(res.stdout)
     assert summary["images"] == 10 and summary["failed"] == 2 and summary["index"].endswith("review/index.html")
+
+
+def test_a_run_in_an_fsspec_bucket_gets_its_page_there():
+    out = "memory://review-bucket/run"
+    cats, _ = prepare_inputs(DatasetConfig(kind="synthetic", synthetic={"num_images": 3, "height": 32, "width": 32}),
+                             PointsConfig(), out)
+    label_in_process(out, "psps", {}, cats, progress=False)
+    result = write_review(out, progress=False)
+    fs = fsspec.filesystem("memory")
+    assert result["index"] == f"{out}/review/index.html" and fs.exists("/review-bucket/run/review/index.html")
+    assert len(fs.find("/review-bucket/run/review/a/thumb")) == 3
+    assert fs.exists("/review-bucket/run/suggestions.jsonl") and result["sort"] == "pq"
+    fs.rm("/review-bucket", recursive=True)
