@@ -14,7 +14,7 @@ from pointseg.data.prepare import iter_shard_rows
 
 TINY = {
     "dataset": {"kind": "synthetic", "synthetic": {"num_images": 4, "height": 64, "width": 64, "seed": 1}},
-    "ray_data": {"num_actors": 1, "batch_size": 2, "no_progress_timeout_s": 300},
+    "ray_data": {"num_actors": 1, "batch_size": 2, "no_progress_timeout_s": 300, "min_images_for_ray": 0},
     "report": {"num_overlays": 1, "baselines": ["voronoi"]},
 }
 
@@ -30,7 +30,7 @@ def test_default_config_loads_and_wrong_keys_are_named(tmp_path):
     from conftest import ROOT
 
     cfg = load_config(PipelineConfig, str(ROOT / "configs/full_pipeline.yaml"), ["generator.params.beta=0.5"])
-    assert cfg.generator.params["beta"] == 0.5 and cfg.dataset.kind == "synthetic"
+    assert cfg.generator.params.beta == 0.5 and cfg.dataset.kind == "synthetic"
     with pytest.raises(ValueError, match=r"ray_data\.num_actorz"):
         load_config(PipelineConfig, str(ROOT / "configs/full_pipeline.yaml"), ["ray_data.num_actorz=2"])
     bad = tmp_path / "bad.yaml"
@@ -116,7 +116,7 @@ def make_bad_corpus(root):
     return {
         "dataset": {"kind": "coco_instances", "annotations": str(root / "ann.json"), "images": str(img_dir)},
         "points": {"file": str(root / "points.jsonl")},
-        "ray_data": {"num_actors": 1, "batch_size": 3, "no_progress_timeout_s": 300},
+        "ray_data": {"num_actors": 1, "batch_size": 3, "no_progress_timeout_s": 300, "min_images_for_ray": 0},
         "report": {"num_overlays": 2, "baselines": []},
     }
 
