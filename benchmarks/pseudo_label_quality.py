@@ -11,7 +11,9 @@ What it does, per background protocol (``--background void|stuff|both``):
    index rows (every image's clicks, never a ground-truth mask),
    ``context={"generator": params}``, into ``WORKDIR/stage1/<...>/`` (a rerun
    with the same data, params and ``--train-set`` reuses or resumes it), and
-   labels with ``params.checkpoint`` set to it;
+   labels with ``params.checkpoint`` set to it. Each protocol trains its own
+   stage 1 (the label space differs: ``stuff`` adds the background class);
+   ``--checkpoint`` gives one trained stage 1 to every protocol run;
 3. labels the images of the split in this process
    (:func:`pointseg.evaluation.label_rows`, ``--batch-size`` images per
    generator call) and scores them (:func:`pointseg.evaluation.score`): PQ,
@@ -40,6 +42,9 @@ Commands (from the repo root; ``OMP_NUM_THREADS=1`` on a shared box)::
         --set maps=lowlevel --set assignment=mincost
     python benchmarks/pseudo_label_quality.py --dataset coco-mini --background both --method point2mask \\
         --set maps=lowlevel --set assignment=ot --set supplier_scheme=nearest_centroid --set solver=exact
+    # ... with the k err of the centroid supplier units (point2mask_ablation's oracle)
+    python benchmarks/pseudo_label_quality.py --dataset coco-mini --background stuff --method point2mask \\
+        --set maps=lowlevel --set assignment=ot --k-error --baselines ""
     # synthetic default (24 images 128², P1 seed 0), all images: the `make demo` figures
     python benchmarks/pseudo_label_quality.py --dataset synthetic --images 24 --split all --method psps
     # a trainable generator: stage 1 on all 80 images' clicks, then labels; JSON for scripts
@@ -51,7 +56,9 @@ Commands (from the repo root; ``OMP_NUM_THREADS=1`` on a shared box)::
 
 ``--set key=value`` (repeatable, YAML-parsed values) sets generator params;
 ``--train-set key=value`` the stage-1 config (``cls.stage1.Config``);
-``--method`` is any ``GENERATORS`` name or ``module:Class``; ``--baselines``
+``--method`` is any ``GENERATORS`` name or ``module:Class``; ``--k-error``
+(Point2Mask) adds the ``k err`` of ``benchmarks/point2mask_ablation.py`` (the
+L1 error of the supplier units against ground truth); ``--baselines``
 defaults to ``voronoi,psps`` for P1/P10 and to ``box`` for extreme points (when
 it exists). ``--json OUT`` writes every figure, per-image PQ / mean best IoU and
 the failed images with their reasons.
@@ -70,6 +77,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import yaml  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a clone without installing
@@ -81,8 +89,10 @@ from pointseg.fingerprint import config_hash  # noqa: E402
 from pointseg.generators import GENERATORS, generator_class  # noqa: E402
 from pointseg.train.engine import fit_plain  # noqa: E402
 
-#: The real data beside the repo (never part of it); ``--data-root`` points elsewhere (e.g. from a worktree).
-SHARED = ROOT.parent / "shared" / "data"
+#: The real data beside the repo (never part of it): ``../shared/data``, or ``../../shared/data`` for a git
+#: worktree kept in a folder beside the main clone; ``--data-root`` points anywhere else.
+SHARED = next((p for p in (ROOT.parent / "shared" / "data", ROOT.parent.parent / "shared" / "data") if p.exists()),
+              ROOT.parent / "shared" / "data")
 #: Table columns: (header, result key).
 COLUMNS = (("PQ", "pq"), ("PQ_th", "pq_th"), ("PQ_st", "pq_st"), ("SQ", "sq"), ("RQ", "rq"), ("mIoU", "miou"),
            ("mask AP", "mask_ap"), ("AP50", "mask_ap50"), ("mean best IoU", "mean_best_iou"))
@@ -172,12 +182,31 @@ def train_stage1(args, cls, params, cats, out: str, data_key: str) -> tuple[str,
     return ckpt, info
 
 
-def run_method(method: str, params: dict, cats, out: str, rows, args) -> dict:
+def labels_with_k_error(gen, rows, gt: GroundTruth, record: list, progress: bool):
+    """:func:`label_rows` one image at a time inside the Point2Mask ablation's ``oracle_supplier_units``
+    (ground-truth supplier units recorded, not used), which appends ``(L1 error of k, pixels)`` per
+    transport problem to ``record``."""
+    from point2mask_ablation import oracle_supplier_units  # benchmarks/ is this script's folder
+
+    for row in tqdm(rows, desc="label (k err)", unit="img", disable=not progress):
+        with oracle_supplier_units(gt.load(int(row["image_id"]))[0], False, record):
+            yield from label_rows(gen, [row], 1, progress=False)
+
+
+def run_method(method: str, params: dict, cats, out: str, rows, args, k_error: bool = False) -> dict:
     gen = generator_class(method)(params, cats)
+    gt = GroundTruth(out)
     t0 = time.perf_counter()
-    res = score(label_rows(gen, rows, args.batch_size, progress=not args.quiet), GroundTruth(out), cats)
+    k_record: list = []
+    labelled = (labels_with_k_error(gen, rows, gt, k_record, not args.quiet) if k_error
+                else label_rows(gen, rows, args.batch_size, progress=not args.quiet))
+    res = score(labelled, gt, cats)
     res["seconds"] = time.perf_counter() - t0
     res["seconds_per_image"] = res["label_seconds"] / max(res["num_images"], 1)
+    if k_error:
+        pixels = sum(n for _, n in k_record)
+        res["k_err"] = sum(e for e, _ in k_record) / pixels if pixels else None
+        res["k_err_problems"] = len(k_record)
     return res
 
 
@@ -231,6 +260,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--workdir", default=str(ROOT / "out" / "quality"),
                     help="prepared data and stage-1 checkpoints (reused across runs)")
     ap.add_argument("--json", default=None, help="write all results here")
+    ap.add_argument("--k-error", action="store_true",
+                    help="point2mask: also measure the k err of benchmarks/point2mask_ablation.py (labels one image "
+                         "at a time)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
 
@@ -264,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.train_only:
             results["protocols"][background] = proto
             continue
-        table = [(args.method, run_method(args.method, run_params, cats, out, rows, args))]
+        table = [(args.method, run_method(args.method, run_params, cats, out, rows, args, k_error=args.k_error))]
         table += [(b, run_method(b, {}, cats, out, rows, args)) for b in baselines]
         proto["rows"] = {name: r for name, r in table}
         results["protocols"][background] = proto
@@ -274,6 +306,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(fmt_table(f"## {args.dataset}, background {background}, {args.points.upper()} seed {args.point_seed}, "
                         f"split {args.split} ({len(rows)} of {len(gt.rows(index))} images, {span}); "
                         f"{args.method} {run_params.model_dump(exclude_defaults=True)}", table))
+        if args.k_error:
+            r = table[0][1]
+            print(f"k err of {args.method} (L1 error of the supplier units k against ground truth, as a fraction "
+                  f"of the transported pixels; point2mask_ablation.oracle_supplier_units): "
+                  + (f"{r['k_err']:.3f} over {r['k_err_problems']} transport problems" if r["k_err"] is not None
+                     else "no transport problem was solved"))
         if proto.get("stage1"):
             s = proto["stage1"]
             print(f"stage-1 training: {s['wall_seconds']:.0f} s wall ({s['cpu_seconds']:.0f} s CPU), "

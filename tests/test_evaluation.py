@@ -400,3 +400,30 @@ def _benchmarks_on_path():
     sys.path.insert(0, path)
     yield
     sys.path.remove(path)
+
+
+def test_harness_k_error_equals_the_point2mask_ablation(tmp_path):
+    """``--k-error`` reuses the ablation's oracle: same k err and PQ on the same synthetic images and points."""
+    import point2mask_ablation as abl
+    import pseudo_label_quality as plq
+
+    res = plq.main(["--dataset", "synthetic", "--images", "3", "--size", "64", "--split", "all", "--method",
+                    "point2mask", "--k-error", "--baselines", "", "--workdir", str(tmp_path), "--quiet"])
+    ours = res["protocols"]["native"]["rows"]["point2mask"]
+    cats, records, _ = abl.load_dataset("synthetic", 3, 0, size=64)
+    ref = abl.score("point2mask", {}, cats, records)
+    assert ours["k_err_problems"] > 0
+    assert abs(ours["k_err"] - ref["k_err"]) < 1e-12
+    assert abs(ours["pq"] - ref["pq"]) < TOL
+
+
+@pytest.mark.parametrize("ids", [[0, 3, 7], [5], [0, 2**22 - 1], [0, 2**22, 256**3 - 1], [-1, 4]])
+def test_unique_ids_equals_numpy_unique(ids):
+    from pointseg.data.panoptic_format import unique_ids
+
+    rng = np.random.default_rng(len(ids))
+    a = rng.choice(np.asarray(ids, np.int64), size=(13, 17)).astype(np.int32)
+    u, inv = unique_ids(a)
+    ref_u, ref_inv = np.unique(a, return_inverse=True)
+    assert u.tolist() == ref_u.tolist() and inv.shape == a.shape
+    assert (inv.ravel() == ref_inv.ravel()).all() and (u[inv] == a).all()
