@@ -257,6 +257,10 @@ def make_bad_corpus(root) -> Corpus:
     images.append({"id": 20, "file_name": "good.png", "height": 0, "width": W})
     case("bad_image_entry", [20], READER_PROBLEM, "size 0x64", "bad_image_entry",
          what="images entry with height 0 (not in the dataset)")
+    images.append({"id": 37, "file_name": "good.png", "height": 100_000, "width": 100_000})
+    add_ann(37, 1, segmentation=_polygon(0, 2, 0, 2))
+    case("absurd_size", [37], READER_PROBLEM, "size 100000x100000 exceeds", "bad_image_entry",
+         what="images entry claiming 100000x100000 pixels (not in the dataset; no memory is spent on it)")
 
     # ---- points: one bad click among good ones (the image is labelled)
     for iid, name, kind, click, reason, what in [
@@ -333,5 +337,5 @@ def make_bad_corpus(root) -> Corpus:
     ann_path.write_text(json.dumps({"images": images, "annotations": anns, "categories": CATEGORIES}))
     points_path = root / "points.jsonl"
     points_path.write_text("\n".join(lines) + "\n")
-    dataset_ids = {im["id"] for im in images if im["height"] > 0}
+    dataset_ids = {im["id"] for im in images if 0 < im["height"] < 100_000}
     return Corpus(root, ann_path, img, points_path, cases, dataset_ids)

@@ -149,6 +149,8 @@ def test_non_image_and_missing_and_empty(tmp_path):
         decode_image_bytes(b"", "cell 3")
     with pytest.raises(ImageDecodeError, match="directory"):
         read_image(str(tmp_path))
+    with pytest.raises(ImageDecodeError, match="no file name"):
+        read_image("")
 
 
 def test_memory_uri_and_bytes():

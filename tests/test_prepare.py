@@ -140,3 +140,25 @@ def test_max_images_limits_what_is_read_and_reported(tmp_path):
     kinds = [(p["image_id"], p["kind"]) for p in report.problems]
     assert report.num_images == 2 and kinds == [(2, "unknown_category"), (2, "no_points")]
     assert report.image_errors == {2: "no points: no non-crowd segment to put a 'p1' point on"}
+
+
+def test_one_image_that_cannot_be_prepared_does_not_sink_the_run(tmp_path):
+    """A negative image id cannot seed point simulation: that image gets an index error, the others are
+    prepared; strict mode raises instead."""
+    root = tmp_path / "data"
+    (root / "img").mkdir(parents=True)
+    (root / "img" / "x.png").write_bytes(encode_png(np.zeros((H, W, 3), np.uint8)))
+    images = [{"id": i, "file_name": "x.png", "height": H, "width": W} for i in (-3, 4)]
+    anns = [{"id": k, "image_id": i, "category_id": 1, "segmentation": _poly(0, 2, 0, 2)} for k, i in ((1, -3), (2, 4))]
+    (root / "ann.json").write_text(json.dumps({"images": images, "annotations": anns,
+                                               "categories": [{"id": 1, "name": "cat"}]}))
+    dataset = {"kind": "coco_instances", "annotations": str(root / "ann.json"), "images": str(root / "img")}
+    _, report = _prepare(dataset, tmp_path / "run")
+    rows = {r["image_id"]: r for r in read_index(str(tmp_path / "run" / "index" / "index.parquet"))}
+    assert rows[4]["error"] == "" and len(json.loads(rows[4]["points"])) == 1
+    assert rows[-3]["error"].startswith("prepare: ValueError: image -3: sampling needs a non-negative image_id")
+    assert [(p["image_id"], p["kind"]) for p in report.problems] == [(-3, "prepare_error")]
+    _, _, anns = read_panoptic_annotations(str(tmp_path / "run" / "gt" / "panoptic.json"))
+    assert anns[-3]["file_name"] == "-00000000003.png" and len(anns[-3]["segments_info"]) == 1
+    with pytest.raises(ValueError, match="non-negative image_id"):
+        prepare_inputs(DatasetConfig(**dataset), PointsConfig(), str(tmp_path / "strict"), strict=True)

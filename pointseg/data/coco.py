@@ -16,8 +16,9 @@ problem raises :class:`CocoFormatError` instead:
 kind                 what happens (non-strict)
 ==================== ============================================================
 duplicate_image      a second ``images`` entry with the same id: first one kept
-bad_image_entry      an ``images`` entry without a usable id/height/width/file_name:
-                     skipped (named by its id, or its index in ``images``)
+bad_image_entry      an ``images`` entry without a usable id/height/width/file_name,
+                     or claiming more pixels than Pillow decodes (:func:`max_pixels`): skipped
+                     (named by its id, or its index in ``images``)
 duplicate_category   a second category with the same id: first one kept
 image_path           an image ``file_name`` (or panoptic PNG name) that leaves the
                      dataset's folder (``..``, absolute, another URI scheme; see
@@ -65,6 +66,7 @@ ids reach ``9e11``); panoptic records keep the PNG ids.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -72,6 +74,7 @@ from typing import Any
 
 import fsspec
 import numpy as np
+from PIL import Image
 
 from pointseg.data.images import (
     ImageDecodeError,
@@ -202,6 +205,13 @@ class RecordStream:
 # --------------------------------------------------------------------------- JSON helpers
 
 
+def max_pixels() -> float:
+    """Largest ``height * width`` an ``images`` entry may claim: what Pillow agrees to decode
+    (``DecompressionBombError`` above ``2 * PIL.Image.MAX_IMAGE_PIXELS``; no limit when that is
+    ``None``). A bigger claim would only allocate full-size masks for an image that cannot be read."""
+    return math.inf if Image.MAX_IMAGE_PIXELS is None else 2 * Image.MAX_IMAGE_PIXELS
+
+
 def _read_json(uri: str) -> Any:
     try:
         with fsspec.open(uri, "rt", encoding="utf-8") as f:
@@ -248,6 +258,7 @@ def _parse_images(data: dict, report: ReadReport, where: str, max_images: int | 
     if not isinstance(raw, list):
         raise CocoFormatError(f"{where}: field 'images' must be a list")
     images: dict[int, dict] = {}
+    limit = max_pixels()
     for i, im in enumerate(raw):
         report.images += 1
         if not isinstance(im, dict):
@@ -256,8 +267,10 @@ def _parse_images(data: dict, report: ReadReport, where: str, max_images: int | 
         bad = [k for k in ("id", "height", "width") if not _is_int(im.get(k))]
         if not isinstance(im.get("file_name"), str):
             bad.append("file_name")
-        if bad or im["height"] <= 0 or im["width"] <= 0:
+        if bad or im["height"] <= 0 or im["width"] <= 0 or im["height"] * im["width"] > limit:
             what = f"field(s) {bad} missing or invalid" if bad else f"size {im['height']}x{im['width']}"
+            if not bad and im["height"] > 0 and im["width"] > 0:
+                what += f" exceeds {limit:.0f} pixels (Pillow's decoding limit)"
             known = int(im["id"]) if _is_int(im.get("id")) else None
             report.problem("bad_image_entry", f"images[{i}] (image {im.get('id')!r}): {what}; skipped", known)
             continue
@@ -739,8 +752,6 @@ def read_coco_panoptic(
 def _panoptic_segments(
     ann: dict, png_uri: str, h: int, w: int, categories: dict[int, Category], report: ReadReport
 ) -> list[Segment]:
-    from PIL import Image
-
     iid = ann["image_id"]
     report.gt_missing.add(iid)  # until the PNG is read and fits
     try:

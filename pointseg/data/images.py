@@ -182,6 +182,8 @@ def read_image_as_annotated(uri: str, height: int, width: int) -> np.ndarray:
 
 
 def _read_bytes(uri: str) -> bytes:
+    if not str(uri).strip():  # fsspec would open the working directory
+        raise ImageDecodeError(uri, "no file name (the dataset's file_name was rejected or is empty)")
     try:
         with fsspec.open(uri, "rb") as f:
             data = f.read()

@@ -186,14 +186,24 @@ def prepare_inputs(
         seen.add(rec.image_id)
         file_name = _materialise_image(rec, output)
         error = reader_report.image_errors.get(rec.image_id, "") if reader_report is not None else ""
-        if reader_report is None or rec.image_id not in reader_report.gt_missing:
-            id_map, info = rec.panoptic()
-            gt.add(rec.image_id, rec.original_file_name or file_name.rsplit("/", 1)[-1], id_map, info)
-        if user_points is not None:
-            pts = user_points.get(rec.image_id, Points.empty())
-        else:
-            pts = sample_points(rec, points_cfg.scheme, points_cfg.seed)
-        if len(pts) == 0:
+        try:
+            if reader_report is None or rec.image_id not in reader_report.gt_missing:
+                id_map, info = rec.panoptic()
+                gt.add(rec.image_id, rec.original_file_name or file_name.rsplit("/", 1)[-1], id_map, info)
+            if user_points is not None:
+                pts = user_points.get(rec.image_id, Points.empty())
+            else:
+                pts = sample_points(rec, points_cfg.scheme, points_cfg.seed)
+        except (ValueError, MemoryError) as exc:  # this image's ground truth or simulated points, not the run
+            if strict:
+                raise
+            pts, why = None, f"prepare: {type(exc).__name__}: {exc}"
+            report.add(rec.image_id, "prepare_error", why)
+            log.warning("image %s: %s", rec.image_id, why)
+            error = error or why
+        if pts is None:
+            pts = Points.empty()
+        elif len(pts) == 0:
             no_line = user_points is not None and rec.image_id not in user_points
             skipped = skipped_lines.get(rec.image_id) if no_line else None
             why = _why_no_points(rec, user_points, points_cfg, skipped)
