@@ -43,7 +43,7 @@ def run(cfg: PipelineConfig, output: str) -> dict:
     with timer.stage("export"):
         exported = export_panoptic(output, categories, fingerprint)
     with timer.stage("evaluate"):
-        quality = evaluate_run(output, categories, cfg, timer)
+        quality = evaluate_run(output, categories, cfg, exported["errors"])
     stage2 = None
     if cfg.train.enabled:
         init_ray(cfg.ray)

@@ -92,7 +92,7 @@ def pseudo_label_trial(sampled: dict, *, output: str, categories: dict[int, Cate
         fitted = fit_plain(trainable, rows, checkpoint, budget_s=budget_s)
         params["checkpoint"] = checkpoint
         metrics.update(stage1_steps=int(fitted["step"]), stage1_seconds=round(time.perf_counter() - t0, 1))
-    scores = score_generator(output, categories, method, params, subset, progress=False, cwd=cwd)
+    scores = score_generator(output, categories, method, params, subset, progress=False)
     metrics.update({k: float(v) for k in METRICS if (v := scores.get(k)) is not None})  # None: class group absent
     metrics.update(num_images=scores["num_images"], num_failed=len(scores["failed"]),
                    trial_seconds=round(time.perf_counter() - t0, 3))

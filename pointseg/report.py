@@ -18,23 +18,19 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-from typing import Any
+from typing import Any, Iterator
 
 import fsspec
-import numpy as np
-from tqdm import tqdm
 
 from pointseg.data.coco_panoptic_io import read_id_map, read_panoptic_annotations
+from pointseg.evaluation import GroundTruth, evaluate_generator, score
 from pointseg.data.images import read_image_as_annotated
 from pointseg.data.panoptic_format import decode_png
 from pointseg.data.points import validate_points
 from pointseg.data.prepare import join, open_out, read_index
 from pointseg.data.record import Category, Points
 from pointseg.data.shards import iter_verified_rows
-from pointseg.generators import build_generator, generator_class
-from pointseg.metrics import MIoUEvaluator, PQEvaluator
-from pointseg.metrics.instances import InstanceQualityEvaluator
+from pointseg.generators import PseudoLabel, build_generator, generator_class
 from pointseg.viz.curves import loss_curve_png
 from pointseg.viz.overlay import panel, save_png
 
@@ -49,133 +45,57 @@ def _finite_or_none(v):
     return None if isinstance(v, float) and math.isnan(v) else v
 
 
-class LabelScores:
-    """PQ, mIoU and instance quality of labels, one image at a time, with per-image rows.
-
-    ``add`` takes one image's ground truth and prediction (``None``: a failed
-    image, scored as an empty prediction); ``result()`` gives the run-level
-    numbers, ``per_image`` the image's PQ (over its own segments) and mean best
-    IoU.
-    """
-
-    def __init__(self, categories: dict[int, Category]):
-        self.categories = categories
-        self.pq, self.miou, self.inst = PQEvaluator(categories), MIoUEvaluator(categories), InstanceQualityEvaluator(categories)
-        self.per_image: dict[int, dict] = {}
-
-    def add(self, image_id: int, gt: tuple[np.ndarray, list[dict]], pred: tuple[np.ndarray, list[dict]] | None) -> None:
-        gt_map, gt_info = gt
-        pred_map, pred_info = pred if pred is not None else (np.zeros_like(gt_map), [])
-        if pred_map.shape != gt_map.shape:
-            raise ValueError(f"prediction is {pred_map.shape[1]}x{pred_map.shape[0]} but ground truth "
-                             f"{gt_map.shape[1]}x{gt_map.shape[0]} (WxH)")
-        one = PQEvaluator(self.categories)
-        one.process(gt_map, gt_info, pred_map, pred_info, image_id=image_id)
-        self.pq.add_stat(one.stat)
-        self.miou.process(gt_map, gt_info, pred_map, pred_info, image_id=image_id)
-        best = self.inst.process(gt_map, gt_info, pred_map, pred_info, image_id)
-        self.per_image[int(image_id)] = {"pq": _finite_or_none(one.evaluate()["pq"]), "best_iou": best}
-
-    def result(self) -> dict:
-        pq = self.pq.evaluate()
-        out = {k: _finite_or_none(pq[k]) for k in SUMMARY_KEYS}
-        out["miou"] = self.miou.evaluate()["miou"]
-        inst = self.inst.evaluate()
-        out.update({k: inst[k] for k in INSTANCE_KEYS}, num_objects=inst["num_objects"])
-        out["per_class"] = pq.get("per_class", {})
-        out["num_images"] = pq["num_images"]
-        return out
-
-
-def evaluate_labels(output: str, categories: dict[int, Category], failures: list[dict]) -> dict:
-    """Scores of ``OUTPUT/panoptic`` against ``OUTPUT/gt`` (module docstring), per image.
-
-    An image without a prediction counts as an empty one (listed under
-    ``missing_predictions``); an image that cannot be scored is appended to
-    ``failures`` and left out.
-    """
-    _, _, gt_anns = read_panoptic_annotations(join(output, "gt", "panoptic.json"))
+def _exported_labels(output: str, gt: GroundTruth, errors: dict[int, str]) -> Iterator[tuple[dict, PseudoLabel | None, str]]:
+    """``(row, label, error)`` of every ground-truth image from ``OUTPUT/panoptic`` (for :func:`score`);
+    an image without an exported label carries its labelling error."""
     _, _, pred_anns = read_panoptic_annotations(join(output, "panoptic.json"))
-    scores = LabelScores(categories)
-    missing = []
-    for image_id, g in tqdm(gt_anns.items(), desc="evaluate", unit="img"):
+    for image_id in sorted(gt.annotations):
+        p = pred_anns.get(image_id)
+        if p is None:
+            yield {"image_id": image_id}, None, f"no label: {errors.get(image_id, 'not exported')}"
+            continue
         try:
-            gt = (read_id_map(join(output, "gt", "panoptic"), g["file_name"]), g["segments_info"])
-            p = pred_anns.get(image_id)
-            pred = (read_id_map(join(output, "panoptic"), p["file_name"]), p["segments_info"]) if p else None
-            if p is None:
-                missing.append(int(image_id))
-            scores.add(image_id, gt, pred)
-        except Exception as exc:  # noqa: BLE001 - one image never sinks the report
-            failures.append({"image_id": int(image_id), "stage": "evaluate", "reason": f"{type(exc).__name__}: {exc}"})
-    out = scores.result()
-    out["missing_predictions"] = missing
-    out["per_image"] = scores.per_image
-    return out
+            yield {"image_id": image_id}, PseudoLabel(read_id_map(join(output, "panoptic"), p["file_name"]),
+                                                      p["segments_info"]), ""
+        except Exception as exc:  # noqa: BLE001 - an unreadable label PNG fails that image only
+            yield {"image_id": image_id}, None, f"read label: {type(exc).__name__}: {exc}"
+
+
+def evaluate_labels(output: str, categories: dict[int, Category], errors: dict[int, str] | None = None) -> dict:
+    """Scores of ``OUTPUT/panoptic`` against ``OUTPUT/gt`` (:func:`pointseg.evaluation.score`), per image.
+
+    An image without an exported label counts as an empty prediction and is
+    listed in ``failed`` with its labelling error from ``errors``.
+    """
+    gt = GroundTruth(output)
+    return score(_exported_labels(output, gt, errors or {}), gt, categories)
 
 
 def score_generator(output: str, categories: dict[int, Category], method: str, params: Any = None,
-                    max_images: int | None = None, progress: bool = True, failures: list[dict] | None = None,
-                    cwd: str | None = None) -> dict:
-    """Label the prepared images of ``output`` in this process and score them against ``output/gt``.
-
-    The in-process path for baselines and Tune trials: no Ray, nothing written.
-    Images and points go through the same rules as the pipeline
-    (:func:`~pointseg.data.images.read_image_as_annotated`,
-    :func:`~pointseg.data.points.validate_points`). An image the generator
-    fails on counts as an empty prediction (all its segments false
-    negatives), never as skipped, and is listed in ``failed``. ``cwd``: the
-    folder relative local ``file_name`` s are relative to (a Tune trial runs
-    elsewhere).
-    """
-    _, _, gt_anns = read_panoptic_annotations(join(output, "gt", "panoptic.json"))
-    rows = [r for r in read_index(join(output, "index", "index.parquet")) if r["image_id"] in gt_anns]
-    rows = rows[:max_images] if max_images else rows
-    gen = build_generator(method, params or {}, categories)
-    scores = LabelScores(categories)
-    failed: dict[int, str] = {}
-    for r in tqdm(rows, desc=f"score {method}", unit="img", disable=not progress):
-        image_id = int(r["image_id"])
-        ann = gt_anns[image_id]
-        pred = None
-        try:
-            if r.get("error"):
-                raise ValueError(r["error"])
-            name = r["file_name"] if cwd is None or "://" in r["file_name"] or os.path.isabs(r["file_name"]) \
-                else os.path.join(cwd, r["file_name"])
-            image = read_image_as_annotated(name, int(r["height"]), int(r["width"]))
-            points, _ = validate_points(Points.from_list(json.loads(r["points"])), *image.shape[:2], categories)
-            label = gen([image], [points])[0]
-            pred = (label.id_map, label.segments_info)
-        except Exception as exc:  # noqa: BLE001
-            failed[image_id] = f"{type(exc).__name__}: {exc}"
-        try:
-            scores.add(image_id, (read_id_map(join(output, "gt", "panoptic"), ann["file_name"]), ann["segments_info"]),
-                       pred)
-        except Exception as exc:  # noqa: BLE001
-            failed[image_id] = f"{type(exc).__name__}: {exc}"
-    if failures is not None:
-        failures += [{"image_id": k, "stage": f"baseline[{method}]", "reason": v} for k, v in failed.items()]
-    out = scores.result()
-    out["failed"] = failed
-    return out
+                    max_images: int | None = None, progress: bool = True) -> dict:
+    """Label the prepared images of ``output`` in this process with ``method`` and score them
+    (:func:`pointseg.evaluation.evaluate_generator`: the pipeline's input rules, failures listed)."""
+    return evaluate_generator(build_generator(method, params or {}, categories), output, "all",
+                              max_images=max_images, progress=progress)
 
 
-def evaluate_run(output: str, categories: dict[int, Category], cfg, timer=None) -> dict:
-    """Scores of the run's pseudo labels and of its baselines; ``failures`` lists every image that
-    could not be scored."""
+def evaluate_run(output: str, categories: dict[int, Category], cfg, errors: dict[int, str] | None = None) -> dict:
+    """Scores of the run's pseudo labels and of its baselines (None without ground truth); ``failures``
+    lists every image a baseline could not label. ``errors``: the labelling errors of the run."""
+    fs, path = fsspec.core.url_to_fs(join(output, "gt", "panoptic.json"))
+    if not fs.exists(path):
+        return {"pseudo_labels": None, "baselines": {}, "failures": []}
     failures: list[dict] = []
-    has_gt = fsspec.core.url_to_fs(join(output, "gt", "panoptic.json"))[0].exists(
-        fsspec.core.url_to_fs(join(output, "gt", "panoptic.json"))[1])
-    if not has_gt:
-        return {"pseudo_labels": None, "baselines": {}, "failures": failures}
-    labels = evaluate_labels(output, categories, failures)
+    labels = evaluate_labels(output, categories, errors)
     baselines = {}
     for m in cfg.report.baselines:
         try:
-            baselines[m] = score_generator(output, categories, m, failures=failures)
+            baselines[m] = score_generator(output, categories, m)
         except Exception as exc:  # noqa: BLE001 - a baseline that cannot be built is reported, not fatal
             failures.append({"image_id": None, "stage": f"baseline[{m}]", "reason": f"{type(exc).__name__}: {exc}"})
+            continue
+        failures += [{"image_id": k, "stage": f"baseline[{m}]", "reason": v} for k, v in baselines[m]["failed"].items()
+                     if k not in (errors or {})]
     return {"pseudo_labels": labels, "baselines": baselines, "failures": failures}
 
 
@@ -210,17 +130,15 @@ def model_section(cfg, trained: dict, evaluated: dict) -> dict:
 
 
 def _failures(prep, counts: dict, exported: dict, quality: dict, stage2: dict | None) -> list[dict]:
-    """Every image that failed anywhere, with its stage and reason (reader problems included)."""
-    out = []
-    for item in getattr(prep, "problems", None) or []:  # structured reader / point-file problems
-        out.append({"image_id": item.get("image_id"), "stage": f"read[{item.get('kind', 'problem')}]",
-                    "reason": item.get("reason", "")})
-    if not getattr(prep, "problems", None):
-        out += [{"image_id": None, "stage": "read", "reason": m} for m in getattr(prep, "reader_problems", [])]
-    out += [{"image_id": i, "stage": "read", "reason": "image has no points"} for i in getattr(prep, "images_without_points", [])]
-    out += [{"image_id": i, "stage": "read", "reason": "points given for an image that is not in the dataset"}
-            for i in getattr(prep, "points_for_unknown_images", [])]
+    """Every image that failed anywhere, with its stage and reason (reader and point-file problems
+    included); an image already refused by prepare is listed once, under its prepare problem."""
+    prep_d = prep.to_dict() if hasattr(prep, "to_dict") else dict(prep or {})
+    out = [{"image_id": p.get("image_id"), "stage": f"read[{p.get('kind', 'problem')}]", "reason": p.get("reason", "")}
+           for p in prep_d.get("problems", [])]
+    known = {int(k) for k in prep_d.get("image_errors", {})}
     for image_id, reason in sorted(exported["errors"].items()):
+        if int(image_id) in known:
+            continue
         stage, _, rest = reason.partition(": ")
         out.append({"image_id": image_id, "stage": f"label:{stage}" if rest else "label", "reason": rest or reason})
     out += [{"image_id": i, "stage": "shard checksum", "reason": f"row in {f} failed its checksum; relabelled"}
@@ -330,6 +248,7 @@ def write_report(output: str, cfg, categories: dict[int, Category], prep, counts
         "images": {"total": getattr(prep, "num_images", None), **{k: v for k, v in counts.items()},
                    "exported": exported["images"], "failed": {str(k): v for k, v in exported["errors"].items()}},
         "prepare": prep.to_dict() if hasattr(prep, "to_dict") else {},
+        "per_image": _per_image(quality),
         "method_summary": gen_cls.summarize(diagnostics),
         "overlays": overlays,
         "explain_pictures": explained,
@@ -364,6 +283,13 @@ def _json_safe(x):
     if isinstance(x, (list, tuple)):
         return [_json_safe(v) for v in x]
     return x
+
+
+def _per_image(quality: dict) -> list[dict]:
+    """One row per scored image: its PQ and mean best IoU (from the quality of the pseudo labels)."""
+    m = quality.get("pseudo_labels") or {}
+    failed = m.get("failed", {})
+    return [{"image_id": int(k), **v, "error": failed.get(k, "")} for k, v in sorted(m.get("per_image", {}).items())]
 
 
 # ----------------------------------------------------------------------------- markdown

@@ -10,7 +10,7 @@ import torch
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import dijkstra
 
-from pointseg.data.record import Category, ImageRecord, Points
+from pointseg.data.record import Category, Points
 from pointseg.generators import build_generator, seed_groups
 from pointseg.generators.point2mask import (
     Point2MaskConfig,

@@ -35,6 +35,7 @@ import io
 import itertools
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Iterator
 
@@ -161,6 +162,15 @@ def _panoptic_records(raw: Iterable[ImageRecord], report: ReadReport) -> Iterato
         yield pan
 
 
+def local_paths_absolute(dataset: DatasetConfig) -> DatasetConfig:
+    """The dataset config with its local relative folders made absolute, so that the index's
+    ``file_name`` s read the same from any worker's working directory (Ray actors, Train workers,
+    Tune trials run elsewhere)."""
+    update = {k: os.path.abspath(v) for k in ("annotations", "images", "panoptic_dir", "categories")
+              if (v := getattr(dataset, k)) and "://" not in v and not os.path.isabs(v)}
+    return dataset.model_copy(update=update) if update else dataset
+
+
 def prepare_inputs(
     dataset: DatasetConfig, points_cfg: PointsConfig, output: str, strict: bool = False
 ) -> tuple[dict[int, Category], PrepareReport]:
@@ -169,7 +179,7 @@ def prepare_inputs(
     ``strict`` makes the first problem of the input an error (reader
     problems, a malformed point-file line, points for an unknown image).
     """
-    cats, records, reader_report = open_dataset(dataset, strict)
+    cats, records, reader_report = open_dataset(local_paths_absolute(dataset), strict)
     user_points = read_points_jsonl(points_cfg.file, strict=strict) if points_cfg.file else None
     report = PrepareReport()
     skipped_lines: dict[int, str] = {}
