@@ -179,7 +179,7 @@ def run_pseudo_labels(cfg, categories: dict[int, Category], output: str, fingerp
     t0 = time.perf_counter()
     if use_ray and ensure_ray is not None:
         ensure_ray()
-    summaries = _label_with_ray(todo, kwargs, rd) if use_ray else _label_in_process(todo, kwargs, rd.batch_size)
+    summaries = label_with_ray(todo, kwargs, rd) if use_ray else label_in_process(todo, kwargs, rd.batch_size)
     failed = 0
     for s in summaries:
         failed += int(bool(s["error"]))
@@ -188,7 +188,8 @@ def run_pseudo_labels(cfg, categories: dict[int, Category], output: str, fingerp
     return counts
 
 
-def _label_in_process(todo: list[dict], kwargs: dict, batch_size: int):
+def label_in_process(todo: list[dict], kwargs: dict, batch_size: int):
+    """Label ``todo`` index rows with one :class:`LabelBatch` in this process; yields per-image summaries."""
     labeler = LabelBatch(**kwargs)
     with tqdm(total=len(todo), desc="pseudo labels", unit="img") as bar:
         for table in _blocks(todo, batch_size):
@@ -197,7 +198,9 @@ def _label_in_process(todo: list[dict], kwargs: dict, batch_size: int):
             yield from ({"image_id": i, "error": e} for i, e in zip(out["image_id"], out["error"]))
 
 
-def _label_with_ray(todo: list[dict], kwargs: dict, rd):
+def label_with_ray(todo: list[dict], kwargs: dict, rd, stats: list | None = None):
+    """Label ``todo`` index rows with a :class:`LabelBatch` actor pool (``rd``: the ``ray_data`` config);
+    yields per-image summaries as batches finish. ``stats``: ``ds.stats()`` is appended at the end."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -222,6 +225,8 @@ def _label_with_ray(todo: list[dict], kwargs: dict, rd):
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             bar.update(len(batch["image_id"]))
             yield from ({"image_id": i, "error": e} for i, e in zip(batch["image_id"], batch["error"]))
+    if stats is not None:
+        stats.append(ds.stats())
 
 
 def export_panoptic(output: str, categories: dict[int, Category], fingerprint: str | None = None) -> dict:
@@ -257,4 +262,4 @@ def export_panoptic(output: str, categories: dict[int, Category], fingerprint: s
     return {"images": len(written), "errors": errors}
 
 
-__all__ = ["LabelBatch", "export_panoptic", "run_pseudo_labels"]
+__all__ = ["LabelBatch", "export_panoptic", "label_in_process", "label_with_ray", "run_pseudo_labels"]

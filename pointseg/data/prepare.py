@@ -37,7 +37,7 @@ import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import fsspec
 import pyarrow as pa
@@ -45,7 +45,6 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from pointseg.config import DatasetConfig, PointsConfig
 from pointseg.data.coco import (
     ReadReport,
     add_background_segment,
@@ -58,6 +57,9 @@ from pointseg.data.coco_panoptic_io import PanopticWriter
 from pointseg.data.points import read_points_jsonl, sample_points, write_points_jsonl
 from pointseg.data.record import Category, ImageRecord, InputProblem, Points
 from pointseg.data.synthetic import SyntheticDataset, synthetic_categories
+
+if TYPE_CHECKING:  # the config module imports the models; the data layer needs only the field names
+    from pointseg.config import DatasetConfig, PointsConfig
 
 log = logging.getLogger("pointseg.data")
 
