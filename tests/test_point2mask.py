@@ -408,12 +408,12 @@ def test_learned_semantic_map_is_renormalised_over_the_points_classes():
     probs = np.exp(logits) / np.exp(logits).sum(0)
     img = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
     net_maps = (probs, rng.random((8, 8)))
-    gen = Point2MaskGenerator({"maps": "learned", "downscale": 1.0}, CATS, net=object(), net_categories=[1, 2, 10])
-    maps = gen.maps(img, (8, 8), net_maps, present=[1, 10])
+    from pointseg.generators.point2mask.maps import learned_maps
+
+    maps = learned_maps(img, (8, 8), net_maps, [1, 2, 10], present=[1, 10], semantic_classes="present")
     assert maps.channel_of == {1: 0, 10: 1}
     sub = np.exp(logits[[0, 2]]) / np.exp(logits[[0, 2]]).sum(0)
     np.testing.assert_allclose(maps.semantic, sub, atol=1e-12)
-    every = Point2MaskGenerator({"maps": "learned", "downscale": 1.0, "semantic_classes": "all"}, CATS,
-                                net=object(), net_categories=[1, 2, 10]).maps(img, (8, 8), net_maps, present=[1, 10])
+    every = learned_maps(img, (8, 8), net_maps, [1, 2, 10], present=[1, 10], semantic_classes="all")
     assert every.channel_of == {1: 0, 2: 1, 10: 2}
     np.testing.assert_allclose(every.semantic, probs, atol=1e-12)

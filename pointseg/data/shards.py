@@ -97,7 +97,10 @@ def write_shard(shards_uri: str, rows: list[dict], fingerprint: str) -> str:
     table = pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
     buf = io.BytesIO()
     # Statistics only for the ids: min/max of PNG blobs would store label bytes twice, for nothing.
-    pq.write_table(table, buf, write_statistics=["image_id"])
+    # The PNG columns are already deflate-compressed: no second compression over them.
+    pq.write_table(table, buf, write_statistics=["image_id"],
+                   compression={c: ("NONE" if c in ("label_png", "uncertainty_png") else "SNAPPY")
+                                for c in SHARD_SCHEMA.names})
     uri = shards_uri.rstrip("/") + "/" + batch_file_name(fingerprint, [r["image_id"] for r in rows])
     fs, path = fsspec.core.url_to_fs(uri)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
