@@ -66,7 +66,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a clone without installing
 
-import pointseg.generators.point2mask as p2m  # noqa: E402
+import pointseg.generators.point2mask.assign as p2m_assign  # noqa: E402
 from pointseg.data.points import sample_points, validate_points  # noqa: E402
 from pointseg.generators import build_generator  # noqa: E402
 from pointseg.metrics import PQEvaluator  # noqa: E402
@@ -182,7 +182,7 @@ def oracle_supplier_units(gt_id_map: np.ndarray, use: bool, record: list):
     to ``record`` (the "k err" column: the L1 error of the scheme's ``k`` as a
     fraction of the problem's pixels).
     """
-    original = p2m.supplier_units
+    original = p2m_assign.supplier_units
 
     def wrapped(scheme, costs, scope, members, recompute, point_rc, centroid_iters=1, centroid_core=1.0):
         k_or = _oracle_k(gt_id_map, costs, scope, members, point_rc)
@@ -193,11 +193,11 @@ def oracle_supplier_units(gt_id_map: np.ndarray, use: bool, record: list):
         record.append((int(np.abs(k - k_or).sum()), int(scope.sum())))
         return k, fb
 
-    p2m.supplier_units = wrapped  # looked up at call time by point2mask._solve_problem
+    p2m_assign.supplier_units = wrapped  # looked up at call time by point2mask.assign._solve_problem
     try:
         yield
     finally:
-        p2m.supplier_units = original
+        p2m_assign.supplier_units = original
 
 
 def score(method: str, params: dict, cats, records, layouts=None, oracle: bool = False) -> dict:
