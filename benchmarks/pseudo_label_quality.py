@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
         print()
         print(fmt_table(f"## {args.dataset}, background {background}, {args.points.upper()} seed {args.point_seed}, "
                         f"split {args.split} ({len(rows)} of {len(gt.rows(index))} images, {span}); "
-                        f"{args.method} {run_params.model_dump(exclude_defaults=True)}", table))
+                        f"{args.method} {run_params.model_dump(exclude_unset=True) or '(default params)'}", table))
         if args.k_error:
             r = table[0][1]
             print(f"k err of {args.method} (L1 error of the supplier units k against ground truth, as a fraction "

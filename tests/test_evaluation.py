@@ -427,3 +427,20 @@ def test_unique_ids_equals_numpy_unique(ids):
     ref_u, ref_inv = np.unique(a, return_inverse=True)
     assert u.tolist() == ref_u.tolist() and inv.shape == a.shape
     assert (inv.ravel() == ref_inv.ravel()).all() and (u[inv] == a).all()
+
+
+def test_harness_coco_mini_both_protocols(tmp_path):
+    """Real data (skipped without ../shared/data): void scores things only, stuff adds the background class."""
+    import pseudo_label_quality as plq
+
+    if not (plq.SHARED / "coco-mini").exists():
+        pytest.skip(f"real test data not found at {plq.SHARED / 'coco-mini'} (../shared/data is not part of the repo)")
+    res = plq.main(["--dataset", "coco-mini", "--images", "4", "--background", "both", "--split", "all",
+                    "--baselines", "voronoi", "--workdir", str(tmp_path), "--quiet"])
+    void, stuff = res["protocols"]["void"], res["protocols"]["stuff"]
+    assert void["data"] != stuff["data"]
+    for proto in (void, stuff):
+        assert set(proto["rows"]) == {"psps", "voronoi"}
+        assert proto["rows"]["psps"]["num_images"] == 4 and not proto["rows"]["psps"]["failed"]
+    assert void["rows"]["psps"]["pq_st"] is None and void["rows"]["psps"]["pq"] == void["rows"]["psps"]["pq_th"]
+    assert stuff["rows"]["psps"]["pq_st"] is not None and stuff["rows"]["psps"]["n_st"] == 1
