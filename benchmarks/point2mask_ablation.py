@@ -55,8 +55,8 @@ Wall and process CPU seconds of training and of each row are printed.
 from __future__ import annotations
 
 import argparse
-import json
 import contextlib
+import json
 import sys
 import time
 from pathlib import Path
