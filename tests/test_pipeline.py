@@ -65,6 +65,12 @@ def test_synthetic_flow_end_to_end_and_resume(ray_local, tmp_path):
     assert again["pseudo_labels"]["pq"] == pytest.approx(m["pq"])
 
 
+def exported_once(output) -> list[int]:
+    ids = [a["image_id"] for a in json.loads((output / "panoptic.json").read_text())["annotations"]]
+    assert len(ids) == len(set(ids)), "an image was exported twice"
+    return sorted(ids)
+
+
 def bad_corpus_config(root) -> tuple[dict, object]:
     """The bad-input corpus (tests/bad_corpus.py) as a pipeline config, and the corpus."""
     corpus = make_bad_corpus(root)
@@ -77,8 +83,22 @@ def bad_corpus_config(root) -> tuple[dict, object]:
 
 
 def test_bad_input_is_reported_per_image_and_nothing_is_lost(ray_local, tmp_path):
+    """Issue acceptance: a corpus of >= 25 kinds of bad input among good images through full_pipeline."""
     cfg, corpus = bad_corpus_config(tmp_path / "data")
+    assert len({c.kind for c in corpus.cases if c.outcome != "labelled"}) >= 25 and len(corpus.labelled_ids) >= 8
+    before = corpus.tree()
     report = run_flow(cfg, tmp_path / "run")
+    assert corpus.tree() == before, "the input folder was written to"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "run"], "a file was written outside the output"
+    assert exported_once(tmp_path / "run") == sorted(corpus.labelled_ids)
+    # the report lists every bad item with its reason: failed images, reader and point-file problems
+    listed = report["failures"]
+    for image_id, reason in corpus.failed.items():
+        assert any(f["image_id"] == image_id and reason in f["reason"] for f in listed), (image_id, reason)
+    for case in corpus.reader_problems:
+        assert any(f["image_id"] in case.image_ids and case.reason in f["reason"] for f in listed), case.kind
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert all(str(image_id) in md for image_id in corpus.failed)
     failed = {int(k): v for k, v in report["images"]["failed"].items()}
     assert set(failed) == set(corpus.failed), failed
     for image_id, reason in corpus.failed.items():
