@@ -165,3 +165,10 @@ def test_a_killed_actor_loses_nothing_and_redoes_at_most_one_batch(ray_local, tm
     ids = [int(r["image_id"]) for r in iter_shard_rows(str(out / "shards"), ["image_id"])]
     assert sorted(ids) == list(range(n))  # no row lost, none duplicated
     assert n <= labelled <= n + batch, f"{labelled - n} images labelled twice"
+
+
+def test_asking_for_a_gpu_on_a_cpu_cluster_is_a_clear_error(ray_local, tmp_path):
+    cfg = config(tmp_path / "run", n=2, min_images_for_ray=0, num_gpus_per_actor=1, wait_for_min_actors_s=0.5)
+    assert validate(PipelineConfig, cfg).ray_data.wait_for_min_actors_s == 0.5  # fractions are kept
+    with pytest.raises(RuntimeError, match=r"num_gpus_per_actor=1 but the cluster has 0 GPU"):
+        run_flow(cfg, tmp_path / "run")
