@@ -20,7 +20,7 @@ uncertainty finds the bad labels without ground truth).
     python benchmarks/next_click.py                           # synthetic seeds 0 1 2, coco-mini void + stuff
     python benchmarks/next_click.py --datasets synthetic --seeds 0 --num-images 24
     python benchmarks/next_click.py --data /path/to/shared/data --method voronoi
-    python benchmarks/next_click.py --datasets coco-void coco-stuff --split last   # the held-out half
+    python benchmarks/next_click.py --datasets coco-void coco-stuff --split report   # the held-out half
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a clone without installing
 
 from pointseg.config import DatasetConfig, PointsConfig  # noqa: E402
-from pointseg.data.coco_panoptic_io import read_id_map, read_panoptic_annotations  # noqa: E402
 from pointseg.data.images import read_image_as_annotated  # noqa: E402
 from pointseg.data.prepare import join, prepare_inputs, read_index  # noqa: E402
+from pointseg.evaluation import SPLITS, GroundTruth, split_rows  # noqa: E402
 from pointseg.data.record import Points  # noqa: E402
 from pointseg.generators import build_generator  # noqa: E402
 from pointseg.metrics import PQEvaluator  # noqa: E402
@@ -76,25 +76,22 @@ def run(name: str, seed: int, args) -> dict:
     with tempfile.TemporaryDirectory() as out:
         cats, _ = prepare_inputs(dataset_config(name, args.data, args.num_images, seed),
                                  PointsConfig(scheme="p1", seed=seed), out)
-        _, _, gt_anns = read_panoptic_annotations(join(out, "gt", "panoptic.json"))
+        gt = GroundTruth(out)
         gen = build_generator(args.method, json.loads(args.params), cats)
         evals = {k: PQEvaluator(cats) for k in ("before", "suggested", "random")}
         ious = {k: [] for k in evals}
         hits = {"suggested": 0, "random": 0}
         table, n, t0 = [], 0, time.perf_counter()
-        rows = sorted(read_index(join(out, "index", "index.parquet")), key=lambda r: r["image_id"])
-        if name != "synthetic" and args.split != "all":  # settings were chosen on the first half
-            rows = rows[:len(rows) // 2] if args.split == "first" else rows[len(rows) // 2:]
+        rows = split_rows(gt.rows(read_index(join(out, "index", "index.parquet"))),
+                          "all" if name == "synthetic" else args.split)  # settings were chosen on "choose"
         for r in rows:
-            ann = gt_anns.get(r["image_id"])
-            if ann is None or r["error"]:
+            if r["error"]:
                 continue
             image = read_image_as_annotated(r["file_name"], r["height"], r["width"])
             points = Points.from_list(json.loads(r["points"]))
             if len(points) == 0:
                 continue
-            gt_map = read_id_map(join(out, "gt", "panoptic"), ann["file_name"])
-            gt_info = ann["segments_info"]
+            gt_map, gt_info = gt.load(r["image_id"])
             by_id = {int(s["id"]): s for s in gt_info}
             base = gen.generate(image, points)
             if base.uncertainty is None:
@@ -114,7 +111,7 @@ def run(name: str, seed: int, args) -> dict:
                 labels[k] = gen.generate(image, more) if more is not None else base
             for k, lab in labels.items():
                 evals[k].process(gt_map, gt_info, lab.id_map, lab.segments_info, r["image_id"])
-                iou = image_quality(gt_map, gt_info, lab.id_map, lab.segments_info, cats)["best_iou"]
+                iou = image_quality(gt_map, gt_info, lab.id_map, lab.segments_info, cats)["mean_best_iou"]
                 if iou is not None:
                     ious[k].append(iou)
             n += 1
@@ -133,9 +130,9 @@ def main() -> None:
     p.add_argument("--method", default="psps")
     p.add_argument("--params", default="{}", help="generator params as JSON")
     p.add_argument("--radius", type=float, default=SUGGESTION_RADIUS)
-    p.add_argument("--split", choices=("all", "first", "last"), default="all",
-                   help="coco-mini images by sorted id: all 80, the first 40 (where the radius was chosen) or the "
-                        "last 40")
+    p.add_argument("--split", choices=SPLITS, default="all",
+                   help="coco-mini images by sorted id: all 80, the first 40 (choose: where the radius was chosen) "
+                        "or the last 40 (report)")
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data", help="folder with coco-mini/")
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -1,7 +1,7 @@
 """Review page at scale: build a synthetic run of N images, write its page, time the first screen in Chromium.
 
-1. ``prepare_inputs`` (synthetic scenes, P1 clicks) and PSPS labels in process
-   (``label_in_process``: the pipeline's shard rows, uncertainty included);
+1. ``prepare_inputs`` (synthetic scenes, P1 clicks) and PSPS labels by the
+   pipeline's labelling stage in this process (``run_pseudo_labels``, no Ray);
 2. ``write_review`` (thumbnails, detail pictures, data.js, suggestions.jsonl);
 3. headless Chromium (the system's, driven by playwright) opens
    ``review/index.html`` from the folder ``--repeat`` times, each in a new page:
@@ -25,9 +25,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a clone without installing
 
-from pointseg.config import DatasetConfig, PointsConfig  # noqa: E402
+from operators.pseudo_label import run_pseudo_labels  # noqa: E402
+from pointseg.config import PipelineConfig  # noqa: E402
 from pointseg.data.prepare import prepare_inputs  # noqa: E402
-from pointseg.data.shards import label_in_process  # noqa: E402
+from pointseg.generators import generator_fingerprint  # noqa: E402
 from pointseg.review.page import write_review  # noqa: E402
 from pointseg.review.browser import chromium, open_review  # noqa: E402
 
@@ -60,16 +61,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.output or tmp)
         t = time.perf_counter()
-        cats, _ = prepare_inputs(DatasetConfig(kind="synthetic", synthetic={
-            "num_images": args.images, "height": args.size, "width": args.size, "seed": 0}), PointsConfig(), str(out))
+        cfg = PipelineConfig.model_validate({"dataset": {"kind": "synthetic", "synthetic": {
+            "num_images": args.images, "height": args.size, "width": args.size, "seed": 0}}})
+        cats, _ = prepare_inputs(cfg.dataset, cfg.points, str(out))
         t_prep = time.perf_counter() - t
         for i in range(args.broken):  # every 7th image, so that they spread over the order
             (out / "images" / f"{7 * i + 5:012d}.png").write_bytes(b"truncated")
         t = time.perf_counter()
-        label_in_process(str(out), "psps", {}, cats)
+        run_pseudo_labels(cfg, cats, str(out), generator_fingerprint(cfg.generator.method, cfg.generator.params),
+                          use_ray=False)
         t_label = time.perf_counter() - t
         t = time.perf_counter()
-        review = write_review(str(out), {"method": "psps", "config": {"generator": {"method": "psps", "params": {}}}})
+        review = write_review(str(out), {"method": "psps", "config": cfg.model_dump(mode="json")})
         t_review = time.perf_counter() - t
         files, size = folder_size(out / "review")
         data_kb = (out / "review" / "data.js").stat().st_size / 1024

@@ -31,19 +31,14 @@ join, written in the point-label JSON Lines format
 (:func:`pointseg.data.points.write_points_jsonl`) so that a person can correct
 them and feed them back as ``points.file``.
 
-Storage (:func:`encode_uncertainty`, :func:`decode_uncertainty`): the shard
-column ``uncertainty_png`` holds ``u`` as an 8-bit grayscale PNG
-(``round(255 u)``, so a stored value is within ``1/510`` of ``u``); empty
-bytes when the generator gives no map.
+Storage: the shard column ``uncertainty_png`` holds ``u`` as an 8-bit
+grayscale PNG (:func:`pointseg.data.shards.encode_uncertainty`).
 """
 
 from __future__ import annotations
 
-import io
-
 import cv2
 import numpy as np
-from PIL import Image
 
 from pointseg.data.record import VOID
 
@@ -53,9 +48,7 @@ __all__ = [
     "SUGGESTION_SEPARATION",
     "UNCERTAIN_THRESHOLD",
     "cost_gap",
-    "decode_uncertainty",
     "distance_ratio",
-    "encode_uncertainty",
     "image_summary",
     "margin_uncertainty",
     "runner_up_segments",
@@ -326,26 +319,3 @@ def runner_up_segments(id_map: np.ndarray, rows, cols) -> list[int]:
         i = int(np.argmin((ys - r) ** 2 + (xs - c) ** 2))
         out.append(int(ids[ys[i], xs[i]]))
     return out
-
-
-# --------------------------------------------------------------------------- storage
-
-
-def encode_uncertainty(uncertainty: np.ndarray | None) -> bytes:
-    """``(H, W)`` map in [0, 1] -> 8-bit grayscale PNG bytes of ``round(255 u)``; None -> ``b""``."""
-    if uncertainty is None:
-        return b""
-    u = _check_map(uncertainty)
-    buf = io.BytesIO()
-    Image.fromarray(np.rint(u * 255).astype(np.uint8), mode="L").save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def decode_uncertainty(data: bytes | None) -> np.ndarray | None:
-    """PNG bytes of :func:`encode_uncertainty` -> ``(H, W) float32`` in [0, 1]; empty/None -> None."""
-    if not data:
-        return None
-    with Image.open(io.BytesIO(bytes(data))) as im:
-        if im.mode != "L":
-            raise ValueError(f"uncertainty PNG must be 8-bit grayscale (mode L), got mode {im.mode}")
-        return np.asarray(im, np.float32) / 255.0

@@ -46,34 +46,50 @@ def ray_local(tmp_path_factory):
     ray.shutdown()
 
 
+def label_run(output: str, num_images: int, size: int, broken=(), unlabelled=()):
+    """A real run labelled in this process by the pipeline's own labelling stage (PSPS, no Ray).
+
+    Synthetic inputs; the images ``broken`` are made unreadable, the images
+    ``unlabelled`` are left out of labelling (as after an interrupted run).
+    Returns ``(PipelineConfig, categories)``.
+    """
+    from operators.pseudo_label import run_pseudo_labels
+    from pointseg.config import PipelineConfig
+    from pointseg.data.prepare import prepare_inputs, read_index, write_index
+    from pointseg.generators import generator_fingerprint
+
+    cfg = PipelineConfig.model_validate({"dataset": {"kind": "synthetic", "synthetic": {
+        "num_images": num_images, "height": size, "width": size, "seed": 0}}})
+    cats, _ = prepare_inputs(cfg.dataset, cfg.points, output)
+    for i in broken:
+        with open(f"{output}/images/{i:012d}.png", "wb") as f:
+            f.write(b"not a png")
+    index = read_index(f"{output}/index/index.parquet")
+    write_index(f"{output}/index/index.parquet", [r for r in index if r["image_id"] not in unlabelled])
+    run_pseudo_labels(cfg, cats, output, generator_fingerprint(cfg.generator.method, cfg.generator.params),
+                      use_ray=False)
+    write_index(f"{output}/index/index.parquet", index)  # the unlabelled images are back in the index
+    return cfg, cats
+
+
 @pytest.fixture(scope="session")
 def review_run(tmp_path_factory):
     """A real small run and its review page, shared by the review tests.
 
     10 synthetic 48x48 images labelled by PSPS in process (the pipeline's
-    shard rows); image 3 is unreadable, image 7 was never labelled. The page
-    has 4 cards per page and 2 suggestions per image; ``report.json`` holds
-    ``per_image`` and the review summary as ``full_pipeline`` stores them.
-    Returns ``(output folder, categories)``.
+    labelling stage); image 3 is unreadable, image 7 was never labelled. The
+    page has 4 cards per page and 2 suggestions per image; ``report.json``
+    holds ``per_image`` and the review summary. Returns ``(output folder, categories)``.
     """
     import json
 
-    from pointseg.config import DatasetConfig, PointsConfig
-    from pointseg.data.prepare import prepare_inputs, read_index, write_index
-    from pointseg.data.shards import label_in_process
     from pointseg.review.page import write_review
 
     out = tmp_path_factory.mktemp("review_run")
-    cats, _ = prepare_inputs(DatasetConfig(kind="synthetic", synthetic={"num_images": 10, "height": 48, "width": 48,
-                                                                        "seed": 0}), PointsConfig(), str(out))
-    (out / "images" / f"{3:012d}.png").write_bytes(b"not a png")
-    index = read_index(str(out / "index" / "index.parquet"))
-    write_index(str(out / "index" / "index.parquet"), [r for r in index if r["image_id"] != 7])
-    label_in_process(str(out), "psps", {}, cats, progress=False)
-    write_index(str(out / "index" / "index.parquet"), index)  # the unlabelled image is back in the index
-    report = {"method": "psps", "config": {"generator": {"method": "psps", "params": {}}}}
+    cfg, cats = label_run(str(out), 10, 48, broken=(3,), unlabelled=(7,))
+    report = {"method": "psps", "config": cfg.model_dump(mode="json")}
     review = write_review(str(out), report, progress=False, page_size=4, num_suggestions=2)
     report["per_image"] = review["per_image"]
-    report["review"] = {k: v for k, v in review.items()}
+    report["review"] = dict(review)
     (out / "report.json").write_text(json.dumps(report))
     return out, cats

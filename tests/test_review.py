@@ -9,22 +9,17 @@ import sys
 
 import fsspec
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT
+from conftest import ROOT, label_run
 
-from pointseg.config import DatasetConfig, PointsConfig
 from pointseg.data.coco_panoptic_io import read_id_map, read_panoptic_annotations
 from pointseg.data.panoptic_format import decode_png
 from pointseg.data.points import read_points_jsonl
-from pointseg.data.prepare import iter_shard_rows, prepare_inputs
 from pointseg.data.record import Category
-from pointseg.data.shards import SHARD_COLUMNS, label_in_process
+from pointseg.data.shards import SHARD_SCHEMA, decode_uncertainty, iter_verified_rows
 from pointseg.metrics import PQEvaluator
 from pointseg.review.page import write_review
 from pointseg.review.table import image_quality, sort_key, worst_first
-from pointseg.uncertainty import decode_uncertainty
 
 
 @pytest.fixture(scope="module")
@@ -35,19 +30,13 @@ def run(review_run):
 
 def test_shards_have_the_pipeline_columns_and_uncertainty(run):
     out, _, _ = run
-    rows = list(iter_shard_rows(str(out / "shards")))
-    assert set(rows[0]) == set(SHARD_COLUMNS)
+    rows = list(iter_verified_rows(str(out / "shards")))
+    assert set(rows[0]) == set(SHARD_SCHEMA.names)
     ok = [r for r in rows if not r["error"]]
     assert len(ok) == 8 and len(rows) == 9  # 10 images: one never labelled, one broken
     u = decode_uncertainty(ok[0]["uncertainty_png"])
     assert u.shape == decode_png(ok[0]["label_png"]).shape and 0 <= u.min() and u.max() <= 1
     assert [r["error"].split(":")[0] for r in rows if r["error"]] == ["decode"]
-
-
-def test_iter_shard_rows_reads_a_missing_column_as_none(tmp_path):
-    pq.write_table(pa.table({"image_id": [1, 2], "error": ["", "x"]}), tmp_path / "old.parquet")
-    rows = list(iter_shard_rows(str(tmp_path), ["image_id", "uncertainty_png"]))
-    assert rows == [{"image_id": 1, "uncertainty_png": None}, {"image_id": 2, "uncertainty_png": None}]
 
 
 def test_per_image_table_scores_equal_an_independent_evaluation(run):
@@ -57,7 +46,7 @@ def test_per_image_table_scores_equal_an_independent_evaluation(run):
     assert rows[3]["stage"] == "decode" and "decode" in rows[3]["error"]
     assert rows[7]["stage"] == "missing" and rows[7]["pq"] == 0.0  # no label: every segment missed
     _, _, gt = read_panoptic_annotations(str(out / "gt" / "panoptic.json"))
-    shard = {r["image_id"]: r for r in iter_shard_rows(str(out / "shards")) if not r["error"]}
+    shard = {r["image_id"]: r for r in iter_verified_rows(str(out / "shards")) if not r["error"]}
     total = PQEvaluator(cats)
     for image_id, s in shard.items():
         gt_map = read_id_map(str(out / "gt" / "panoptic"), gt[image_id]["file_name"])
@@ -81,18 +70,18 @@ def test_image_quality_best_iou_by_hand():
     pred = np.zeros((4, 4), int)
     pred[:2, :3] = 1  # 6 px: the thing and 2 VOID pixels
     q = image_quality(gt, gt_info, pred, [{"id": 1, "category_id": 1}], cats)
-    assert q["best_iou"] == pytest.approx(4 / 6)  # plain IoU
+    assert q["mean_best_iou"] == pytest.approx(4 / 6)  # plain IoU
     # PQ leaves the prediction's VOID pixels out of the union: IoU 4 / (6 + 4 - 4 - 2) = 1; stuff missed: 0
     assert q["pq"] == pytest.approx((1 + 0) / 2)
     assert (q["tp"], q["fp"], q["fn"]) == (1, 0, 1)
 
 
 def test_worst_first_order():
-    rows = [{"image_id": 1, "error": "", "pq": 0.5, "uncertainty_mean": 0.2, "best_iou": 0.1},
-            {"image_id": 2, "error": "", "pq": 0.5, "uncertainty_mean": 0.4, "best_iou": None},
-            {"image_id": 3, "error": "decode: x", "pq": None, "uncertainty_mean": None, "best_iou": None},
-            {"image_id": 4, "error": "", "pq": None, "uncertainty_mean": 0.9, "best_iou": 0.3},
-            {"image_id": 5, "error": "", "pq": 0.1, "uncertainty_mean": None, "best_iou": 0.2}]
+    rows = [{"image_id": 1, "error": "", "pq": 0.5, "uncertainty_mean": 0.2, "mean_best_iou": 0.1},
+            {"image_id": 2, "error": "", "pq": 0.5, "uncertainty_mean": 0.4, "mean_best_iou": None},
+            {"image_id": 3, "error": "decode: x", "pq": None, "uncertainty_mean": None, "mean_best_iou": None},
+            {"image_id": 4, "error": "", "pq": None, "uncertainty_mean": 0.9, "mean_best_iou": 0.3},
+            {"image_id": 5, "error": "", "pq": 0.1, "uncertainty_mean": None, "mean_best_iou": 0.2}]
     ids = lambda by: [r["image_id"] for r in worst_first(rows, by)]  # noqa: E731
     assert ids("pq") == [3, 5, 2, 1, 4]  # failed; PQ up (tie: more uncertain first); no PQ last
     assert ids(None) == ids("pq")
@@ -156,9 +145,7 @@ def test_review_flow_cli(run, tmp_path):
 
 def test_a_run_in_an_fsspec_bucket_gets_its_page_there():
     out = "memory://review-bucket/run"
-    cats, _ = prepare_inputs(DatasetConfig(kind="synthetic", synthetic={"num_images": 3, "height": 32, "width": 32}),
-                             PointsConfig(), out)
-    label_in_process(out, "psps", {}, cats, progress=False)
+    label_run(out, 3, 32)
     result = write_review(out, progress=False)
     fs = fsspec.filesystem("memory")
     assert result["index"] == f"{out}/review/index.html" and fs.exists("/review-bucket/run/review/index.html")

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
-from PIL import Image
 from scipy import ndimage
 from scipy.sparse.csgraph import dijkstra
 from scipy.stats import entropy
@@ -17,9 +14,7 @@ from pointseg.generators.psps import low_level_maps
 from pointseg.geodesic import edge_costs, to_csgraph
 from pointseg.uncertainty import (
     cost_gap,
-    decode_uncertainty,
     distance_ratio,
-    encode_uncertainty,
     image_summary,
     margin_uncertainty,
     runner_up_segments,
@@ -125,25 +120,6 @@ def test_runner_up_is_the_nearest_other_segment():
     ids[:, 7:] = 3  # column 6 is VOID
     assert runner_up_segments(ids, [2, 2, 0], [3, 5, 8]) == [1, 3, 2]
     assert runner_up_segments(np.ones((3, 3), int), [1], [1]) == [1]  # no other segment
-
-
-def test_uncertainty_png_round_trip():
-    rng = np.random.default_rng(2)
-    u = rng.random((13, 17))
-    u[0, 0], u[0, 1] = 0.0, 1.0
-    data = encode_uncertainty(u)
-    with Image.open(io.BytesIO(data)) as im:
-        assert im.mode == "L" and im.size == (17, 13)
-        np.testing.assert_array_equal(np.asarray(im), np.rint(u * 255).astype(np.uint8))
-    back = decode_uncertainty(data)
-    assert back.dtype == np.float32 and back.shape == (13, 17)
-    assert np.abs(back - u).max() <= 1 / 510 + 1e-7
-    assert back[0, 0] == 0.0 and back[0, 1] == 1.0
-    assert encode_uncertainty(None) == b"" and decode_uncertainty(b"") is None and decode_uncertainty(None) is None
-    rgb = io.BytesIO()
-    Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(rgb, format="PNG")
-    with pytest.raises(ValueError, match="mode L"):
-        decode_uncertainty(rgb.getvalue())
 
 
 def scene():

@@ -3,7 +3,8 @@
 Reads the run through fsspec (any URI: a local folder, a bucket)::
 
     OUTPUT/index/index.parquet     images, their clicks, reader errors
-    OUTPUT/shards/*.parquet        pseudo labels (label_png, segments_info, error, uncertainty_png, ...)
+    OUTPUT/shards/*.parquet        pseudo labels (label_png, segments_info, error, uncertainty_png, ...),
+                                   rows whose checksum fails are left out (pointseg.data.shards)
     OUTPUT/categories.json
     OUTPUT/gt/panoptic.json + gt/panoptic/*.png    ground truth, when the run has it
     OUTPUT/report.json             optional: method, config, and per-image scores it already has
@@ -38,8 +39,9 @@ from pointseg.data.coco_panoptic_io import read_id_map, read_panoptic_annotation
 from pointseg.data.images import encode_jpeg, read_image_as_annotated
 from pointseg.data.panoptic_format import decode_png
 from pointseg.data.points import write_points_jsonl
-from pointseg.data.prepare import iter_shard_rows, join, load_categories, open_out, read_index
+from pointseg.data.prepare import join, load_categories, open_out, read_index
 from pointseg.data.record import Category, Points
+from pointseg.data.shards import decode_uncertainty, iter_verified_rows
 from pointseg.generators import generator_fingerprint
 from pointseg.review.table import (
     SORTS,
@@ -51,7 +53,6 @@ from pointseg.review.table import (
 )
 from pointseg.review.options import ReviewOptions
 from pointseg.uncertainty import (
-    decode_uncertainty,
     image_summary,
     runner_up_segments,
     segment_summary,
@@ -66,7 +67,7 @@ log = logging.getLogger("pointseg.review")
 SHARD_FIELDS = ["image_id", "file_name", "height", "width", "method", "config_hash", "label_png", "segments_info",
                 "warnings", "error", "uncertainty_png"]
 #: Keys of a per-image row that a run's ``report.json["per_image"]`` may provide.
-SCORE_KEYS = ("pq", "best_iou", "tp", "fp", "fn", "uncertainty_mean", "uncertain_fraction")
+SCORE_KEYS = ("pq", "mean_best_iou", "tp", "fp", "fn", "uncertainty_mean", "uncertain_fraction")
 
 
 def write_review(output: str, report: dict | None = None, options: ReviewOptions | None = None,
@@ -103,7 +104,7 @@ def write_review(output: str, report: dict | None = None, options: ReviewOptions
         for k in SCORE_KEYS:
             if given.get(row["image_id"], {}).get(k) is not None:
                 row[k] = given[row["image_id"]][k]
-        for k in ("pq", "best_iou", "uncertainty_mean", "uncertain_fraction"):
+        for k in ("pq", "mean_best_iou", "uncertainty_mean", "uncertain_fraction"):
             row[k] = _round(row[k])  # the page sorts the values it shows: the same rounding on both sides
         rows.append(row)
         details[row["image_id"]] = detail
@@ -160,7 +161,7 @@ class _Run:
         by_id = {int(r["image_id"]): r for r in self.index}
         wanted = {o: i for i, o in self.chosen.items()}
         seen = set()
-        rows = iter_shard_rows(join(self.output, "shards"), SHARD_FIELDS)
+        rows = iter_verified_rows(join(self.output, "shards"), SHARD_FIELDS)
         for ordinal, r in enumerate(rows):
             image_id = wanted.get(ordinal)
             if image_id is None or image_id not in by_id:
@@ -188,7 +189,7 @@ def _choose_rows(output: str, fingerprint: str | None) -> dict[int, int]:
     """Per image, the ordinal of the shard row to show: the run's generator config first
     (rows of earlier configs are stale), a labelled row before a failed one, then the first."""
     best: dict[int, tuple] = {}
-    for ordinal, r in enumerate(iter_shard_rows(join(output, "shards"), ["image_id", "error", "config_hash"])):
+    for ordinal, r in enumerate(iter_verified_rows(join(output, "shards"), ["image_id", "error", "config_hash"])):
         image_id = int(r["image_id"])
         rank = (fingerprint is not None and r["config_hash"] != fingerprint, bool(r["error"]), ordinal)
         if image_id not in best or rank < best[image_id]:
@@ -237,7 +238,7 @@ def _review_image(run: _Run, index_row: dict, shard_row: dict | None, out_dir: s
            "method": (shard_row or {}).get("method") or run.method, "error": error, "stage": error_stage(error),
            "warnings": len(json.loads((shard_row or {}).get("warnings") or "[]")), "num_segments": 0,
            "categories": [], "uncertainty_mean": None, "uncertain_fraction": None,
-           "pq": None, "best_iou": None, "tp": None, "fp": None, "fn": None}
+           "pq": None, "mean_best_iou": None, "tp": None, "fp": None, "fn": None}
     detail = {"points": [[float(x), float(y), int(s), int(c)] for (x, y), s, c in
                          zip(clicks.xy.tolist(), clicks.segment.tolist(), clicks.category_id.tolist())],
               "suggestions": [], "segments": [], "warnings": json.loads((shard_row or {}).get("warnings") or "[]"),
@@ -362,7 +363,7 @@ def _meta(run: _Run, rows: list[dict], sort: str, correlation: dict | None, opts
         "mean_uncertainty": mean("uncertainty_mean"),
         "mean_uncertain_fraction": mean("uncertain_fraction"),
         "mean_pq": mean("pq"),
-        "mean_best_iou": mean("best_iou"),
+        "mean_best_iou": mean("mean_best_iou"),
         "correlation": correlation,
     }
 
@@ -370,7 +371,7 @@ def _meta(run: _Run, rows: list[dict], sort: str, correlation: dict | None, opts
 #: Short keys of a row in data.js (the page's JavaScript reads these).
 _SHORT = {"image_id": "id", "file_name": "f", "height": "h", "width": "w", "error": "err", "stage": "st",
           "warnings": "wn", "num_segments": "ns", "categories": "cl", "uncertainty_mean": "u",
-          "uncertain_fraction": "uf", "pq": "pq", "best_iou": "iou", "fp": "fp", "fn": "fn"}
+          "uncertain_fraction": "uf", "pq": "pq", "mean_best_iou": "iou", "fp": "fp", "fn": "fn"}
 
 
 def _write_data(out_dir: str, rows: list[dict], details: dict, meta: dict, categories: dict[int, Category],

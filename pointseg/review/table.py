@@ -10,16 +10,18 @@ worst-first order)::
     num_segments          segments in the pseudo label
     categories            category ids in the pseudo label and the ground truth
     uncertainty_mean, uncertain_fraction    pointseg.uncertainty.image_summary (None: no map)
-    pq, best_iou, tp, fp, fn                against ground truth (None: no ground truth)
+    pq, mean_best_iou, tp, fp, fn           against ground truth (None: no ground truth)
 
 ``pq`` is the image's own panoptic quality: Kirillov et al. Eq. 1 over the
 categories present in the image (ground truth or prediction), averaged;
-``best_iou`` the mean over its non-crowd ground-truth things of the best IoU
-with any predicted thing (:func:`pointseg.metrics.instances.best_ious`).
+``mean_best_iou`` the mean over its non-crowd ground-truth things of the best
+IoU with any predicted thing (:func:`pointseg.metrics.instances.best_ious`):
+the per-image figures of :func:`pointseg.evaluation.score`, which a pipeline
+run stores in ``report.json["per_image"]``.
 
 Worst first (:func:`worst_first`): failed images, then by the sort key:
 ``pq`` ascending (ties: more uncertain first), ``uncertainty`` descending,
-``best_iou`` ascending; a missing value sorts after every present one; last
+``best_iou`` (``mean_best_iou``) ascending; a missing value sorts after every present one; last
 tie-break: ``image_id``. The review page's JavaScript sorts by the same keys.
 """
 
@@ -41,10 +43,10 @@ SORTS = ("pq", "uncertainty", "best_iou", "image_id")
 
 def image_quality(gt_map: np.ndarray, gt_info: list[Mapping], pred_map: np.ndarray, pred_info: list[Mapping],
                   categories: Mapping[int, Category], image_id: int | None = None) -> dict:
-    """``{"pq", "best_iou", "tp", "fp", "fn"}`` of one image (definitions in the module docstring).
+    """``{"pq", "mean_best_iou", "tp", "fp", "fn"}`` of one image (definitions in the module docstring).
 
     ``pq`` is None when the image has no ground-truth segment and no
-    prediction; ``best_iou`` None when it has no non-crowd ground-truth thing.
+    prediction; ``mean_best_iou`` None when it has no non-crowd ground-truth thing.
     """
     stat = pq_stat_image(gt_map, gt_info, pred_map, pred_info, categories, image_id)
     pq = pq_from_stat(stat, categories)["pq"]
@@ -56,7 +58,7 @@ def image_quality(gt_map: np.ndarray, gt_info: list[Mapping], pred_map: np.ndarr
     ious = best_ious(gt_map, things, pred_map, pred_things)
     return {
         "pq": None if math.isnan(pq) else float(pq),
-        "best_iou": float(ious.mean()) if len(ious) else None,
+        "mean_best_iou": float(ious.mean()) if len(ious) else None,
         "tp": sum(c.tp for c in stat.per_cat.values()),
         "fp": sum(c.fp for c in stat.per_cat.values()),
         "fn": sum(c.fn for c in stat.per_cat.values()),
@@ -85,7 +87,7 @@ def sort_key(row: Mapping, by: str) -> tuple:
     if by == "uncertainty":
         return (failed, *_missing_last(row.get("uncertainty_mean"), True), row["image_id"])
     if by == "best_iou":
-        return (failed, *_missing_last(row.get("best_iou")), row["image_id"])
+        return (failed, *_missing_last(row.get("mean_best_iou")), row["image_id"])
     raise ValueError(f"unknown sort {by!r}; choose one of {SORTS}")
 
 
