@@ -24,7 +24,9 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/geodesic.py
-	$(BIN)/python benchmarks/pseudo_label_throughput.py
+	$(BIN)/python benchmarks/pseudo_label_throughput.py --repeats 1
+	$(BIN)/python benchmarks/psps_uncertainty.py
+	$(BIN)/python benchmarks/review_page.py
 
 clean:
 	rm -rf $(VENV) out

@@ -22,7 +22,8 @@ from operators.training import train_generator, train_stage2
 from pointseg.config import PipelineConfig, with_generator_params
 from pointseg.data.prepare import prepare_inputs
 from pointseg.generators import generator_fingerprint
-from pointseg.report import console_summary, evaluate_run, model_section, save_json, write_report
+from pointseg.report import console_summary, evaluate_run, model_section, save_report, write_report
+from pointseg.review.page import write_review
 
 log = logging.getLogger("pointseg.flows.full_pipeline")
 
@@ -54,8 +55,13 @@ def run(cfg: PipelineConfig, output: str) -> dict:
         stage2 = model_section(cfg, trained, evaluated)
     with timer.stage("report"):
         report = write_report(output, cfg, categories, prep, counts, exported, quality, stage1, stage2, timer.seconds)
+    if cfg.review.enabled:
+        with timer.stage("review"):
+            review = write_review(output, report, options=cfg.review)
+        report["per_image"] = review["per_image"]  # worst first, with the uncertainty: the page's order
+        report["review"] = {k: review[k] for k in ("index", "suggestions", "images", "failed", "sort", "correlation")}
     report["timings"] = dict(timer.seconds)
-    save_json(output, report)
+    save_report(output, report, categories)
     return report
 
 

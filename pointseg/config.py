@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidationInfo, field_validator
 
 from pointseg.generators import GeneratorConfig, generator_class
+from pointseg.review.options import ReviewOptions
 from pointseg.train.engine import EngineConfig
 from pointseg.train.stage2 import Stage2Config
 
@@ -142,6 +143,7 @@ class PipelineConfig(Strict):
     ray_data: RayDataConfig = RayDataConfig()
     report: ReportConfig = ReportConfig()
     train: Stage2Config = Stage2Config()
+    review: ReviewOptions = ReviewOptions()
     strict: bool = False
     resume: bool = True
 

@@ -263,16 +263,16 @@ def write_report(output: str, cfg, categories: dict[int, Category], prep, counts
         report["model"] = stage2
     report["failures"] = failures
     report["timings"] = dict(timings)
-    save_json(output, report)
-    with open_out(join(output, "report.md"), "w") as f:
-        f.write(render_markdown(report, categories))
+    save_report(output, report, categories)
     return report
 
 
-def save_json(output: str, report: dict) -> None:
-    """``OUTPUT/report.json`` (NaN as null)."""
+def save_report(output: str, report: dict, categories: dict[int, Category]) -> None:
+    """``OUTPUT/report.json`` (NaN as null) and ``OUTPUT/report.md``."""
     with open_out(join(output, "report.json"), "w") as f:
         json.dump(_json_safe(report), f, indent=2, default=str)
+    with open_out(join(output, "report.md"), "w") as f:
+        f.write(render_markdown(report, categories))
 
 
 def _json_safe(x):
@@ -330,6 +330,14 @@ def render_markdown(report: dict, categories: dict[int, Category]) -> str:
                   "| image | stage | reason |", "|---|---|---|"]
         lines += [f"| {f['image_id'] if f['image_id'] is not None else '-'} | {f['stage']} | "
                   f"{str(f['reason']).replace('|', '/')[:300]} |" for f in failures]
+    if report.get("review"):
+        r = report["review"]
+        corr = r.get("correlation") or {}
+        lines += ["", "## Review page", "",
+                  f"[review/index.html](review/index.html): every image worst first ({r.get('sort')}), its uncertainty "
+                  f"and next-click suggestions (`suggestions.jsonl`)."
+                  + (f" Spearman correlation of per-image uncertainty and PQ: {corr.get('spearman'):.2f}."
+                     if isinstance(corr, dict) and isinstance(corr.get("spearman"), float) else "")]
     lines += ["", "## Timings (s)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in report.get("timings", {}).items()]
     if report.get("overlays"):
