@@ -57,9 +57,16 @@ def run(cfg: PipelineConfig, output: str) -> dict:
         report = write_report(output, cfg, categories, prep, counts, exported, quality, stage1, stage2, timer.seconds)
     if cfg.review.enabled:
         with timer.stage("review"):
-            review = write_review(output, report, options=cfg.review)
-        report["per_image"] = review["per_image"]  # worst first, with the uncertainty: the page's order
-        report["review"] = {k: review[k] for k in ("index", "suggestions", "images", "failed", "sort", "correlation")}
+            try:
+                review = write_review(output, report, options=cfg.review)
+                report["per_image"] = review["per_image"]  # worst first, with the uncertainty: the page's order
+                report["review"] = {k: review[k] for k in ("index", "suggestions", "images", "failed", "sort",
+                                                           "correlation")}
+            except Exception as exc:  # noqa: BLE001 - the report is written whatever the page does
+                if cfg.strict:
+                    raise
+                log.exception("review page failed")
+                report["failures"].append({"image_id": None, "stage": "review", "reason": f"{type(exc).__name__}: {exc}"})
     report["timings"] = dict(timer.seconds)
     save_report(output, report, categories)
     return report

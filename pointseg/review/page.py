@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 
 import cv2
@@ -396,12 +397,23 @@ def _write_data(out_dir: str, rows: list[dict], details: dict, meta: dict, categ
         with open_out(join(out_dir, "details", f"chunk-{n:05d}.js"), "w") as f:
             f.write(f"window.reviewDetails({n}, " + _js(chunk) + ");\n")
     with open_out(join(out_dir, "per_image.json"), "w") as f:
-        json.dump(rows, f)
+        json.dump(_finite(rows), f)
+
+
+def _finite(obj):
+    """NaN / inf (e.g. a click with a NaN coordinate, kept to show why it was dropped) as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _js(obj) -> str:
     """JSON for a JavaScript file: ``</`` escaped so that no text closes a script element."""
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    return json.dumps(_finite(obj), separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
 
 
 def render_page(meta: dict, categories: dict[int, Category], rows: list[dict]) -> str:
