@@ -22,6 +22,8 @@ from pointseg.generators.base import (
     assemble,
     seed_groups,
 )
+from pointseg.generators.exits import ExitsGenerator
+from pointseg.generators.extreme_baselines import BASELINES as EXTREME_BASELINES
 from pointseg.generators.point2mask import Point2MaskGenerator
 from pointseg.generators.psps import PSPSGenerator
 from pointseg.generators.voronoi import VoronoiGenerator
@@ -30,6 +32,8 @@ GENERATORS: dict[str, type[PseudoLabelGenerator]] = {
     PSPSGenerator.name: PSPSGenerator,
     Point2MaskGenerator.name: Point2MaskGenerator,
     VoronoiGenerator.name: VoronoiGenerator,
+    ExitsGenerator.name: ExitsGenerator,
+    **{cls.name: cls for cls in EXTREME_BASELINES},
 }
 
 
