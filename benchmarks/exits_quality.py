@@ -106,10 +106,12 @@ def score(method: str, params: dict, cats, rows, gt, records, batch: int = 4) ->
     evals = {k: InstanceQualityEvaluator(cats) for k in splits}
     ious = {k: [] for k in splits}
     diags = []
-    t0, n_obj = time.perf_counter(), 0
+    seconds, n_obj = 0.0, 0
     for s in range(0, len(records), batch):
         chunk = records[s : s + batch]
+        t0 = time.perf_counter()
         labels = gen([r.image for r in chunk], [r.points for r in chunk])
+        seconds += time.perf_counter() - t0
         for rec, lab in zip(chunk, labels):
             g = gt[rec.image_id]
             gt_map, gt_info = g.panoptic()
@@ -121,7 +123,6 @@ def score(method: str, params: dict, cats, rows, gt, records, batch: int = 4) ->
                 if rec.image_id in members:
                     ious[k] += obj
                     evals[k].process(gt_map, gt_info, lab.id_map, lab.segments_info, rec.image_id)
-    seconds = time.perf_counter() - t0
     out = {"method": method, "objects_per_s": n_obj / seconds, "summary": type(gen).summarize(diags)}
     for k in splits:
         ev = evals[k].evaluate()

@@ -41,7 +41,7 @@ from pointseg.train.engine import EngineConfig
 class ExitsTrainConfig(EngineConfig):
     """Stage 1 of EXITS: the similarity extractor's warm-up, then the pseudo-label generator."""
 
-    steps: int = Field(400, ge=1, description="optimisation steps in total, warm-up included")
+    steps: int = Field(250, ge=1, description="optimisation steps in total, warm-up included")
     batch_size: int = Field(4, ge=1, description="images per step (their objects are cropped)")
     lr: float = Field(2e-4, gt=0)
     # crops
@@ -65,10 +65,10 @@ class ExitsTrainConfig(EngineConfig):
     vit_heads: int = Field(4, ge=1)
     attention_layer: int | Literal["all"] = Field(
         5, description="1-based ViT layer whose head-averaged attention is S (Table a1); 'all': mean of layers")
-    warmup_steps: int = Field(150, ge=0, description="MIL warm-up steps of the ViT similarity extractor (Eq. 1)")
+    warmup_steps: int = Field(100, ge=0, description="MIL warm-up steps of the ViT similarity extractor (Eq. 1)")
     feature_temperature: float = Field(0.1, gt=0, description="(b): S = softmax(cos / temperature) per row")
     # point retrieval (Eq. 2-5)
-    sinkhorn_iters: int = Field(200, ge=1, description="Sinkhorn-Knopp sweeps for A = Sinkhorn(S) (Eq. 2)")
+    sinkhorn_iters: int = Field(50, ge=1, description="Sinkhorn-Knopp sweeps for A = Sinkhorn(S) (Eq. 2)")
     alpha: int = Field(3, ge=1, description="random-walk hops (Eq. 3-4, Table a2)")
     tau_fg: float = Field(1e-3, description="pi_f - pi_b >= tau_fg: pseudo foreground (Eq. 5)")
     tau_bg: float = Field(-1e-4, description="pi_f - pi_b <= tau_bg: pseudo background (Eq. 5)")
