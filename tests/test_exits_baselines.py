@@ -88,7 +88,7 @@ def test_bad_objects_are_counted_and_the_rest_labelled(method):
     assert d["objects"] == 6 and d["labelled"] == 2  # 1 and the clipped 4
     assert (d["degenerate"], d["small"], d["points_clipped"], d["points_invalid"], d["incomplete"]) == (3, 1, 1, 1, 1)
     ids = {s["source_segment"]: s["id"] for s in lab.segments_info}
-    assert set(ids) == {1, 2, 3, 4, 6, 7}
+    assert set(ids) == {1, 2, 3, 4, 6, 7, 8}  # 8: the stuff click takes the rest
     assert (lab.id_map == ids[2]).sum() == 1 and (lab.id_map == ids[3]).sum() == 9
     if method != "grabcut":
         assert lab.id_map[38, 39] == ids[4]  # the right point, clipped to the image edge, is the object's
@@ -108,3 +108,11 @@ def test_registered():
         assert GENERATORS[name].name == name
     with pytest.raises(ValueError, match="iterations"):
         build_generator("grabcut", {"iterations": 0}, CATS)
+
+
+def test_stuff_click_takes_the_unclaimed_pixels():
+    img = np.zeros((20, 30, 3), np.uint8)
+    pts = _points([(5, 1, DIAMOND), (8, 9, [(25, 18)])])
+    lab = build_generator("box", {}, CATS)([img], [pts])[0]
+    ids = {s["source_segment"]: s["id"] for s in lab.segments_info}
+    assert (lab.id_map == ids[5]).sum() == 13 * 13 and (lab.id_map == ids[8]).sum() == 20 * 30 - 13 * 13

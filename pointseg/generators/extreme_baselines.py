@@ -30,7 +30,9 @@ Baselines (:data:`BASELINES`; each a :class:`~pointseg.generators.base.PseudoLab
 
 Overlaps: objects are painted from the largest box to the smallest, so a pixel
 claimed by several objects goes to the smallest (usually in front), the rule
-of :func:`pointseg.data.coco.panoptic_order`.
+of :func:`pointseg.data.coco.panoptic_order`. Pixels no object claims are
+VOID, or, when the image also has stuff clicks (``dataset.background:
+stuff``), the nearest stuff click's segment (:func:`fill_stuff`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 from pydantic import Field
+from scipy import ndimage
 
 from pointseg.data.record import Category, Points
 from pointseg.generators.base import GeneratorConfig, PseudoLabel, PseudoLabelGenerator, assemble, seed_groups
@@ -165,6 +168,28 @@ def paint_smallest_last(masks: list[np.ndarray], objects: list[ExtremeObject], h
     return assignment
 
 
+def fill_stuff(assignment: np.ndarray, points: Points, groups: list) -> np.ndarray:
+    """Pixels no object claims go to the stuff segment of the nearest stuff point (none: they stay -1).
+
+    Extreme points annotate things; a stuff click (the VOC-panoptic protocol's
+    ``background``, ``dataset.background: stuff``) takes the rest of the image.
+    """
+    stuff = [gi for gi, g in enumerate(groups) if not g.isthing]
+    if not stuff:
+        return assignment
+    h, w = assignment.shape
+    seeds = np.full((h, w), -1, np.int64)
+    for gi in stuff:
+        xy = points.xy[groups[gi].point_index]
+        xy = xy[np.isfinite(xy).all(1)]
+        rc = Points(xy, np.zeros(len(xy)), np.zeros(len(xy))).pixels(h, w)
+        seeds[rc[:, 0], rc[:, 1]] = gi
+    if (seeds < 0).all():
+        return assignment
+    _, (ri, ci) = ndimage.distance_transform_edt(seeds < 0, return_indices=True)
+    return np.where(assignment < 0, seeds[ri, ci], assignment)
+
+
 class ExtremeBaselineConfig(GeneratorConfig):
     min_object_px: int = Field(4, ge=1, description="objects narrower or lower than this get the filled box")
 
@@ -200,7 +225,7 @@ class _ExtremeBaseline(PseudoLabelGenerator):
                 masks.append(box_mask(o, h, w))
         diag = object_diagnostics(objects)
         diag.update({k: int(counts[k]) for k in self.extra_counters})
-        return assemble(paint_smallest_last(masks, objects, h, w), groups, diag)
+        return assemble(fill_stuff(paint_smallest_last(masks, objects, h, w), points, groups), groups, diag)
 
     @classmethod
     def summarize(cls, diagnostics: list[dict]) -> dict | None:

@@ -7,7 +7,9 @@ the generator network runs on ``batch_objects`` crops at a time, and each
 mask probability map ``M`` is resampled back into its window of the image.
 
 A pixel goes to the object with the highest ``M`` among those with
-``M >= mask_threshold`` (VOID when none). Objects the network cannot take
+``M >= mask_threshold``; when none claims it, it is VOID, or the nearest
+stuff click's segment when the image has stuff clicks (the VOC-panoptic
+``background``, :func:`~pointseg.generators.extreme_baselines.fill_stuff`). Objects the network cannot take
 get the per-object fallbacks of
 :mod:`~pointseg.generators.extreme_baselines` (degenerate and small objects:
 their box), and an object whose mask comes out empty gets its filled box too
@@ -34,7 +36,13 @@ from pointseg.generators.base import PseudoLabel, TrainableGenerator, assemble
 from pointseg.generators.exits.config import ExitsConfig
 from pointseg.generators.exits.crops import paste_probabilities
 from pointseg.generators.exits.stage1 import ExitsStage1, crop_objects
-from pointseg.generators.extreme_baselines import box_mask, extreme_objects, object_diagnostics, summarize_objects
+from pointseg.generators.extreme_baselines import (
+    box_mask,
+    extreme_objects,
+    fill_stuff,
+    object_diagnostics,
+    summarize_objects,
+)
 
 __all__ = ["ExitsGenerator", "margin_uncertainty"]
 
@@ -93,9 +101,9 @@ class ExitsGenerator(TrainableGenerator):
         by_image: dict[int, list[torch.Tensor]] = {}
         for j, (i, _) in enumerate(owners):
             by_image.setdefault(i, []).append(probs[j])
-        return [self._assemble(images[i], *parsed[i], by_image.get(i, [])) for i in range(len(images))]
+        return [self._assemble(images[i], points[i], *parsed[i], by_image.get(i, [])) for i in range(len(images))]
 
-    def _assemble(self, image, groups, objects, part, probs) -> PseudoLabel:
+    def _assemble(self, image, points, groups, objects, part, probs) -> PseudoLabel:
         h, w = image.shape[:2]
         thr = self.config.mask_threshold
         counts: Counter = Counter()
@@ -116,7 +124,7 @@ class ExitsGenerator(TrainableGenerator):
         best = stack.argmax(0) if len(objects) else np.zeros((h, w), np.int64)
         labelled = stack.max(0) >= thr if len(objects) else np.zeros((h, w), bool)
         group_of = np.array([o.group for o in objects] or [-1])
-        assignment = np.where(labelled, group_of[best], -1)
+        assignment = fill_stuff(np.where(labelled, group_of[best], -1), points, groups)
         diag = object_diagnostics(objects)
         diag["empty_mask"] = int(counts["empty_mask"])
         return assemble(assignment, groups, diag, margin_uncertainty(stack))
