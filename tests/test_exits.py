@@ -231,10 +231,16 @@ def test_object_batch_crops_every_object_and_flips_consistently():
     # the box of the extreme points spans the middle of the crop: margin 0.15 of 1.3 -> 32 * 0.15 / 1.3
     m = 32 * 0.15 / 1.3
     np.testing.assert_allclose(b["boxes"].numpy(), [[m, m, 32 - m, 32 - m]] * 2, atol=1e-4)
-    flipped = object_batch([rec], CATS, cfg.model_copy(update={"flip": True}), epoch=0, train=True)
+    flipped = object_batch([rec], CATS, cfg.model_copy(update={"flip": True, "crop_jitter": 0.0}), epoch=0, train=True)
+    was_flipped = [torch.equal(flipped["crops"][k], b["crops"][k].flip(-1)) for k in range(2)]
+    assert any(was_flipped)  # seed 1, epoch 0 flips one of the two
     for k in range(2):
-        if torch.equal(flipped["crops"][k], b["crops"][k].flip(-1)):
+        if was_flipped[k]:
             np.testing.assert_allclose(flipped["extremes"][k, 1, 0], 32 - b["extremes"][k, 3, 0], atol=1e-5)
+        else:
+            assert torch.equal(flipped["crops"][k], b["crops"][k])
+    jittered = object_batch([rec], CATS, cfg.model_copy(update={"crop_jitter": 0.2}), epoch=0, train=True)
+    assert not torch.allclose(jittered["boxes"], b["boxes"])  # the box moves inside the crop
 
 
 @pytest.mark.parametrize("similarity", ["vit_attention", "feature_cosine"])

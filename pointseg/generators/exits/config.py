@@ -47,6 +47,8 @@ class ExitsTrainConfig(EngineConfig):
     # crops
     crop_size: int = Field(128, ge=32, description="side of the object crop (the paper: 512)")
     crop_margin: float = Field(0.15, ge=0, description="context around the box on each side, fraction of its size")
+    crop_jitter: float = Field(0.15, ge=0, description="training: each side's margin drawn from crop_margin +- this "
+                               "(a fixed box position lets the warm-up learn the box from position alone)")
     max_objects_per_step: int = Field(16, ge=1, description="objects cropped per step (a seeded draw)")
     min_object_px: int = Field(4, ge=1, description="objects narrower or lower than this are not trained on")
     flip: bool = Field(True, description="random horizontal flips of the crops (seeded per epoch)")

@@ -22,12 +22,17 @@ from torchvision.ops import roi_align
 __all__ = ["crop_windows", "crop_images", "to_crop", "paste_probabilities", "grid_sets"]
 
 
-def crop_windows(boxes: np.ndarray, margin: float) -> np.ndarray:
-    """(K, 4) float ``[X0, Y0, X1, Y1]`` edge coordinates from (K, 4) inclusive pixel boxes ``(x_l, y_t, x_r, y_b)``."""
+def crop_windows(boxes: np.ndarray, margin) -> np.ndarray:
+    """(K, 4) float ``[X0, Y0, X1, Y1]`` edge coordinates from (K, 4) inclusive pixel boxes ``(x_l, y_t, x_r, y_b)``.
+
+    ``margin``: one fraction for every side, or (K, 4) fractions for the left,
+    top, right and bottom sides of each box (random jitter in training).
+    """
     b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    m = np.broadcast_to(np.asarray(margin, np.float64), b.shape)
     x0, y0, x1, y1 = b[:, 0], b[:, 1], b[:, 2] + 1, b[:, 3] + 1
-    mx, my = margin * (x1 - x0), margin * (y1 - y0)
-    return np.stack([x0 - mx, y0 - my, x1 + mx, y1 + my], 1)
+    w, h = x1 - x0, y1 - y0
+    return np.stack([x0 - m[:, 0] * w, y0 - m[:, 1] * h, x1 + m[:, 2] * w, y1 + m[:, 3] * h], 1)
 
 
 def crop_images(image: torch.Tensor, windows: np.ndarray, size: int) -> torch.Tensor:

@@ -54,10 +54,14 @@ def _edges_to_crop(rects: np.ndarray, windows: np.ndarray, size: int) -> np.ndar
                      (r[:, 2] - w[:, 0]) * sx, (r[:, 3] - w[:, 1]) * sy], 1)
 
 
-def crop_objects(image: np.ndarray, objects: list[ExtremeObject], cfg: ExitsTrainConfig) -> dict:
+def crop_objects(image: np.ndarray, objects: list[ExtremeObject], cfg: ExitsTrainConfig,
+                 rng: np.random.Generator | None = None) -> dict:
     """The crops of one image's objects and their geometry in crop coordinates.
 
-    Returns ``crops`` (K, 3, S, S) float in [0, 1], ``windows`` (K, 4) image
+    ``rng`` (training) jitters each side's margin by ``crop_jitter``, so the
+    box does not sit at one fixed place in every crop (else a network learns
+    the box from the position alone). Returns ``crops`` (K, 3, S, S) float in
+    [0, 1], ``windows`` (K, 4) image
     edge coordinates, and (crop coordinates, float32 tensors) ``extremes``
     (K, 4, 2) pixel centres of top/left/bottom/right, ``boxes`` (K, 4) and
     ``valid`` (K, 4) the image's extent.
@@ -65,7 +69,10 @@ def crop_objects(image: np.ndarray, objects: list[ExtremeObject], cfg: ExitsTrai
     h, w = image.shape[:2]
     S = cfg.crop_size
     boxes = np.array([o.box for o in objects], np.float64).reshape(-1, 4)
-    windows = crop_windows(boxes, cfg.crop_margin)
+    margin = cfg.crop_margin
+    if rng is not None and cfg.crop_jitter > 0:  # each side's margin drawn around crop_margin
+        margin = np.clip(margin + rng.uniform(-cfg.crop_jitter, cfg.crop_jitter, (len(objects), 4)), 0, None)
+    windows = crop_windows(boxes, margin)
     tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255
     crops = crop_images(tensor, windows, S)
     extremes = to_crop(np.stack([o.extremes for o in objects]).reshape(-1, 4, 2), windows, S)
@@ -97,15 +104,16 @@ def object_batch(records: list[ImageRecord], categories: dict[int, Category], cf
 
     Objects whose extreme points are degenerate, too small or incomplete are
     not trained on. At most ``max_objects_per_step`` objects are kept (a
-    draw seeded by the epoch and the image ids); ``train`` also flips half of
-    the crops.
+    draw seeded by the epoch and the image ids); ``train`` also jitters the
+    crop margins and flips half of the crops.
     """
     parts, keys = [], []
+    rng = np.random.default_rng([cfg.seed, epoch, *[int(r.image_id) for r in records]])
     for rec in records:
         _, objects = extreme_objects(rec.points, categories, rec.height, rec.width, cfg.min_object_px)
         objects = [o for o in objects if o.status == "ok" and not o.problems["incomplete"]]
         if objects:
-            parts.append(crop_objects(rec.image, objects, cfg))
+            parts.append(crop_objects(rec.image, objects, cfg, rng if train else None))
             keys += [(rec.image_id, o.segment) for o in objects]
     S = cfg.crop_size
     if not parts:
@@ -115,7 +123,6 @@ def object_batch(records: list[ImageRecord], categories: dict[int, Category], cf
     for p in parts:
         p["windows"] = torch.as_tensor(p["windows"])
     batch = {k: torch.cat([p[k] for p in parts]) for k in ("crops", "extremes", "boxes", "valid", "windows")}
-    rng = np.random.default_rng([cfg.seed, epoch, *[int(r.image_id) for r in records]])
     keep = np.sort(rng.permutation(len(keys))[: cfg.max_objects_per_step])
     batch = {k: v[torch.as_tensor(keep)] for k, v in batch.items()}
     if train and cfg.flip:
