@@ -28,6 +28,7 @@ Run (sizes and wall times in the README, "Measured")::
 
     python benchmarks/exits_quality.py --out out/exits_bench --train            # train, then score
     python benchmarks/exits_quality.py --out out/exits_bench --retrieval        # reuse the checkpoint
+    python benchmarks/exits_quality.py --out out/exits_bench --methods exits --label-set mask_threshold=0.4
     python benchmarks/exits_quality.py --out out/exits_bench --train --checkpoint out/exits_bench/ck_noret \\
         --set use_retrieved_points=false --methods exits                         # Table 5 ablation
 """
@@ -177,6 +178,8 @@ def main() -> None:
     ap.add_argument("--checkpoint", default=None, help="stage-1 checkpoint folder (default OUT/ck)")
     ap.add_argument("--train", action="store_true", help="train stage 1 first (fit_plain, resumes)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="stage-1 config override")
+    ap.add_argument("--label-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="EXITS labelling param (ExitsConfig), e.g. mask_threshold=0.4")
     ap.add_argument("--methods", default="box,extreme_polygon,grabcut,exits")
     ap.add_argument("--retrieval", action="store_true")
     ap.add_argument("--alphas", default="1,3")
@@ -202,7 +205,8 @@ def main() -> None:
     methods = [m for m in args.methods.split(",") if m]
     table = []
     for m in methods:
-        params = {"checkpoint": checkpoint} if m == "exits" else {}
+        params = {"checkpoint": checkpoint, **{k: parse_value(v) for k, v in
+                                              (kv.split("=", 1) for kv in args.label_set)}} if m == "exits" else {}
         res = score(m, params, cats, rows, gt, records)
         table.append(res)
         print(json.dumps({"method": m, "objects_per_s": round(res["objects_per_s"], 2),

@@ -118,6 +118,8 @@ class ExitsGenerator(TrainableGenerator):
             (rows, cols), patch = paste_probabilities(probs[ok_index], part["windows"][ok_index], h, w)
             ok_index += 1
             stack[k][rows, cols] = patch
+            if self.config.clip_to_box:
+                stack[k][~box_mask(o, h, w)] = 0.0
             if not (stack[k] >= thr).any():
                 counts["empty_mask"] += 1
                 stack[k][box_mask(o, h, w)] = 1.0
