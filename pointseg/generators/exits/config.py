@@ -115,4 +115,7 @@ class ExitsConfig(TrainableGeneratorConfig):
     mask_threshold: float = Field(0.5, gt=0, lt=1, description="a pixel is the object's where M >= this")
     batch_objects: int = Field(32, ge=1, description="object crops per network forward")
     min_object_px: int = Field(4, ge=1, description="objects narrower or lower than this get the filled box")
+    overlap: Literal["smallest", "probability"] = Field(
+        "smallest", description="a pixel several masks claim: the object with the smallest box (usually in front), "
+        "or the highest M")
     clip_to_box: bool = Field(True, description="M = 0 outside the box of the extreme points (it bounds the object)")

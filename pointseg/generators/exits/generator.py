@@ -6,8 +6,12 @@ as in training (the crop size and margin of the checkpoint's stage-1 config),
 the generator network runs on ``batch_objects`` crops at a time, and each
 mask probability map ``M`` is resampled back into its window of the image.
 
-A pixel goes to the object with the highest ``M`` among those with
-``M >= mask_threshold``; when none claims it, it is VOID, or the nearest
+A pixel belongs to every object with ``M >= mask_threshold`` there; where
+several claim it, ``overlap="smallest"`` (default) gives it to the object
+with the smallest box (usually in front, the rule of the baselines and of
+:func:`pointseg.data.coco.panoptic_order`; with ``"probability"`` a large
+object whose ``M`` saturates swallows the smaller ones inside its box), and
+``"probability"`` to the highest ``M``. When none claims it, it is VOID, or the nearest
 stuff click's segment when the image has stuff clicks (the VOC-panoptic
 ``background``, :func:`~pointseg.generators.extreme_baselines.fill_stuff`). Objects the network cannot take
 get the per-object fallbacks of
@@ -41,6 +45,7 @@ from pointseg.generators.extreme_baselines import (
     extreme_objects,
     fill_stuff,
     object_diagnostics,
+    paint_smallest_last,
     summarize_objects,
 )
 
@@ -123,10 +128,15 @@ class ExitsGenerator(TrainableGenerator):
             if not (stack[k] >= thr).any():
                 counts["empty_mask"] += 1
                 stack[k][box_mask(o, h, w)] = 1.0
-        best = stack.argmax(0) if len(objects) else np.zeros((h, w), np.int64)
-        labelled = stack.max(0) >= thr if len(objects) else np.zeros((h, w), bool)
-        group_of = np.array([o.group for o in objects] or [-1])
-        assignment = fill_stuff(np.where(labelled, group_of[best], -1), points, groups)
+        if self.config.overlap == "smallest":
+            masks = [stack[k] >= thr for k in range(len(objects))]
+            assignment = paint_smallest_last(masks, objects, h, w)
+        else:
+            best = stack.argmax(0) if len(objects) else np.zeros((h, w), np.int64)
+            labelled = stack.max(0) >= thr if len(objects) else np.zeros((h, w), bool)
+            group_of = np.array([o.group for o in objects] or [-1])
+            assignment = np.where(labelled, group_of[best], -1)
+        assignment = fill_stuff(assignment, points, groups)
         diag = object_diagnostics(objects)
         diag["empty_mask"] = int(counts["empty_mask"])
         return assemble(assignment, groups, diag, margin_uncertainty(stack))
