@@ -330,3 +330,34 @@ def test_sinkhorn_knopp_matches_pot_and_the_log_domain_solver():
     assert torch.allclose(A, plan, atol=1e-8)
     with pytest.raises(ValueError, match="> 0"):
         sinkhorn_knopp(torch.zeros(3, 3))
+
+
+class _ConstantNet(torch.nn.Module):
+    """A stand-in generator network: every crop's mask is certain everywhere (M = sigmoid(10))."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.train_config = ExitsStage1.Config(**TINY)
+
+    def forward(self, x):
+        return torch.full((len(x), 1, 8, 8), 10.0) + self.w
+
+
+def test_overlap_rule_and_clip_to_box():
+    img = np.zeros((40, 40, 3), np.uint8)
+    big = [(20, 2), (2, 20), (20, 37), (37, 20)]
+    small = [(20, 15), (15, 20), (20, 25), (25, 20)]
+    pts = Points(big + small, [1] * 4 + [2] * 4, [1] * 8)
+    net = _ConstantNet()
+    lab = ExitsGenerator({}, CATS, net=net)([img], [pts])[0]
+    ids = {s["source_segment"]: s["id"] for s in lab.segments_info}
+    assert (lab.id_map[15:26, 15:26] == ids[2]).all()  # the smaller box wins its pixels
+    # clip_to_box: the crop's margin is context, the mask stops at the box (x, y in 2 .. 37)
+    assert (lab.id_map[2:38, 2:38] > 0).all() and (lab.id_map[:2] == 0).all() and (lab.id_map[:, 38:] == 0).all()
+    unclipped = ExitsGenerator({"clip_to_box": False}, CATS, net=net)([img], [pts])[0]
+    assert (unclipped.id_map[:2] > 0).any()
+    by_prob = ExitsGenerator({"overlap": "probability"}, CATS, net=net)([img], [pts])[0]
+    assert (by_prob.id_map[15:26, 15:26] == ids[1]).mean() > 0.5  # equal M (up to resampling): mostly the first
+    # uncertainty: two certain objects claim the small box's pixels equally
+    assert lab.uncertainty[20, 20] > 0.99 and lab.uncertainty[5, 20] < 0.01
