@@ -56,7 +56,9 @@ class DatasetConfig(Strict):
 class PointsConfig(Strict):
     """Point labels: simulated from ground truth (``scheme``) or read from a JSONL ``file``."""
 
-    scheme: Literal["p1", "p10", "extreme"] = "p1"
+    scheme: Literal["p1", "p10", "extreme", "extreme_pixel"] = Field(
+        "p1", description="p1 / p10: uniform clicks per segment; extreme: ExtremeNet's band rule on the polygons "
+        "(things) plus one click per stuff segment; extreme_pixel: the extreme mask pixels (an approximation)")
     seed: int = 0
     file: str | None = None
 

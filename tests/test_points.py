@@ -86,7 +86,7 @@ def test_crowd_regions_get_no_points(mini_records):
 def test_extreme_points_on_mask_boundary_with_median_ties(mini_records):
     checked = 0
     for raw, _, _ in mini_records:
-        pts = sample_points(raw, "extreme", seed=0)
+        pts = sample_points(raw, "extreme_pixel", seed=0)
         things = [s for s in raw.segments if not s.iscrowd]
         assert len(pts) == 4 * len(things)
         for s in things:
@@ -118,9 +118,13 @@ def test_extreme_points_hand_computed():
     stuff = Segment(2, 9, False, np.ones((8, 10), bool))
     crowd = Segment(3, 1, True, m.copy(), iscrowd=True)
     rec = ImageRecord(1, 8, 10, segments=[Segment(1, 1, True, m), stuff, crowd])
-    pts = sample_points(rec, "extreme", seed=0)
-    np.testing.assert_array_equal(pts.xy, [[4, 2], [1, 4], [6, 6], [8, 4]])
-    assert pts.segment.tolist() == [1] * 4 and pts.category_id.tolist() == [1] * 4
+    for scheme in ("extreme_pixel", "extreme"):  # no polygons, 2 % band < 1 px: both rules agree
+        pts = sample_points(rec, scheme, seed=0)
+        np.testing.assert_array_equal(pts.xy[:4], [[4, 2], [1, 4], [6, 6], [8, 4]])
+    # the thing's four extreme points, then one click on the stuff segment (on a pixel it owns: not the thing's)
+    assert pts.segment.tolist() == [1] * 4 + [2] and pts.category_id.tolist() == [1] * 4 + [9]
+    x, y = pts.xy[4].astype(int)
+    assert not m[y, x]
 
 
 def test_small_segments_and_stuff():
@@ -164,7 +168,8 @@ def test_panoptic_samples_stuff_and_things_get_points():
         assert sorted(pts.segment.tolist()) == sorted(i["id"] for i in info if not i["iscrowd"])
         np.testing.assert_array_equal(_own_pixel(pts, id_map), pts.segment)
         ext = sample_points(rec, "extreme", seed=0)
-        assert len(ext) == 4 * sum(1 for i in info if i["isthing"] and not i["iscrowd"])
+        things = sum(1 for i in info if i["isthing"] and not i["iscrowd"])
+        assert len(ext) == 4 * things + sum(1 for i in info if not i["isthing"] and not i["iscrowd"])
 
 
 # --------------------------------------------------------------------------- validation

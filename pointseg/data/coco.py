@@ -328,8 +328,10 @@ def read_coco_instances(
         masks ``(H, W) bool`` (overlaps kept): polygons rasterised by
         pycocotools, RLE (compressed or not) expanded by :func:`rle_to_mask`
         (pycocotools' algorithm, tested against it); ``iscrowd`` annotations become
-        ``Segment(iscrowd=True)``. Use :func:`instances_to_panoptic` for
-        non-overlapping segments.
+        ``Segment(iscrowd=True)``. Polygon annotations also keep their
+        vertices in ``Segment.polygons`` (the ExtremeNet extreme-point rule
+        reads them). Use :func:`instances_to_panoptic` for non-overlapping
+        segments.
     """
     report = ReadReport(ann_uri, strict=strict)
     data = _read_json(ann_uri)
@@ -398,7 +400,8 @@ def read_coco_instances(
                     skipped.append(ann)
                     continue
                 segments.append(
-                    Segment(len(segments) + 1, int(ann["category_id"]), True, mask, bool(ann.get("iscrowd", 0)))
+                    Segment(len(segments) + 1, int(ann["category_id"]), True, mask, bool(ann.get("iscrowd", 0)),
+                            _polygons(ann))
                 )
             rec = ImageRecord(iid, h, w, file_name=uri, segments=segments, original_file_name=im["file_name"],
                               ignore_mask=_skipped_pixels(skipped, h, w))
@@ -498,6 +501,16 @@ def rle_to_mask(counts: list[int], h: int, w: int) -> np.ndarray:
     return np.ascontiguousarray(np.repeat(values, runs).reshape(w, h).T)
 
 
+def _polygons(ann: dict) -> tuple[np.ndarray, ...] | None:
+    """The well-formed polygons of a COCO ``segmentation`` as ``(K, 2)`` vertex arrays, or None (RLE)."""
+    seg = ann["segmentation"]
+    if not isinstance(seg, list):
+        return None
+    polys = tuple(np.asarray(p, np.float64).reshape(-1, 2) for p in seg
+                  if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0)
+    return polys or None
+
+
 def _decode_segmentation(ann: dict, h: int, w: int, report: ReadReport) -> np.ndarray | None:
     """COCO ``segmentation`` (polygons, uncompressed or compressed RLE) -> ``(h, w) bool``.
 
@@ -591,8 +604,9 @@ def instances_to_panoptic(record: ImageRecord) -> tuple[ImageRecord, list[int]]:
     instances by decreasing area — so each pixel belongs to the last segment
     painted over it: among overlapping instances the smallest wins, and crowd
     regions never overwrite a non-crowd instance (instances overwrite crowd).
-    Each kept segment's mask becomes its visible pixels; segments left with no
-    pixel are dropped.
+    Each kept segment's mask becomes its visible pixels (its ``polygons``, the
+    annotated outline, are kept as they are); segments left with no pixel are
+    dropped.
 
     Returns ``(record, dropped_ids)``: a new record (image shared, not copied)
     whose segments are in painting order with disjoint masks, so

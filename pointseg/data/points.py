@@ -12,15 +12,43 @@ when the segment has at least ``n`` pixels; a smaller segment still gets ``n``
 points, drawn with replacement, so P10 always means 10 points per segment.
 Segments with no visible pixel get no point. Crowd segments never get points.
 
-``"extreme"`` — the ExtremeNet protocol that EXITS follows, things only: the
-topmost, leftmost, bottommost and rightmost pixel of each non-crowd thing's
-mask, in that order. When several pixels tie on the extreme row (column), the
-median one along it is taken: index ``(k - 1) // 2`` of the ``k`` tied pixels
-sorted by column (row), the lower median, so it is always a mask pixel. The
-mask is ``segment.mask`` as stored: for records straight from
+``"extreme"`` — the ExtremeNet protocol that EXITS follows (ExtremeNet's
+``tools/gen_coco_extreme_points.py``), for things (every stuff segment -- the
+background of the VOC-panoptic protocol -- gets one P1 click): the topmost, leftmost,
+bottommost and rightmost point of each non-crowd thing, in that order, by the
+**band rule** (:func:`extreme_points_band`). On the annotated polygon vertices
+``v_0 .. v_{K-1}`` (all polygons of the object concatenated in annotation
+order, as ExtremeNet does), with ``t, b`` the smallest and largest vertex
+``y`` and ``h = b - t + 1`` (``l, r, w`` likewise in ``x``): start at the first
+vertex with ``y = t`` and walk along the vertex sequence, both ways, while the
+vertices stay within ``0.02 h`` of ``t`` (the sequence is padded with its last
+vertex in front and its first at the end, once, not wrapped further); the
+top point is ``(floor((max x + min x) / 2), t)`` over the vertices walked, i.e.
+the midpoint of the band's extent on the extreme. Left, bottom and right are
+the same with ``x`` / ``y`` and ``w`` / ``h`` swapped or reversed. The band is
+the vertices *contiguous* with the extreme one, not every vertex in the band
+(ExtremeNet's walk). Coordinates are then floored to pixel indices, as
+ExtremeNet's ``astype(int32)``, and clipped into the image: the point is that
+pixel's centre ``(x=col, y=row)``. Polygon coordinates span pixel edges, so
+the chosen pixel touches the polygon but need not be a mask pixel of the
+rasterised mask (on coco-mini 30 % of the points are mask pixels of the
+annotated mask and 93 % lie within one pixel of it).
+
+A segment without polygons (RLE crowd-free masks, panoptic PNGs, synthetic
+scenes) gets the band rule on its mask pixels: every pixel within the band,
+not only a contiguous run (mask pixels have no order to walk).
+
+``"extreme_pixel"`` — the earlier rule, kept as an option and an
+**approximation** of the protocol: the exact extreme row (column) of the
+*rasterised* mask; when several pixels tie on it, the median one along it,
+index ``(k - 1) // 2`` of the ``k`` tied pixels sorted by column (row), the
+lower median, so it is always a mask pixel. It ignores the 2 % band, so on a
+nearly flat top it picks the middle of the single extreme row, not of the
+band. The mask is ``segment.mask`` as stored: for records straight from
 :func:`~pointseg.data.coco.read_coco_instances` that is the annotated instance
 mask (overlaps included, as in ExtremeNet); after
-:func:`~pointseg.data.coco.instances_to_panoptic` it is the visible part.
+:func:`~pointseg.data.coco.instances_to_panoptic` it is the visible part (the
+band rule reads the annotated polygons either way).
 
 Every point's ``segment`` is the ground-truth segment id and ``category_id`` its
 category; coordinates are pixel centres, ``x`` = column, ``y`` = row. Points are
@@ -77,6 +105,8 @@ __all__ = [
     "sample_points",
     "sample_uniform_points",
     "extreme_points",
+    "extreme_points_band",
+    "EXTREME_RULES",
     "validate_points",
     "write_points_jsonl",
     "read_points_jsonl",
@@ -108,25 +138,114 @@ def sample_uniform_points(record: ImageRecord, n: int, rng: np.random.Generator)
     return Points(np.concatenate(xy), np.concatenate(seg_ids), np.concatenate(cat_ids))
 
 
-def extreme_points(record: ImageRecord) -> Points:
-    """Top, left, bottom, right mask pixel of each non-crowd thing (rule above)."""
+#: ExtremeNet's band: vertices within 2 % of the object's height (width) of the extreme.
+EXTREME_BAND = 0.02
+#: Extreme-point rules of :func:`extreme_points` (module docstring).
+EXTREME_RULES = ("band", "mask_pixel")
+
+
+def _band_walk(v: np.ndarray, i0: int, within) -> list[int]:
+    """Indices contiguous with ``i0`` in ``v`` (both ways, no wrap) whose values pass ``within``."""
+    idx = [i0]
+    j = i0 + 1
+    while j < len(v) and within(v[j]):
+        idx.append(j)
+        j += 1
+    j = i0 - 1
+    while j >= 0 and within(v[j]):
+        idx.append(j)
+        j -= 1
+    return idx
+
+
+def extreme_points_band(vertices: np.ndarray, band: float = EXTREME_BAND, contiguous: bool = True) -> np.ndarray:
+    """ExtremeNet's band rule: ``(4, 2) float64`` top, left, bottom, right ``(x, y)``.
+
+    Parameters
+    ----------
+    vertices : ``(K, 2)`` ``(x, y)`` polygon vertices in order (or, with
+        ``contiguous=False``, an unordered point set such as mask pixels).
+    band : the band as a fraction of the object's height ``h = b - t + 1``
+        (width ``w = r - l + 1``) measured from the extreme.
+    contiguous : ExtremeNet's walk along the vertex sequence from the first
+        extreme vertex (padded with the last vertex in front and the first at
+        the end); ``False``: every point within the band.
+
+    Returns the extreme coordinates before flooring: top ``((max x + min x) / 2, t)``
+    over the band's points, and likewise for left, bottom and right.
+    """
+    v = np.asarray(vertices, np.float64).reshape(-1, 2)
+    if len(v) == 0:
+        raise ValueError("extreme_points_band: no vertices")
+    x, y = v[:, 0], v[:, 1]
+    t, b, left, right = y.min(), y.max(), x.min(), x.max()
+    h, w = b - t + 1, right - left + 1
+    if contiguous:
+        v = np.concatenate([v[-1:], v, v[:1]])
+        x, y = v[:, 0], v[:, 1]
+
+    def pick(values, extreme_index, within):
+        if contiguous:
+            return np.asarray(_band_walk(values, extreme_index, within))
+        return np.nonzero(within(values))[0]
+
+    top = pick(y, int(np.argmin(y)), lambda u: u - t <= band * h)
+    bottom = pick(y, int(np.argmax(y)), lambda u: b - u <= band * h)
+    lft = pick(x, int(np.argmin(x)), lambda u: u - left <= band * w)
+    rgt = pick(x, int(np.argmax(x)), lambda u: right - u <= band * w)
+    return np.array([
+        [(x[top].max() + x[top].min()) / 2, t],
+        [left, (y[lft].max() + y[lft].min()) / 2],
+        [(x[bottom].max() + x[bottom].min()) / 2, b],
+        [right, (y[rgt].max() + y[rgt].min()) / 2],
+    ])
+
+
+def _extreme_mask_pixel(mask: np.ndarray) -> list[tuple[int, int]]:
+    rows, cols = np.nonzero(mask)  # raster order: rows ascending, columns ascending within a row
+    r_top, r_bot = rows.min(), rows.max()
+    c_left, c_right = cols.min(), cols.max()
+    top = np.sort(cols[rows == r_top])
+    left = np.sort(rows[cols == c_left])
+    bottom = np.sort(cols[rows == r_bot])
+    right = np.sort(rows[cols == c_right])
+    return [
+        (top[(len(top) - 1) // 2], r_top),
+        (c_left, left[(len(left) - 1) // 2]),
+        (bottom[(len(bottom) - 1) // 2], r_bot),
+        (c_right, right[(len(right) - 1) // 2]),
+    ]
+
+
+def _extreme_band(segment, height: int, width: int, band: float) -> list[tuple[int, int]]:
+    if segment.polygons:
+        xy = extreme_points_band(np.concatenate(segment.polygons), band, contiguous=True)
+    else:
+        rows, cols = np.nonzero(segment.mask)
+        xy = extreme_points_band(np.stack([cols, rows], 1), band, contiguous=False)
+    xy = np.floor(xy)  # ExtremeNet: (max + min) // 2 and astype(int32) on the vertex coordinates
+    return [(int(np.clip(cx, 0, width - 1)), int(np.clip(cy, 0, height - 1))) for cx, cy in xy]
+
+
+def extreme_points(record: ImageRecord, rule: str = "band", band: float = EXTREME_BAND) -> Points:
+    """Top, left, bottom, right point of each non-crowd thing (rules in the module docstring).
+
+    ``rule="band"``: ExtremeNet's band rule on the annotated polygons (mask
+    pixels without polygons); ``rule="mask_pixel"``: the exact extreme pixel
+    of the rasterised mask with median ties, an approximation.
+    """
+    if rule not in EXTREME_RULES:
+        raise ValueError(f"unknown extreme-point rule {rule!r}; choose one of {list(EXTREME_RULES)}")
     xy, seg_ids, cat_ids = [], [], []
     for s in sorted((s for s in record.segments if s.isthing and not s.iscrowd), key=lambda s: s.id):
-        rows, cols = np.nonzero(s.mask)  # raster order: rows ascending, columns ascending within a row
-        if len(rows) == 0:
+        if not s.mask.any() and not s.polygons:
             continue
-        r_top, r_bot = rows.min(), rows.max()
-        c_left, c_right = cols.min(), cols.max()
-        top = np.sort(cols[rows == r_top])
-        left = np.sort(rows[cols == c_left])
-        bottom = np.sort(cols[rows == r_bot])
-        right = np.sort(rows[cols == c_right])
-        xy += [
-            (top[(len(top) - 1) // 2], r_top),
-            (c_left, left[(len(left) - 1) // 2]),
-            (bottom[(len(bottom) - 1) // 2], r_bot),
-            (c_right, right[(len(right) - 1) // 2]),
-        ]
+        if rule == "band":
+            xy += _extreme_band(s, record.height, record.width, band)
+        else:
+            if not s.mask.any():
+                continue
+            xy += _extreme_mask_pixel(s.mask)
         seg_ids += [s.id] * 4
         cat_ids += [s.category_id] * 4
     if not xy:
@@ -134,8 +253,15 @@ def extreme_points(record: ImageRecord) -> Points:
     return Points(np.asarray(xy, np.float64), seg_ids, cat_ids)
 
 
-def _extreme_scheme(record: ImageRecord, rng: np.random.Generator) -> Points:
-    return extreme_points(record)  # deterministic: no random draw
+def _extreme_scheme(record: ImageRecord, rng: np.random.Generator, rule: str = "band") -> Points:
+    """Four extreme points per thing (deterministic), and one P1 click per stuff segment, so that a stuff
+    region -- the background of the VOC-panoptic protocol -- is a segment of the label too."""
+    things = extreme_points(record, rule)
+    p1 = sample_uniform_points(record, 1, rng)  # on each segment's visible pixels; the stuff ones are kept
+    stuff_ids = [s.id for s in record.segments if not s.isthing]
+    keep = np.isin(p1.segment, stuff_ids)
+    return Points(np.concatenate([things.xy, p1.xy[keep]]), np.concatenate([things.segment, p1.segment[keep]]),
+                  np.concatenate([things.category_id, p1.category_id[keep]]))
 
 
 #: Point-simulation schemes: name -> ``f(record, rng) -> Points``.
@@ -143,6 +269,7 @@ SCHEMES: dict[str, Callable[[ImageRecord, np.random.Generator], Points]] = {
     "p1": partial(sample_uniform_points, n=1),
     "p10": partial(sample_uniform_points, n=10),
     "extreme": _extreme_scheme,
+    "extreme_pixel": partial(_extreme_scheme, rule="mask_pixel"),
 }
 
 
@@ -153,7 +280,8 @@ def sample_points(record: ImageRecord, scheme: str, seed: int) -> Points:
     ----------
     record : an :class:`ImageRecord` with ``segments`` (raw instances, converted
         panoptic or read panoptic records all work; see the module docstring).
-    scheme : ``"p1"``, ``"p10"`` or ``"extreme"``.
+    scheme : ``"p1"``, ``"p10"``, ``"extreme"`` (ExtremeNet band rule) or
+        ``"extreme_pixel"`` (extreme mask pixel, an approximation).
     seed : non-negative int; the generator is ``default_rng([seed, image_id])``.
 
     Returns

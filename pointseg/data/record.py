@@ -54,7 +54,12 @@ class Segment:
     """One panoptic segment: a thing instance or a stuff region.
 
     ``mask`` is ``(H, W) bool``. ``iscrowd`` segments are VOID for PQ and never
-    get points.
+    get points. ``polygons`` are the annotated polygon outlines when the source
+    had them (COCO ``segmentation`` polygons, in annotation order): each a
+    ``(K, 2) float64`` array of ``(x, y)`` vertices in COCO coordinates (pixel
+    ``(r, c)`` spans ``[c, c+1) x [r, r+1)``); ``None`` for RLE, PNG or
+    synthetic masks. They describe the annotated object and are not cut to
+    the visible part; the ExtremeNet extreme-point rule reads them.
     """
 
     id: int
@@ -62,6 +67,7 @@ class Segment:
     isthing: bool
     mask: np.ndarray
     iscrowd: bool = False
+    polygons: tuple[np.ndarray, ...] | None = None
 
     @property
     def area(self) -> int:

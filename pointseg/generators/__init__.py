@@ -23,12 +23,17 @@ from pointseg.generators.base import (
     assemble,
     seed_groups,
 )
+
 #: Method name -> ``"module:Class"``. Imported on first use, so a labelling actor imports its own
 #: method only (PSPS never pays for torch).
 _METHODS = {
     "psps": "pointseg.generators.psps:PSPSGenerator",
     "point2mask": "pointseg.generators.point2mask:Point2MaskGenerator",
     "voronoi": "pointseg.generators.voronoi:VoronoiGenerator",
+    "exits": "pointseg.generators.exits:ExitsGenerator",
+    "box": "pointseg.generators.extreme_baselines:BoxGenerator",
+    "extreme_polygon": "pointseg.generators.extreme_baselines:ExtremePolygonGenerator",
+    "grabcut": "pointseg.generators.extreme_baselines:GrabCutGenerator",
 }
 
 
