@@ -373,9 +373,14 @@ def _summary_markdown(d: dict, max_rows: int = 50) -> list[str]:
     lines.append("; ".join(f"{k}: {v}" for k, v in head.items()))
     if d.get("note"):
         return lines + ["", d["note"]]
-    if d.get("summary"):
+    summary = d.get("summary") or {}
+    stats = {k: v for k, v in summary.items() if isinstance(v, dict) and {"mean", "max"} <= set(v)}
+    if stats:
         lines += ["", "| quantity | mean | max |", "|---|---|---|"]
-        lines += [f"| {k} | {fmt(v['mean'])} | {fmt(v['max'])} |" for k, v in d["summary"].items()]
+        lines += [f"| {k} | {fmt(v['mean'])} | {fmt(v['max'])} |" for k, v in stats.items()]
+    counts = {k: v for k, v in summary.items() if k not in stats}
+    if counts:
+        lines += ["", "| counter | total |", "|---|---|"] + [f"| {k} | {fmt(v)} |" for k, v in counts.items()]
     if d.get("fallbacks"):
         lines += ["", "| fallback (documented, counted) | images summed |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in d["fallbacks"].items()]

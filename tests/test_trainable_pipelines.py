@@ -1,0 +1,39 @@
+"""Each trainable method through the whole pipeline, tiny: stage 1 on Ray Train, labels from the Ray Data
+actors with the trained checkpoint, the COCO export and the report -- configured by name only."""
+
+from __future__ import annotations
+
+import pytest
+
+from pointseg.config import PipelineConfig, validate
+
+
+def run(tmp_path, method: str, scheme: str, train: dict, params: dict | None = None, baselines=("voronoi",)) -> dict:
+    import full_pipeline
+
+    out = tmp_path / method
+    cfg = validate(PipelineConfig, {
+        "output": str(out),
+        "dataset": {"kind": "synthetic", "synthetic": {"num_images": 4, "height": 64, "width": 64, "seed": 4}},
+        "points": {"scheme": scheme},
+        "generator": {"method": method, "params": params or {},
+                      "train": {"batch_size": 2, "report_every": 1, "checkpoint_every": 2,
+                                "storage_path": str(out / "stage1"), **train}},
+        "ray_data": {"num_actors": 1, "batch_size": 2, "min_images_for_ray": 0},
+        "report": {"num_overlays": 1, "baselines": list(baselines)},
+        "review": {"enabled": False},
+    })
+    report = full_pipeline.run(cfg, str(out))
+    g = report["generator_training"]
+    assert g["trained_steps"] == train["steps"] and g["checkpoint"].endswith(cfg.generator.train.run_name)
+    assert report["images"]["path"] == "ray" and report["images"]["exported"] == 4, report["images"]
+    assert report["pseudo_labels"]["pq"] is not None
+    return report
+
+
+@pytest.mark.slow
+def test_exits_from_extreme_points(ray_local, tmp_path):
+    report = run(tmp_path, "exits", "extreme",
+                 {"steps": 2, "warmup_steps": 1, "crop_size": 64, "max_objects_per_step": 4},
+                 baselines=("box",))
+    assert set(report["baselines"]) == {"box"} and report["method_summary"] is not None
