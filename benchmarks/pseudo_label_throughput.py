@@ -151,8 +151,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="pointseg-bench-"))
     cfg, categories, rows = prepare(work, args.images, args.size, args.method)
     generator_loop(cfg, categories, rows[:2])  # warm-up (numba cache, imports)
-    ray.init(num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": f"{ROOT}:{ROOT / 'flows'}"}},
-             _temp_dir=str(Path(tempfile.gettempdir()) / "pointseg-bench-ray"))
+    os.environ["PYTHONPATH"] = f"{ROOT}:{ROOT / 'flows'}"  # as flows/common.py: the local cluster inherits it
+    ray.init(num_cpus=2, _temp_dir=str(Path(tempfile.gettempdir()) / "pointseg-bench-ray"))
     ray.data.DataContext.get_current().enable_progress_bars = False
     times: dict[str, list[float]] = {}
     fixed: dict[str, list[float]] = {}

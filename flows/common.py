@@ -33,14 +33,17 @@ def init_ray(cfg: RayConfig):
         return ray
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     # Workers of this flow must import pointseg/operators from the repo.
-    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}}
+    pythonpath = os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p)
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, log_to_driver=True)
     else:
+        # A local cluster inherits this environment: its prestarted workers can then take the actors at
+        # once (a runtime_env would make Ray start a fresh worker process for each of them).
+        os.environ["PYTHONPATH"] = pythonpath
         kwargs = {"num_cpus": cfg.num_cpus} if cfg.num_cpus else {}
         if cfg.temp_dir:
             kwargs["_temp_dir"] = str(Path(cfg.temp_dir).resolve())
-        ray.init(runtime_env=runtime_env, **kwargs)
+        ray.init(**kwargs)
     return ray
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -40,8 +41,10 @@ def ray_local(tmp_path_factory):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, _temp_dir=str(tmp_path_factory.mktemp("ray")),
-                 runtime_env={"env_vars": {"PYTHONPATH": f"{ROOT}:{ROOT / 'flows'}"}})
+        # Inherited by the local cluster's workers (as flows/common.py does): prestarted workers can take actors.
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), str(ROOT / "flows"),
+                                                               os.environ.get("PYTHONPATH", "")) if p)
+        ray.init(num_cpus=2, _temp_dir=str(tmp_path_factory.mktemp("ray")))
     yield ray
     ray.shutdown()
 
