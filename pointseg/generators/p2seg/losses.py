@@ -64,12 +64,12 @@ def i2s_loss(affinity_logits: torch.Tensor, affinity: torch.Tensor) -> torch.Ten
     the gradient is that of ``-mean_{R+} σ(Â) + mean_{R-} σ(Â)`` and the loss
     floor is ``2 - σ(1) - 1 + σ(0) ≈ 0.769``, not 0.
     """
-    pos = affinity > 0.5
-    neg = ~pos
+    pos = (affinity > 0.5).to(affinity_logits.dtype)
+    neg = 1.0 - pos
     s_hat = torch.sigmoid(affinity_logits)
-    s_a = torch.sigmoid(affinity)
-    zero = affinity_logits.sum() * 0.0
+    s_a = torch.sigmoid(affinity.to(affinity_logits.dtype))
     n_pos, n_neg = pos.sum(), neg.sum()
-    loss_pos = (2.0 - s_a - s_hat)[pos].sum() / n_pos if n_pos > 0 else zero
-    loss_neg = (s_a + s_hat)[neg].sum() / n_neg if n_neg > 0 else zero
+    # Masks as products, not boolean indexing: no copies of the N x N pairs, no scatter in the backward pass.
+    loss_pos = ((2.0 - s_a - s_hat) * pos).sum() / n_pos.clamp(min=1.0)
+    loss_neg = ((s_a + s_hat) * neg).sum() / n_neg.clamp(min=1.0)
     return loss_pos + loss_neg
