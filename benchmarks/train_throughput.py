@@ -1,12 +1,15 @@
-"""Stage-2 training throughput: a plain PyTorch loop vs Ray Train with 1 and 2 workers.
+"""Stage-2 training throughput: the engine in a plain process vs Ray Train with 1 and 2 workers.
 
-    python benchmarks/train_throughput.py [--steps 40] [--size 128] [--task panoptic]
+    python benchmarks/train_throughput.py [--steps 40] [--size 128] [--model mask2former]
 
-Same model (the CPU-sized Mask2Former / Mask R-CNN, random init), same batch
+Same trainable (a ``STAGE2_MODELS`` row, CPU-sized, random init), same batch
 size per worker, same collate (decode + augment) on the same shard rows
-(synthetic scenes, labels = ground truth). Every process uses 1 torch thread
-(Ray Train workers get OMP_NUM_THREADS=1). Images/s exclude the first
-``--warmup`` steps. Ray Train overhead = 1 - (Ray 1 worker) / (plain loop).
+(synthetic scenes, labels = ground truth), same engine loop
+(:func:`pointseg.train.engine.fit`): once through ``fit_plain``, once inside
+Ray Train workers. Every process uses 1 torch thread (Ray Train workers get
+OMP_NUM_THREADS=1). Images/s are the engine's own per-window figures,
+excluding the first window (``--warmup`` steps). Ray Train overhead =
+1 - (Ray 1 worker) / (plain loop).
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,43 +47,37 @@ def make_shards(output: Path, n_images: int, size: int):
     return categories, rows
 
 
-def plain_loop(stage2, categories, rows, steps: int, warmup: int) -> float:
-    """Images/s of collate + train_step in this process, 1 thread."""
+def steady_rate(history: list[dict], warmup: int) -> float:
+    steady = [h for h in history if h["step"] > warmup]  # the first window is the warm-up
+    return sum(h["images_per_s"] for h in steady) / len(steady)
+
+
+def plain_loop(cfg, categories, rows, output: Path) -> float:
+    """Images/s of the engine in this process, 1 thread."""
     import torch
 
-    from pointseg.train.loop import train_step
-    from pointseg.train.ray_loop import make_collate
-    from pointseg.train.stage2 import build_stage2_model
+    from pointseg.train.engine import fit_plain
+    from pointseg.train.stage2 import STAGE2_MODELS
 
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model_cfg = stage2.panoptic if stage2.task == "panoptic" else stage2.instance
-    model, _ = build_stage2_model(stage2.task, model_cfg, categories)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=stage2.lr)
-    collate = make_collate(stage2, categories)
-    bs, k, images, t0 = stage2.batch_size, 0, 0, None
-    for step in range(steps):
-        if step == warmup:
-            t0, images = time.perf_counter(), 0
-        batch = [rows[(k + j) % len(rows)] for j in range(bs)]
-        k += bs
-        train_step(model, collate(batch), opt, stage2.max_grad_norm)
-        images += bs
-    return images / (time.perf_counter() - t0)
+    log_dir = output / "plain_logs"
+    fit_plain(STAGE2_MODELS[cfg.train.model](cfg.train, categories), rows, str(output / "plain_ckpt"), resume=False,
+              log_dir=str(log_dir))
+    history = [json.loads(x) for x in (log_dir / "metrics.jsonl").read_text().splitlines()]
+    return steady_rate(history, cfg.train.report_every)
 
 
 def ray_train(cfg, categories, output: Path, workers: int, run: str) -> float:
-    from train import run_training
+    from operators.training import train_stage2
 
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_workers": workers, "run_name": run})})
-    res = run_training(cfg, categories, str(output))
-    steady = [h for h in res["history"] if h["step"] > cfg.train.report_every]  # first window = warm-up
-    return sum(h["images_per_s"] for h in steady) / len(steady)
+    res = train_stage2(cfg, categories, str(output))
+    return steady_rate(res["history"], cfg.train.report_every)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--task", default="panoptic", choices=["panoptic", "instance"])
+    ap.add_argument("--model", default="mask2former", help="a STAGE2_MODELS name")
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=10)
@@ -98,18 +94,18 @@ def main() -> None:
         categories, rows = make_shards(output, args.images, args.size)
         model = {"image_size": args.size, "pretrained": False}
         cfg = validate(PipelineConfig, {"output": str(output), "train": {
-            "enabled": True, "task": args.task, args.task: model, "steps": args.steps, "batch_size": args.batch_size,
+            "enabled": True, "model": args.model, "params": model, "steps": args.steps, "batch_size": args.batch_size,
             "report_every": args.warmup, "checkpoint_every": args.steps, "val_every": args.images,
             "cpus_per_worker": 0.5, "storage_path": str(output / "train")}})
-        plain = plain_loop(cfg.train, categories, [r for r in rows if r["image_id"] != min(x["image_id"] for x in rows)],
-                           args.steps, args.warmup)
+        held_out = min(x["image_id"] for x in rows)  # val_every = images: the first id is held out
+        plain = plain_loop(cfg, categories, [r for r in rows if r["image_id"] != held_out], output)
         print(json.dumps({"plain_images_per_s": round(plain, 3)}), flush=True)
         ray.init(num_cpus=2, _temp_dir=str(output / "ray"), runtime_env={"env_vars": {"PYTHONPATH": f"{ROOT}:{ROOT / 'flows'}"}})
         one = ray_train(cfg, categories, output, 1, "w1")
         two = ray_train(cfg, categories, output, 2, "w2")
         ray.shutdown()
     result = {
-        "task": args.task, "size": args.size, "batch_size_per_worker": args.batch_size, "steps": args.steps,
+        "model": args.model, "size": args.size, "batch_size_per_worker": args.batch_size, "steps": args.steps,
         "plain_images_per_s": round(plain, 3), "ray_1_worker_images_per_s": round(one, 3),
         "ray_2_workers_images_per_s": round(two, 3), "speedup_2_vs_1": round(two / one, 3),
         "ray_overhead_vs_plain": round(1 - one / plain, 3),

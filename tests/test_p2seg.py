@@ -245,7 +245,7 @@ def test_config_keys_and_rounds():
         P2SegConfig.model_validate({"betta": 1})
     with pytest.raises(Exception, match="semantic_params"):
         P2SegConfig.model_validate({"semantic_params": {"downscal": 0.5}})
-    with pytest.raises(Exception, match="lowlevel"):
+    with pytest.raises(Exception, match="training-free"):
         P2SegConfig.model_validate({"semantic_source": "point2mask", "semantic_params": {"maps": "learned"}})
     # 100 steps, 2 rounds: [0, 33] round 0, [34, 66] round 1, [67, 99] round 2.
     assert [round_of(s, 100, 2) for s in (0, 33, 34, 66, 67, 99)] == [0, 0, 1, 1, 2, 2]

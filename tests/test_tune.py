@@ -133,13 +133,13 @@ def test_stage2_config_scheduler_and_final_loss():
     tcfg = load_config(TuneConfig, str(ROOT / "configs" / "tune_stage2.yaml"))
     base = stage2_base_config(load_base_config(tcfg, str(ROOT / tcfg.base_config)), tcfg.method)
     assert tcfg.objective == "stage2" and tcfg.experiment_name == "tune_stage2_psps" and num_trials(tcfg.space) == 6
-    assert base.train.enabled and base.generator.method == "psps" and base.generator.params["beta"] == 0.1
+    assert base.train.enabled and base.generator.method == "psps" and base.generator.params.beta == 0.1
     # 60 steps, a report every 15 -> 4 reports; with 120 steps swept in, 8
     assert stage2_max_reports(base, tcfg.space) == 4
     assert stage2_max_reports(base, {**tcfg.space, "train.steps": {"grid": [30, 120]}}) == 8
-    cfg = stage2_trial_config(base, {"train.panoptic.decoder_layers": 2, "train.lr": 0.01})
-    assert cfg.train.panoptic["decoder_layers"] == 2 and cfg.train.lr == 0.01
-    assert cfg.train.panoptic["hidden_dim"] == base.train.panoptic["hidden_dim"]  # the rest of the section kept
+    cfg = stage2_trial_config(base, {"train.params.decoder_layers": 2, "train.lr": 0.01})
+    assert cfg.train.params.decoder_layers == 2 and cfg.train.lr == 0.01
+    assert cfg.train.params.hidden_dim == base.train.params.hidden_dim  # the rest of the section kept
     # ASHA gets its own loss metric; TuneConfig none (PQ comes only in the last result)
     scheduler, metric, mode = tune_sweep.build_scheduler(tcfg, max_reports=4)
     assert (metric, mode) == (None, None)
@@ -253,7 +253,7 @@ def test_sweep_table_best_config_and_resume_errored(ray_local, tmp_path):
     best_key = max(direct, key=direct.get)
     best_cfg = load_config(PipelineConfig, str(tune_dir / "best_config.yaml"))
     assert best_cfg.generator.method == "psps"
-    assert best_cfg.generator.params == {"beta": best_key[0], "downscale": best_key[1], "blur_sigma": 0.0}
+    assert best_cfg.generator.params.model_dump() == {"beta": best_key[0], "downscale": best_key[1], "blur_sigma": 0.0}
     assert best_cfg.dataset == base.dataset and best_cfg.points == base.points
 
     # A changed space must not silently resume the old sweep.
@@ -350,7 +350,7 @@ def _trial_status(exp_dir: Path, status: str) -> set[str]:
 
 # ----------------------------------------------------------------------------- stage-2 sweep
 
-TINY_PANOPTIC = {  # with train.yaml's ImageNet backbone: 20 steps give a non-zero PQ
+TINY_PANOPTIC = {  # with train.yaml's ImageNet backbone: 40 steps give a non-zero PQ
     "image_size": 64, "num_queries": 8, "encoder_layers": 1, "hidden_dim": 32,
     "feature_size": 32, "mask_feature_size": 32, "encoder_feedforward_dim": 64, "dim_feedforward": 64,
     "num_attention_heads": 2, "train_num_points": 512,
@@ -368,7 +368,7 @@ def _trial_history(exp_dir: Path) -> dict[str, list[dict]]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(420)
 def test_stage2_sweep_asha_stops_the_worse_trial(ray_local, tmp_path):
     """Two sequential trials, decoder_layers 1 then 3, ASHA on the summed loss (grace 1, eta 2).
 
@@ -379,17 +379,18 @@ def test_stage2_sweep_asha_stops_the_worse_trial(ray_local, tmp_path):
     on every 4th image id, which the test picks itself.
     """
     import tune_sweep
-    from evaluate_model import evaluate_model
+
+    from operators.evaluation import evaluate_model
 
     cfg_path = _write_tune_yaml(
         tmp_path / "tune.yaml",
         base_config=str(ROOT / "configs" / "train.yaml"),
         base_overrides=[*BASE_OVERRIDES[1:], "dataset.synthetic.num_images=8",
-                        f"train.panoptic={json.dumps(TINY_PANOPTIC)}",
-                        "train.steps=20", "train.checkpoint_every=10", "train.report_every=10", "train.val_every=4",
+                        f"train.params={json.dumps(TINY_PANOPTIC)}",
+                        "train.steps=40", "train.checkpoint_every=20", "train.report_every=20", "train.val_every=4",
                         "train.eval.num_pictures=0"],
         objective="stage2",
-        space={"train.panoptic.decoder_layers": {"grid": [1, 3]}, "train.lr": 1e-2},
+        space={"train.params.decoder_layers": {"grid": [1, 3]}, "train.lr": 1e-2},
         max_concurrent_trials=1,  # sequential: the second trial meets the first one's rung results
         cpus_per_trial=0.1,
         scheduler="asha",
@@ -400,7 +401,7 @@ def test_stage2_sweep_asha_stops_the_worse_trial(ray_local, tmp_path):
     out = tmp_path / "out"
     summary = tune_sweep.run(tcfg, str(out), base)
 
-    rows = {r["train.panoptic.decoder_layers"]: r for r in summary["rows"]}
+    rows = {r["train.params.decoder_layers"]: r for r in summary["rows"]}
     assert sorted(rows) == [1, 3] and summary["num_errors"] == 0
     history = _trial_history(Path(summary["experiment"]))
     one, three = history[rows[1]["trial_id"]], history[rows[3]["trial_id"]]
@@ -410,8 +411,8 @@ def test_stage2_sweep_asha_stops_the_worse_trial(ray_local, tmp_path):
     # the ASHA oracle, and the outcome the setup makes certain
     assert (rows[3]["status"] == "stopped") == (three[0]["loss"] > one[0]["loss"])
     assert rows[3]["status"] == "stopped" and len(three) == 1 and "pq" not in rows[3]
-    # the finished trial: 2 training reports (steps 10, 20) then the evaluation
-    assert rows[1]["status"] == "ok" and [h.get("step") for h in one] == [10, 20, 20]
+    # the finished trial: 2 training reports (steps 20, 40) then the evaluation
+    assert rows[1]["status"] == "ok" and [h.get("step") for h in one] == [20, 40, 40]
     assert "pq" not in one[0] and 0.0 < rows[1]["pq"] <= 1.0 and rows[1]["num_images"] == 2
     assert summary["rows"][0] is rows[1] and summary["best"] is rows[1]  # stopped trials sort last
 
@@ -423,10 +424,10 @@ def test_stage2_sweep_asha_stops_the_worse_trial(ray_local, tmp_path):
 
     tune_dir = out / "tune"
     header = (tune_dir / "results.csv").read_text().splitlines()[0].split(",")
-    assert header[:3] == ["trial_id", "train.panoptic.decoder_layers", "pq"]
+    assert header[:3] == ["trial_id", "train.params.decoder_layers", "pq"]
     assert {"pq_th", "pq_st", "loss", "final_loss", "step", "status"} <= set(header) and "miou" not in header
     assert "| stopped |" in (tune_dir / "results.md").read_text()
     # best config = the base pipeline config with the winning train.* settings, ready for full_pipeline
-    assert cfg.train.enabled and cfg.train.panoptic["decoder_layers"] == 1 and cfg.train.lr == 1e-2
-    assert cfg.train.panoptic["hidden_dim"] == 32 and cfg.generator.method == "psps"
+    assert cfg.train.enabled and cfg.train.params.decoder_layers == 1 and cfg.train.lr == 1e-2
+    assert cfg.train.params.hidden_dim == 32 and cfg.generator.method == "psps"
     assert cfg.dataset == base.dataset and cfg.points == base.points

@@ -13,20 +13,11 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pointseg.generators.base import PseudoLabelGenerator, TrainableGeneratorConfig
-from pointseg.generators.point2mask import Point2MaskGenerator
-from pointseg.generators.psps import PSPSGenerator
+from pointseg.generators import generator_class
+from pointseg.generators.base import TrainableGenerator, TrainableGeneratorConfig
 from pointseg.train.engine import EngineConfig
 
-__all__ = ["SEMANTIC_SOURCES", "P2SegConfig", "P2SegTrainConfig"]
-
-#: The training-free generators whose labels can stand in for the paper's off-the-shelf
-#: (SAM) stage-1 semantic map. Imported directly rather than through
-#: ``pointseg.generators.build_generator``: that table imports this package.
-SEMANTIC_SOURCES: dict[str, type[PseudoLabelGenerator]] = {
-    PSPSGenerator.name: PSPSGenerator,
-    Point2MaskGenerator.name: Point2MaskGenerator,
-}
+__all__ = ["P2SegConfig", "P2SegTrainConfig"]
 
 
 class P2SegConfig(TrainableGeneratorConfig):
@@ -68,13 +59,15 @@ class P2SegConfig(TrainableGeneratorConfig):
 
     @model_validator(mode="after")
     def _semantic_source_params(self) -> "P2SegConfig":
-        source = SEMANTIC_SOURCES[self.semantic_source]
+        source = generator_class(self.semantic_source)
         try:
             cfg = source.Config.model_validate(self.semantic_params)
         except Exception as e:  # noqa: BLE001 - re-raised naming the key
             raise ValueError(f"semantic_params (for semantic_source={self.semantic_source}): {e}") from None
-        if getattr(cfg, "maps", "lowlevel") != "lowlevel":
-            raise ValueError("semantic_params.maps: the stage-1 semantic map must be training-free (maps: lowlevel)")
+        if issubclass(source, TrainableGenerator) and source.uses_net(cfg):
+            raise ValueError(f"semantic_params: the stage-1 semantic map must come from a training-free generator; "
+                             f"{self.semantic_source} with {self.semantic_params} needs a network (point2mask: "
+                             f"maps: lowlevel)")
         return self
 
 

@@ -49,7 +49,8 @@ from scipy import ndimage
 
 from pointseg.data.record import Points
 from pointseg.generators.base import PseudoLabel, TrainableGenerator, assemble
-from pointseg.generators.p2seg.config import SEMANTIC_SOURCES, P2SegConfig
+from pointseg.generators import build_generator
+from pointseg.generators.p2seg.config import P2SegConfig
 from pointseg.generators.p2seg.s2i import s2i_instances
 from pointseg.generators.p2seg.stage1 import P2SegTrainable
 from pointseg.generators.p2seg.targets import ThingLayout, network_maps, semantic_from_label, thing_channels, thing_layout
@@ -169,7 +170,7 @@ class P2SegGenerator(TrainableGenerator):
     def _label_training_free(self, image: np.ndarray, points: Points, layout: ThingLayout) -> PseudoLabel:
         t0 = time.perf_counter()
         if self._source is None:
-            self._source = SEMANTIC_SOURCES[self.config.semantic_source](self.config.semantic_params, self.categories)
+            self._source = build_generator(self.config.semantic_source, self.config.semantic_params, self.categories)
         semantic = semantic_from_label(self._source.generate(image, points), self.channel_of)
         label = self._assemble(semantic, layout, None, image.shape[:2])
         label.diagnostics.update(seconds=time.perf_counter() - t0, background_fraction=float((semantic == 0).mean()))

@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from pointseg.data.record import ImageRecord
-from pointseg.generators.p2seg.config import SEMANTIC_SOURCES, P2SegConfig, P2SegTrainConfig
+from pointseg.generators import build_generator
+from pointseg.generators.p2seg.config import P2SegConfig, P2SegTrainConfig
 from pointseg.generators.p2seg.i2s import affinity_targets
 from pointseg.generators.p2seg.losses import i2s_loss, offset_loss, seg_loss
 from pointseg.generators.p2seg.network import P2SegNet
@@ -131,7 +132,7 @@ class P2SegTrainable(Trainable):
     def _stage1_semantic(self, image_id, image: np.ndarray, points) -> np.ndarray:
         """The stage-1 semantic map (channels) of one input; all background, counted, if the source fails."""
         if self._source is None:
-            self._source = SEMANTIC_SOURCES[self.params.semantic_source](self.params.semantic_params, self.categories)
+            self._source = build_generator(self.params.semantic_source, self.params.semantic_params, self.categories)
         try:
             return semantic_from_label(self._source.generate(image, points), self.channel_of)
         except Exception as exc:  # noqa: BLE001 - a counted fallback, never a lost image
