@@ -250,3 +250,28 @@ def test_config_keys_and_rounds():
     # 100 steps, 2 rounds: [0, 33] round 0, [34, 66] round 1, [67, 99] round 2.
     assert [round_of(s, 100, 2) for s in (0, 33, 34, 66, 67, 99)] == [0, 0, 1, 1, 2, 2]
     assert round_of(50, 100, 0) == 0
+
+
+def test_point_loss_reads_the_class_map_at_the_clicks():
+    from pointseg.generators.p2seg.losses import point_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 2, 2)  # a stride-8 map of 16 x 16 inputs
+    # (3.5, 3.5) is the centre of cell (0, 0); (11.5, 3.5) of cell (1, 0): bilinear reads those cells exactly.
+    yx = [torch.tensor([[3.5, 3.5], [11.5, 3.5]]), torch.zeros(0, 2)]
+    lab = [torch.tensor([2, 0]), torch.zeros(0, dtype=torch.long)]
+    want = F.cross_entropy(torch.stack([logits[0, :, 0, 0], logits[0, :, 1, 0]]), torch.tensor([2, 0]))
+    assert float(point_loss(logits, yx, lab, (16, 16))) == pytest.approx(float(want), rel=1e-6)
+    assert float(point_loss(logits, [torch.zeros(0, 2)] * 2, [torch.zeros(0, dtype=torch.long)] * 2, (16, 16))) == 0
+
+
+def test_foreground_components_let_the_points_decide_the_classes():
+    sem = np.zeros((4, 10), np.int64)
+    sem[:, 0:4] = 1
+    sem[:, 4:8] = 2  # two touching regions of different classes
+    yx = np.array([[1.0, 1.0], [1.0, 5.0]])
+    by_class = s2i_instances(sem, yx, np.array([0, 1]), np.array([1, 1]), "points", min_area=1)
+    assert by_class.counters["class_conflicts"] == 1 and (by_class.instance[:, 4:8] == 1).all()
+    fg = s2i_instances(sem, yx, np.array([0, 1]), np.array([1, 1]), "points", min_area=1, components="foreground")
+    # One foreground component split by Eq. 1 at the bisector (column 3 is a tie: the lower index).
+    assert fg.counters["components"] == 1 and (fg.instance[:, 0:4] == 0).all() and (fg.instance[:, 4:8] == 1).all()

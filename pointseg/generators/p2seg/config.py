@@ -41,6 +41,12 @@ class P2SegConfig(TrainableGeneratorConfig):
     grouping: Literal["offsets", "nearest_point"] = Field(
         "offsets", description="split of a component shared by several points: by the predicted offsets "
         "(argmin ||e_k - (p + O(p))||) or by the pixel itself (Eq. 1)")
+    components: Literal["class", "foreground"] = Field(
+        "class", description="S2I components of every class region (the paper) or of the whole foreground (the "
+        "semantic map then decides foreground/background only; the points decide classes)")
+    foreground: Literal["argmax", "mass"] = Field(
+        "argmax", description="network semantic map: argmax over background and the image's classes, or "
+        "foreground wherever the classes together outweigh background")
     i2s: bool = Field(True, description="I2S on (Table 3): semantic map Â^{∘β} * C and L_I2S; off: argmax C, no L_I2S")
     background_affinity: bool = Field(
         True, description="background cells are one more segment of A (affine to each other); false: every pair "
@@ -91,6 +97,9 @@ class P2SegTrainConfig(EngineConfig):
     seg_weight: float = Field(1.0, ge=0, description="λ of L_seg (paper 1.0)")
     offset_weight: float = Field(0.01, ge=0, description="λ of L_off (paper 0.01)")
     affinity_weight: float = Field(1.0, ge=0, description="λ_I2S of L_I2S (paper 1.0)")
+    point_weight: float = Field(
+        0.0, ge=0, description="λ of the class-map cross-entropy at the clicks (stuff clicks: background), the "
+        "authors' code's annotation loss; not in the paper's equations (0: off)")
     hard_pixel_ratio: float = Field(0.2, gt=0, le=1, description="fraction of hardest pixels in L_seg (Table 5: 0.2)")
     hflip: bool = Field(True, description="random horizontal flip (seeded by seed, epoch and image id)")
 

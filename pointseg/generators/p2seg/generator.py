@@ -159,7 +159,7 @@ class P2SegGenerator(TrainableGenerator):
         t0 = time.perf_counter()
         h, w = image.shape[:2]
         present = [0] + sorted({int(c) for c in layout.group_class})
-        prob, semantic, offsets = network_maps(out, present, cfg.beta, cfg.i2s, (h, w))
+        prob, semantic, offsets = network_maps(out, present, cfg.beta, cfg.i2s, (h, w), cfg.foreground)
         label = self._assemble(semantic, layout, offsets if cfg.grouping == "offsets" else None, (h, w))
         label.uncertainty = instance_uncertainty(prob, present, layout, offsets if cfg.grouping == "offsets" else None,
                                                  cfg.uncertainty_temperature)
@@ -181,7 +181,7 @@ class P2SegGenerator(TrainableGenerator):
         """S2I on ``semantic`` (original size), then the panoptic label (module docstring, step 3)."""
         cfg = self.config
         res = s2i_instances(semantic, layout.point_yx, layout.point_group, layout.group_class, cfg.priority, offsets,
-                            (cfg.default_box, cfg.default_box), cfg.min_area)
+                            (cfg.default_box, cfg.default_box), cfg.min_area, cfg.components)
         assignment = np.where(res.instance >= 0, layout.things[np.maximum(res.instance, 0)]
                               if len(layout.things) else -1, -1)
         if len(layout.stuff_group):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["i2s_loss", "offset_loss", "seg_loss"]
+__all__ = ["i2s_loss", "offset_loss", "point_loss", "seg_loss"]
 
 
 def offset_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -73,3 +73,27 @@ def i2s_loss(affinity_logits: torch.Tensor, affinity: torch.Tensor) -> torch.Ten
     loss_pos = ((2.0 - s_a - s_hat) * pos).sum() / n_pos.clamp(min=1.0)
     loss_neg = ((s_a + s_hat) * neg).sum() / n_neg.clamp(min=1.0)
     return loss_pos + loss_neg
+
+
+def point_loss(logits: torch.Tensor, point_yx: list[torch.Tensor], point_label: list[torch.Tensor],
+               input_size: tuple[int, int]) -> torch.Tensor:
+    """Cross-entropy of the class map at the clicks: the authors' code's ``annotation_loss`` (not in the paper).
+
+    logits : (B, C, h, w) class map of inputs of ``input_size = (H, W)``;
+    point_yx : B tensors (P_b, 2) float ``(row, col)`` in input pixels;
+    point_label : B tensors (P_b,) long, the channel of each click (0 for a
+    stuff click, e.g. the VOC-panoptic background click). The logits are read at
+    each click by bilinear interpolation (pixel centres, ``align_corners=False``).
+    Returns the mean over every click of the batch (0 without clicks).
+    """
+    H, W = input_size
+    picked, labels = [], []
+    for b, (yx, lab) in enumerate(zip(point_yx, point_label)):
+        if len(yx) == 0:
+            continue
+        grid = torch.stack([(yx[:, 1] + 0.5) / W * 2 - 1, (yx[:, 0] + 0.5) / H * 2 - 1], -1).to(logits.dtype)
+        picked.append(F.grid_sample(logits[b:b + 1], grid.view(1, 1, -1, 2), align_corners=False)[0, :, 0].T)
+        labels.append(lab)
+    if not picked:
+        return logits.sum() * 0.0
+    return F.cross_entropy(torch.cat(picked), torch.cat(labels).to(logits.device))

@@ -174,7 +174,8 @@ def _point_pixels(point_yx: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 def s2i_instances(semantic: np.ndarray, point_yx: np.ndarray, point_group: np.ndarray, group_class: np.ndarray,
                   priority: Priority = "points", offsets: np.ndarray | None = None,
-                  default_box: tuple[int, int] = (16, 16), min_area: int = 4) -> S2IResult:
+                  default_box: tuple[int, int] = (16, 16), min_area: int = 4,
+                  components: Literal["class", "foreground"] = "class") -> S2IResult:
     """Instance labels from ``semantic`` and the points (S2I, module docstring).
 
     semantic : (h, w) int, 0 = background; point_yx : (K, 2) float ``(row, col)``;
@@ -185,6 +186,11 @@ def s2i_instances(semantic: np.ndarray, point_yx: np.ndarray, point_group: np.nd
         points (Eq. 1 on ``p + O(p)``) instead of by the pixel itself.
     default_box : ``(bh, bw)`` of the box a point without a region gets (Points First).
     min_area : a Points-First instance with fewer pixels also gets its box.
+    components : ``"class"`` (the paper: components of every class region) or
+        ``"foreground"`` (components of the foreground, all thing classes
+        together: the semantic map then only decides foreground from
+        background and where a component ends; a component's class, for
+        Semantic Results First and the conflict count, is its majority class).
     Returns an :class:`S2IResult`.
     """
     semantic = np.asarray(semantic)
@@ -207,13 +213,15 @@ def s2i_instances(semantic: np.ndarray, point_yx: np.ndarray, point_group: np.nd
     if len(point_yx) == 0:
         return S2IResult(instance, group_class.copy(), counters)
     rc = _point_pixels(point_yx, (h, w))
-    comp = class_components(semantic)
+    if components not in ("class", "foreground"):
+        raise ValueError(f"components must be 'class' or 'foreground', got {components!r}")
+    comp = class_components(semantic if components == "class" else (semantic > 0).astype(np.int64))
     point_comp = comp[rc[:, 0], rc[:, 1]]
     point_class = group_class[point_group]
     for c in np.unique(point_comp[point_comp >= 0]):
         members = np.flatnonzero(point_comp == c)
         ys, xs = np.nonzero(comp == c)
-        comp_class = int(semantic[ys[0], xs[0]])
+        comp_class = int(np.bincount(semantic[ys, xs]).argmax())
         counters["components"] += 1
         same = members[point_class[members] == comp_class]
         counters["class_conflicts"] += int(len(members) - len(same))

@@ -42,7 +42,7 @@ from pointseg.data.record import ImageRecord
 from pointseg.generators import build_generator
 from pointseg.generators.p2seg.config import P2SegConfig, P2SegTrainConfig
 from pointseg.generators.p2seg.i2s import affinity_targets
-from pointseg.generators.p2seg.losses import i2s_loss, offset_loss, seg_loss
+from pointseg.generators.p2seg.losses import i2s_loss, offset_loss, point_loss, seg_loss
 from pointseg.generators.p2seg.network import P2SegNet
 from pointseg.generators.p2seg.targets import (
     ThingLayout,
@@ -126,7 +126,8 @@ class P2SegTrainable(Trainable):
         targets = None
         if self.teacher_round == 0:
             targets, _ = s2i_targets(self._stage1_semantic(record.image_id, image, points), layout,
-                                     self.params.priority, self.config.affinity_grid, *box)
+                                     self.params.priority, self.config.affinity_grid, *box,
+                                     components=self.params.components)
         return image, layout, box, targets
 
     def _stage1_semantic(self, image_id, image: np.ndarray, points) -> np.ndarray:
@@ -163,11 +164,12 @@ class P2SegTrainable(Trainable):
         targets = []
         for i, (layout, box) in enumerate(zip(batch["layouts"], batch["boxes"])):
             present = [0] + sorted({int(c) for c in layout.group_class})
-            prob, semantic, offsets = network_maps({k: v[i] for k, v in out.items()}, present, p.beta, p.i2s, (s, s))
+            prob, semantic, offsets = network_maps({k: v[i] for k, v in out.items()}, present, p.beta, p.i2s, (s, s),
+                                                   p.foreground)
             t, _ = s2i_targets(semantic, layout, p.priority, self.config.affinity_grid, *box,
                                offsets=offsets if p.grouping == "offsets" else None,
                                class_prob=prob.cpu().numpy() if p.offset_weighting == "confidence" else None,
-                               present=present)
+                               present=present, components=p.components)
             targets.append(t)
         return {k: v.to(device) for k, v in _stack_targets(targets).items()}
 
@@ -192,6 +194,13 @@ class P2SegTrainable(Trainable):
         l_off = offset_loss(offsets, off_t, w_t)  # Eq. 3
         terms = {"seg": l_seg, "offset": l_off}
         total = cfg.seg_weight * l_seg + cfg.offset_weight * l_off  # L_S2I
+        if cfg.point_weight > 0:
+            yx = [torch.from_numpy(np.concatenate([lay.point_yx, lay.stuff_yx])).float() for lay in batch["layouts"]]
+            lab = [torch.from_numpy(np.concatenate([lay.group_class, np.zeros(len(lay.stuff_yx), np.int64)]))
+                   for lay in batch["layouts"]]
+            l_pt = point_loss(out["class_logits"], yx, lab, (cfg.image_size, cfg.image_size))
+            terms["point"] = l_pt
+            total = total + cfg.point_weight * l_pt
         if p.i2s:
             l_i2s = i2s_loss(out["affinity_logits"], affinity_targets(targets["grid"], p.background_affinity))  # Eq. 5
             terms["i2s"] = l_i2s

@@ -107,7 +107,8 @@ def semantic_from_label(label: PseudoLabel, channel_of: dict[int, int]) -> np.nd
 
 def s2i_targets(semantic: np.ndarray, layout: ThingLayout, priority: str, grid: int,
                 default_box: tuple[int, int], min_area: int, offsets: np.ndarray | None = None,
-                class_prob: np.ndarray | None = None, present: list[int] | None = None) -> tuple[dict, S2IResult]:
+                class_prob: np.ndarray | None = None, present: list[int] | None = None,
+                components: str = "class") -> tuple[dict, S2IResult]:
     """S2I on ``semantic`` and the stage-1 targets it gives (Eq. 2-5).
 
     semantic : (h, w) int64 channel map; offsets : optional (2, h, w) predicted
@@ -122,7 +123,7 @@ def s2i_targets(semantic: np.ndarray, layout: ThingLayout, priority: str, grid: 
     :class:`~.s2i.S2IResult`.
     """
     res = s2i_instances(semantic, layout.point_yx, layout.point_group, layout.group_class, priority, offsets,
-                        default_box, min_area)
+                        default_box, min_area, components)
     inst = res.instance
     cls = np.where(inst >= 0, layout.group_class[np.maximum(inst, 0)] if len(layout.group_class) else 0, 0)
     off, valid = offset_targets(inst, layout.point_yx, layout.point_group)
@@ -139,7 +140,7 @@ def s2i_targets(semantic: np.ndarray, layout: ThingLayout, priority: str, grid: 
 
 @torch.no_grad()
 def network_maps(out: dict[str, torch.Tensor], present: list[int], beta: float, i2s: bool,
-                 size: tuple[int, int]) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+                 size: tuple[int, int], foreground: str = "argmax") -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """One image's semantic distribution, semantic map and offsets at ``size = (h, w)``.
 
     out : the network outputs of one image (no batch dimension): ``class_logits``
@@ -151,8 +152,13 @@ def network_maps(out: dict[str, torch.Tensor], present: list[int], beta: float, 
     distribution is ``S = Â^{∘β} * C`` on the affinity grid
     (:func:`~.i2s.i2s_semantic`), else ``C``; it is upsampled (bilinear) to
     ``size``. Returns ``prob`` (K, h, w) float32 tensor over ``present``,
-    ``semantic`` (h, w) int64 channel map (its argmax) and ``offsets`` (2, h, w)
-    float32 in pixels of ``size`` (scaled from the input's).
+    ``semantic`` (h, w) int64 channel map and ``offsets`` (2, h, w) float32 in
+    pixels of ``size`` (scaled from the input's). ``foreground="argmax"``: the
+    semantic map is the argmax of ``prob``; ``"mass"``: a pixel is foreground
+    when the thing classes together outweigh background (``1 - S_0 > S_0``),
+    and then takes the most probable thing class (with one class per image the
+    two agree; with several, background no longer wins by splitting the
+    foreground's mass).
     """
     logits = out["class_logits"][present].float()
     prob = logits.softmax(0)
@@ -161,7 +167,14 @@ def network_maps(out: dict[str, torch.Tensor], present: list[int], beta: float, 
         flat = i2s_semantic(out["affinity_logits"].float(), pool_to_grid(prob[None], grid)[0], beta)
         prob = flat.view(len(present), grid, grid)
     prob = F.interpolate(prob[None], size=size, mode="bilinear", align_corners=False)[0]
-    semantic = np.asarray(present, np.int64)[prob.argmax(0).cpu().numpy()]
+    if foreground == "mass" and len(present) > 1:
+        best = prob[1:].argmax(0) + 1
+        best[prob[0] >= 0.5] = 0
+        semantic = np.asarray(present, np.int64)[best.cpu().numpy()]
+    elif foreground in ("argmax", "mass"):
+        semantic = np.asarray(present, np.int64)[prob.argmax(0).cpu().numpy()]
+    else:
+        raise ValueError(f"foreground must be 'argmax' or 'mass', got {foreground!r}")
     s_h, s_w = out["class_logits"].shape[-2:]
     in_size = torch.tensor([s_h, s_w], dtype=torch.float32) * 8
     scale = (torch.tensor(size, dtype=torch.float32) / in_size).view(2, 1, 1)
