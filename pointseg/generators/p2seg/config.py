@@ -89,6 +89,9 @@ class P2SegTrainConfig(EngineConfig):
     lr: float = Field(5e-4, gt=0, description="AdamW learning rate (paper 5e-5 over 50k steps; higher for CPU runs)")
     backbone: Literal["efficientnet_lite0", "mobilenet_v2"] = Field("efficientnet_lite0")
     pretrained: bool | str = Field(True, description="offline ImageNet weights, a local path, or false")
+    backbone_lr_scale: float = Field(
+        1.0, ge=0, description="learning rate of the backbone relative to lr; 0 freezes it (weights and BN "
+        "statistics: the ImageNet features, which noisy dense targets on a small dataset can only degrade)")
     width: int = Field(64, ge=8, description="neck and head channels")
     embed_dim: int = Field(32, ge=1, description="affinity embedding channels")
     image_size: int = Field(256, ge=32, description="square input side (multiple of 8)")

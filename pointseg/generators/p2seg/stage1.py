@@ -97,6 +97,18 @@ class P2SegTrainable(Trainable):
         return P2SegNet(len(self.channel_of) + 1, cfg.backbone, cfg.pretrained if pretrained else False,
                         cfg.width, cfg.embed_dim, cfg.affinity_grid)
 
+    def optimizer(self, model) -> torch.optim.Optimizer:
+        """AdamW; the backbone at ``backbone_lr_scale`` of the learning rate (0: frozen, not optimised)."""
+        cfg, net = self.config, unwrap(model)
+        backbone = set(map(id, net.backbone.parameters()))
+        groups = [{"params": [q for q in net.parameters() if id(q) not in backbone]}]
+        if cfg.backbone_lr_scale > 0:
+            groups.append({"params": list(net.backbone.parameters()), "lr": cfg.lr * cfg.backbone_lr_scale})
+        else:
+            for q in net.backbone.parameters():
+                q.requires_grad_(False)
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
     def round_of(self, step: int) -> int:
         return round_of(step, self.config.steps, self.params.rounds)
 
@@ -182,6 +194,8 @@ class P2SegTrainable(Trainable):
             targets = batch["targets"]
         else:
             raise RuntimeError(f"p2seg: step {step} is in round 0 but its batch has no stage-1 targets")
+        if cfg.backbone_lr_scale == 0:
+            unwrap(model).backbone.eval()  # frozen: its BN statistics stay the ImageNet ones
         out = model(batch["image"])
         h = cfg.image_size // cfg.loss_stride
         o = cfg.loss_stride // 2  # the centre pixel of each loss cell
