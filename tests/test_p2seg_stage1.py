@@ -121,3 +121,18 @@ def test_uncertainty_is_one_minus_the_top_two_margin():
     # Pixel (0, 1): distances 1 and 3; background 0.9 is the top mask.
     pi0 = 1 / (1 + np.exp(-2.0))
     assert u[0, 1] == pytest.approx(1 - (0.9 - 0.1 * pi0), rel=1e-5)
+
+
+def test_class_agnostic_map_keeps_the_points_classes(synthetic):
+    cats, rows = synthetic
+    cfg = {**TRAIN, "class_map": "agnostic"}
+    trainable = P2SegTrainable(cfg, cats, context={"generator": PARAMS})
+    model = trainable.build(pretrained=False).eval()
+    assert model.num_classes == 2
+    batch = trainable.collate()(rows[:2])
+    assert set(torch.unique(batch["targets"]["cls"]).tolist()) <= {0, 1}
+    gen = P2SegGenerator(PARAMS, cats, net=model, net_config=cfg)
+    things = sorted(k for k, v in cats.items() if v.isthing)[:2]
+    img = np.random.default_rng(1).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    label = gen([img], [Points([[10, 10], [50, 30]], [1, 2], things)])[0]
+    assert sorted(s["category_id"] for s in label.segments_info if s["isthing"]) == sorted(things)

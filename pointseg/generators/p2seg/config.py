@@ -89,6 +89,10 @@ class P2SegTrainConfig(EngineConfig):
     lr: float = Field(5e-4, gt=0, description="AdamW learning rate (paper 5e-5 over 50k steps; higher for CPU runs)")
     backbone: Literal["efficientnet_lite0", "mobilenet_v2"] = Field("efficientnet_lite0")
     pretrained: bool | str = Field(True, description="offline ImageNet weights, a local path, or false")
+    class_map: Literal["classes", "agnostic"] = Field(
+        "classes", description="class map C with c + 1 channels (the paper), or 2 (background / foreground): on a "
+        "dataset with few images per class every click then trains the one foreground channel; the points still "
+        "give every instance its class (Points First)")
     backbone_lr_scale: float = Field(
         1.0, ge=0, description="learning rate of the backbone relative to lr; 0 freezes it (weights and BN "
         "statistics: the ImageNet features, which noisy dense targets on a small dataset can only degrade)")

@@ -102,16 +102,18 @@ class P2SegGenerator(TrainableGenerator):
         """``net`` / ``net_config``: an in-memory :class:`~.network.P2SegNet` and its stage-1
         config (``image_size``) instead of ``checkpoint``."""
         super().__init__(config, categories, net)
-        self.channel_of = thing_channels(categories)
         self.image_size = None
+        class_map = "classes"
         if self.net is not None:
-            train_cfg = (self.net_meta.get("config") if self.net_meta else None) or net_config or {}
-            self.image_size = int(P2SegTrainable.Config.model_validate(train_cfg).image_size)
+            train_cfg = P2SegTrainable.Config.model_validate(
+                (self.net_meta.get("config") if self.net_meta else None) or net_config or {})
+            self.image_size, class_map = int(train_cfg.image_size), train_cfg.class_map
             if self.net_meta:
-                net_things = thing_channels(categories_from_meta(self.net_meta))
-                if net_things != self.channel_of:
-                    raise ValueError(f"checkpoint {self.config.checkpoint}: its thing classes "
-                                     f"{sorted(net_things)} differ from the dataset's {sorted(self.channel_of)}")
+                net_things = sorted(thing_channels(categories_from_meta(self.net_meta)))
+                if net_things != sorted(thing_channels(categories)):
+                    raise ValueError(f"checkpoint {self.config.checkpoint}: its thing classes {net_things} differ "
+                                     f"from the dataset's {sorted(thing_channels(categories))}")
+        self.channel_of = thing_channels(categories, class_map)
         self._source = None
 
     @classmethod

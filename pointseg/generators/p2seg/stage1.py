@@ -82,7 +82,7 @@ class P2SegTrainable(Trainable):
     def __init__(self, config, categories, context=None):
         super().__init__(config, categories, context)
         self.params = P2SegConfig.model_validate(self.context.get("generator") or {})
-        self.channel_of = thing_channels(categories)
+        self.channel_of = thing_channels(categories, self.config.class_map)
         if not self.channel_of:
             raise ValueError("p2seg: the category table has no thing category; P2Seg labels instances")
         self.teacher: torch.nn.Module | None = None
@@ -94,7 +94,7 @@ class P2SegTrainable(Trainable):
     # ------------------------------------------------------------------ network
     def build(self, pretrained: bool = True) -> torch.nn.Module:
         cfg = self.config
-        return P2SegNet(len(self.channel_of) + 1, cfg.backbone, cfg.pretrained if pretrained else False,
+        return P2SegNet(max(self.channel_of.values()) + 1, cfg.backbone, cfg.pretrained if pretrained else False,
                         cfg.width, cfg.embed_dim, cfg.affinity_grid)
 
     def optimizer(self, model) -> torch.optim.Optimizer:

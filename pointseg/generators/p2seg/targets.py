@@ -12,8 +12,8 @@
   its argmax and the offsets, at any output size.
 
 Class channels: 0 = background, ``1 + i`` = the ``i``-th thing category id in
-sorted order (:func:`thing_channels`). Stuff categories are background for the
-instance task.
+sorted order (:func:`thing_channels`), or a single foreground channel 1 for a
+class-agnostic map. Stuff categories are background for the instance task.
 """
 
 from __future__ import annotations
@@ -40,9 +40,15 @@ __all__ = [
 ]
 
 
-def thing_channels(categories: dict[int, Category]) -> dict[int, int]:
-    """Thing category id -> class-map channel (``1 + rank`` among the sorted thing ids)."""
-    return {c: i + 1 for i, c in enumerate(sorted(c for c, cat in categories.items() if cat.isthing))}
+def thing_channels(categories: dict[int, Category], class_map: str = "classes") -> dict[int, int]:
+    """Thing category id -> class-map channel: ``1 + rank`` among the sorted thing ids, or 1 for
+    every thing with ``class_map="agnostic"`` (one foreground channel)."""
+    things = sorted(c for c, cat in categories.items() if cat.isthing)
+    if class_map == "agnostic":
+        return {c: 1 for c in things}
+    if class_map != "classes":
+        raise ValueError(f"class_map must be 'classes' or 'agnostic', got {class_map!r}")
+    return {c: i + 1 for i, c in enumerate(things)}
 
 
 @dataclass
