@@ -275,3 +275,15 @@ def test_foreground_components_let_the_points_decide_the_classes():
     fg = s2i_instances(sem, yx, np.array([0, 1]), np.array([1, 1]), "points", min_area=1, components="foreground")
     # One foreground component split by Eq. 1 at the bisector (column 3 is a tie: the lower index).
     assert fg.counters["components"] == 1 and (fg.instance[:, 0:4] == 0).all() and (fg.instance[:, 4:8] == 1).all()
+
+
+def test_summarize_counts_the_fallbacks_over_images():
+    from pointseg.generators.p2seg import P2SegGenerator
+
+    d = [{"default_boxes": 2, "class_conflicts": 1, "background_fraction": 0.5, "image_id": 7},
+         {"default_boxes": 1, "lost_points": 3, "background_fraction": 0.25, "image_id": 3}, {"other": 1}]
+    s = P2SegGenerator.summarize(d)
+    assert s["images"] == 2 and s["fallbacks"]["default_boxes"] == 3 and s["fallbacks"]["lost_points"] == 3
+    assert s["summary"]["background_fraction"] == {"mean": 0.375, "max": 0.5}
+    assert [r["image_id"] for r in s["table"]] == [3, 7]
+    assert P2SegGenerator.summarize([{"other": 1}]) is None

@@ -198,12 +198,28 @@ class P2SegGenerator(TrainableGenerator):
 
     @classmethod
     def summarize(cls, diagnostics: list[dict]) -> dict | None:
-        keys = ("components", "split_components", "class_conflicts", "default_boxes", "lost_points",
-                "seed_pixels_restored", "no_thing_points")
-        rows = [d for d in diagnostics if d]
+        """S2I conflicts and fallbacks of a run: ``title``, ``images``, ``summary`` ({quantity: {mean,
+        max}} of the background fraction and seconds), ``fallbacks`` ({counter: sum over images})
+        and ``table`` (one row per image). None when no image carries P2Seg diagnostics."""
+        rows = []
+        for d in diagnostics:
+            if not d or "default_boxes" not in d:
+                continue
+            row = {"image_id": int(d.get("image_id", -1))}
+            row.update({k: int(d.get(k, 0)) for k in _COUNTERS})
+            row.update({k: float(d[k]) for k in _QUANTITIES if k in d})
+            rows.append(row)
         if not rows:
             return None
-        total = {k: int(sum(d.get(k, 0) for d in rows)) for k in keys}
-        bg = [d["background_fraction"] for d in rows if "background_fraction" in d]
-        summary = dict(total, images=len(rows), mean_background_fraction=float(np.mean(bg)) if bg else None)
-        return {"title": "P2Seg S2I conflicts and fallbacks", "summary": summary, "table": [summary]}
+        rows.sort(key=lambda r: r["image_id"])
+        summary = {k: {"mean": float(np.mean([r[k] for r in rows if k in r])),
+                       "max": float(np.max([r[k] for r in rows if k in r]))}
+                   for k in _QUANTITIES if any(k in r for r in rows)}
+        return {"title": "P2Seg S2I conflicts and fallbacks (per image)", "images": len(rows), "summary": summary,
+                "fallbacks": {k: int(sum(r[k] for r in rows)) for k in _COUNTERS}, "table": rows}
+
+
+#: Per-image counters of :func:`~.s2i.s2i_instances` and the generator, summed by :meth:`P2SegGenerator.summarize`.
+_COUNTERS = ("components", "split_components", "class_conflicts", "default_boxes", "lost_points",
+             "seed_pixels_restored", "no_thing_points")
+_QUANTITIES = ("background_fraction", "seconds", "network_seconds")
