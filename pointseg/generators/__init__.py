@@ -34,6 +34,7 @@ _METHODS = {
     "box": "pointseg.generators.extreme_baselines:BoxGenerator",
     "extreme_polygon": "pointseg.generators.extreme_baselines:ExtremePolygonGenerator",
     "grabcut": "pointseg.generators.extreme_baselines:GrabCutGenerator",
+    "p2seg": "pointseg.generators.p2seg:P2SegGenerator",
 }
 
 

@@ -1,0 +1,144 @@
+"""P2Seg speed: a stage-1 training step with a batch above 1, and the affinity head's time and peak memory.
+
+Prints, at 256 px and ``--batch`` images per step (default 4), on this CPU:
+
+* the whole stage-1 step of :class:`~pointseg.generators.p2seg.P2SegTrainable`
+  (forward, the three losses, backward, AdamW), round 0 and round 1 (round 1
+  adds the teacher's forward and S2I on its outputs), median seconds per step
+  and images per second;
+* the affinity head alone -- grid pooling of the embedding, ``Â`` over all cell
+  pairs, ``L_I2S`` (Eq. 5), forward and backward -- for grids of 16², 32²
+  (default) and 64² cells (64² = every stride-4 pixel of a 256-px input):
+  median seconds, and the peak of live tensor memory during one step (torch
+  profiler: allocations minus frees in time order; each grid in a fresh
+  subprocess);
+* for scale, the size of the affinity over all pixel pairs of the input, as
+  the authors' code forms it (not run).
+
+    OMP_NUM_THREADS=1 python benchmarks/p2seg_speed.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a clone without installing
+
+from pointseg.data.record import Category, ImageRecord, Points  # noqa: E402
+from pointseg.generators.p2seg import P2SegTrainable  # noqa: E402
+from pointseg.generators.p2seg.i2s import affinity_targets  # noqa: E402
+from pointseg.generators.p2seg.losses import i2s_loss  # noqa: E402
+from pointseg.generators.p2seg.network import P2SegNet  # noqa: E402
+
+SIZE = 256
+
+
+def _records(n: int, rng: np.random.Generator) -> list[ImageRecord]:
+    out = []
+    for i in range(n):
+        img = rng.integers(0, 255, (320, 400, 3), dtype=np.uint8)
+        img[60:200, 80:220] = (200, 40, 40)
+        img[150:300, 240:380] = (40, 180, 40)
+        pts = Points([[150, 130], [300, 220], [20, 300]], [1, 2, 3], [1, 2, 10])
+        out.append(ImageRecord(i, 320, 400, image=img, points=pts))
+    return out
+
+
+def _median_time(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def train_step(batch_size: int, repeats: int) -> None:
+    cats = {1: Category(1, "a", True), 2: Category(2, "b", True), 10: Category(10, "bg", False)}
+    for rnd in (0, 1):
+        trainable = P2SegTrainable({"image_size": SIZE, "batch_size": batch_size, "steps": 10},
+                                   cats, context={"generator": {"rounds": 1}})
+        model = trainable.build()
+        opt = trainable.optimizer(model)
+        trainable.collate()
+        batch = trainable.make_batch(_records(batch_size, np.random.default_rng(0)))
+        if rnd == 1:
+            trainable.after_step(model, 5)  # step 5 of 10 starts round 1: the teacher is frozen
+
+        def step():
+            loss = trainable.loss(model, batch, 5 * rnd)["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        s = _median_time(step, repeats)
+        print(f"stage-1 step, round {rnd}, batch {batch_size} x {SIZE}px: {s:.3f} s/step, {batch_size / s:.2f} images/s")
+
+
+def affinity_head(grid: int, batch_size: int, repeats: int) -> dict:
+    """Median time and peak live tensor memory of pool -> Â -> L_I2S, forward + backward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    net = P2SegNet(3, pretrained=False, affinity_grid=grid)
+    emb = torch.randn(batch_size, net.embed_dim, SIZE // 8, SIZE // 8, requires_grad=True)
+    labels = torch.randint(-1, 4, (batch_size, grid * grid))
+
+    def step():
+        emb.grad = None
+        logits = net.affinity(emb)  # a 64 grid repeats stride-8 cells: the cost of Â is the same as from stride 4
+        i2s_loss(logits, affinity_targets(labels)).backward()
+
+    s = _median_time(step, repeats)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    live = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):  # allocations minus frees, in time order
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return {"grid": grid, "seconds": s, "peak_mb": peak / 2**20, "pairs": (grid * grid) ** 2 * batch_size}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--one-grid", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    if args.one_grid is not None:
+        print(json.dumps(affinity_head(args.one_grid, args.batch, args.repeats)))
+        return
+    if args.batch < 2:
+        raise SystemExit("--batch must be above 1")
+    print(f"torch threads: {torch.get_num_threads()}")
+    train_step(args.batch, args.repeats)
+    print(f"affinity head (pool, Â, L_I2S; forward + backward), batch {args.batch} x {SIZE}px:")
+    rows = []
+    for grid in (16, 32, 64):
+        out = subprocess.run([sys.executable, __file__, "--one-grid", str(grid), "--batch", str(args.batch),
+                              "--repeats", str(args.repeats)], capture_output=True, text=True, check=True)
+        # the profiler writes its own log lines; the result is the last JSON line
+        rows.append(json.loads([ln for ln in out.stdout.splitlines() if ln.startswith("{")][-1]))
+    ref = next(r for r in rows if r["grid"] == 32)
+    for r in rows:
+        print(f"  grid {r['grid']:3d}x{r['grid']:<3d} ({r['pairs'] / 1e6:7.2f}M pairs): {r['seconds']:.4f} s "
+              f"({r['seconds'] / ref['seconds']:.2f}x the 32x32 grid), peak {r['peak_mb']:.0f} MB")
+    full = (SIZE * SIZE) ** 2
+    print(f"  all pixel pairs of one {SIZE}px input: {full / 1e9:.1f}G entries, {full * 4 / 2**30:.0f} GiB in float32 "
+          f"per image (not run)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""P2Seg's two configs: labelling (:class:`P2SegConfig`) and stage-1 training (:class:`P2SegTrainConfig`).
+
+Pipeline keys: ``generator.params`` is validated by :class:`P2SegConfig` and
+``generator.train`` by :class:`P2SegTrainConfig` (a subclass of the engine's
+:class:`~pointseg.train.engine.EngineConfig`). The training loss reads the
+labelling params too (the stage-1 semantic source, β, rounds, priority), so one
+validated :class:`P2SegConfig` drives both stages.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from pointseg.generators import generator_class
+from pointseg.generators.base import TrainableGenerator, TrainableGeneratorConfig
+from pointseg.train.engine import EngineConfig
+
+__all__ = ["P2SegConfig", "P2SegTrainConfig"]
+
+
+class P2SegConfig(TrainableGeneratorConfig):
+    """How P2Seg labels (and what its stage-1 loss distils); every paper knob is a key."""
+
+    semantic_source: Literal["psps", "point2mask"] = Field(
+        "psps", description="training-free generator whose pseudo labels give the stage-1 semantic map "
+        "(the paper takes SAM's; a documented substitute)")
+    semantic_params: dict[str, Any] = Field(
+        default_factory=dict, description="params of semantic_source (point2mask: low-level maps only)")
+    use_network: bool = Field(
+        True, description="label with the trained network (I2S + S2I); false: S2I on the stage-1 semantic map "
+        "alone, training-free (Table 6 setting)")
+    beta: float = Field(2.0, ge=0, description="Hadamard power β of the affinity in S = Â^{∘β} * C (Sec. 3.2; not "
+                        "given in the paper, chosen by configs/tune_p2seg.yaml)")
+    rounds: int = Field(1, ge=0, description="distillation rounds: times stage 1 regenerates its labels from its own "
+                        "network (I2S -> S2I); 0: trains on the stage-1 S2I labels only")
+    priority: Literal["points", "semantic"] = Field(
+        "points", description="S2I conflicts: 'points' (Points First, the paper) or 'semantic' (Semantic Results "
+        "First, Table 6)")
+    grouping: Literal["offsets", "nearest_point"] = Field(
+        "offsets", description="split of a component shared by several points: by the predicted offsets "
+        "(argmin ||e_k - (p + O(p))||) or by the pixel itself (Eq. 1)")
+    components: Literal["class", "foreground"] = Field(
+        "class", description="S2I components of every class region (the paper) or of the whole foreground (the "
+        "semantic map then decides foreground/background only; the points decide classes)")
+    foreground: Literal["argmax", "mass"] = Field(
+        "argmax", description="network semantic map: argmax over background and the image's classes, or "
+        "foreground wherever the classes together outweigh background")
+    i2s: bool = Field(True, description="I2S on (Table 3): semantic map Â^{∘β} * C and L_I2S; off: argmax C, no L_I2S")
+    background_affinity: bool = Field(
+        True, description="background cells are one more segment of A (affine to each other); false: every pair "
+        "with background is a non-affinity pair")
+    default_box: int = Field(16, ge=1, description="side of the default box of a point without a region, in pixels "
+                             "of the original image (Sec. 3.1)")
+    min_area: int = Field(4, ge=1, description="a Points-First instance with fewer pixels (original image) also "
+                          "gets its default box")
+    offset_weighting: Literal["uniform", "confidence"] = Field(
+        "uniform", description="W of Eq. 3 (undefined in the paper): 1 on every pseudo-instance pixel, or (rounds "
+        ">= 1) the network's mean probability of the instance's class over the instance (BESTIE's seg score)")
+    uncertainty_temperature: float = Field(
+        8.0, gt=0, description="pixels: softness of the point choice in the per-pixel instance probabilities "
+        "whose top-two margin gives the uncertainty")
+    net_batch: int = Field(8, ge=1, description="images per network forward when labelling a batch")
+
+    @model_validator(mode="after")
+    def _semantic_source_params(self) -> "P2SegConfig":
+        source = generator_class(self.semantic_source)
+        try:
+            cfg = source.Config.model_validate(self.semantic_params)
+        except Exception as e:  # noqa: BLE001 - re-raised naming the key
+            raise ValueError(f"semantic_params (for semantic_source={self.semantic_source}): {e}") from None
+        if issubclass(source, TrainableGenerator) and source.uses_net(cfg):
+            raise ValueError(f"semantic_params: the stage-1 semantic map must come from a training-free generator; "
+                             f"{self.semantic_source} with {self.semantic_params} needs a network (point2mask: "
+                             f"maps: lowlevel)")
+        return self
+
+
+class P2SegTrainConfig(EngineConfig):
+    """Stage 1 of P2Seg: the network and its losses (Sec. 3.3, 4.1), on top of the engine's keys.
+
+    Images are resized to ``image_size`` squared (aspect not kept) for training
+    and for labelling, so the network sees the same geometry in both.
+    """
+
+    steps: int = Field(1000, ge=1, description="optimisation steps (paper: 50k on VOC, GPU)")
+    batch_size: int = Field(4, ge=1, description="images per worker per step (paper: 8)")
+    lr: float = Field(5e-4, gt=0, description="AdamW learning rate (paper 5e-5 over 50k steps; higher for CPU runs)")
+    backbone: Literal["efficientnet_lite0", "mobilenet_v2"] = Field("efficientnet_lite0")
+    pretrained: bool | str = Field(True, description="offline ImageNet weights, a local path, or false")
+    class_map: Literal["classes", "agnostic"] = Field(
+        "classes", description="class map C with c + 1 channels (the paper), or 2 (background / foreground): on a "
+        "dataset with few images per class every click then trains the one foreground channel; the points still "
+        "give every instance its class (Points First)")
+    backbone_lr_scale: float = Field(
+        1.0, ge=0, description="learning rate of the backbone relative to lr; 0 freezes it (weights and BN "
+        "statistics: the ImageNet features, which noisy dense targets on a small dataset can only degrade)")
+    width: int = Field(64, ge=8, description="neck and head channels")
+    embed_dim: int = Field(32, ge=1, description="affinity embedding channels")
+    image_size: int = Field(256, ge=32, description="square input side (multiple of 8)")
+    affinity_grid: int = Field(32, ge=2, description="side of the affinity grid: N = grid² cells, N² pairs")
+    loss_stride: int = Field(4, ge=1, description="L_seg and L_off on the grid of this stride of the input")
+    seg_weight: float = Field(1.0, ge=0, description="λ of L_seg (paper 1.0)")
+    offset_weight: float = Field(0.01, ge=0, description="λ of L_off (paper 0.01)")
+    affinity_weight: float = Field(1.0, ge=0, description="λ_I2S of L_I2S (paper 1.0)")
+    point_weight: float = Field(
+        0.0, ge=0, description="λ of the class-map cross-entropy at the clicks (stuff clicks: background), the "
+        "authors' code's annotation loss; not in the paper's equations (0: off)")
+    hard_pixel_ratio: float = Field(0.2, gt=0, le=1, description="fraction of hardest pixels in L_seg (Table 5: 0.2)")
+    hflip: bool = Field(True, description="random horizontal flip (seeded by seed, epoch and image id)")
+
+    @model_validator(mode="after")
+    def _geometry(self) -> "P2SegTrainConfig":
+        if self.image_size % 8:
+            raise ValueError(f"image_size must be a multiple of 8 (stride-8 heads), got {self.image_size}")
+        if self.affinity_grid > self.image_size // 8:
+            raise ValueError(f"affinity_grid={self.affinity_grid} is finer than the stride-8 map "
+                             f"({self.image_size // 8}) of image_size={self.image_size}")
+        if self.image_size % self.loss_stride:
+            raise ValueError(f"loss_stride={self.loss_stride} must divide image_size={self.image_size}")
+        return self

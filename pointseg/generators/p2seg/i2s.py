@@ -1,0 +1,94 @@
+"""I2S, instance to semantic: instance affinity and the affinity-weighted class map (P2Seg Sec. 3.2).
+
+Wang et al., ICLR 2024, Sec. 3.2. The affinity ``A`` is a pixel-pair matrix:
+``A_ij = 1`` when pixels ``i`` and ``j`` belong to the same instance, else 0.
+The network predicts affinity logits ``Â`` and a class map ``C``
+(``hw x (c + 1)``); the new semantic map is
+
+    S = Â^{∘β} * C          (Hadamard power β of the affinity, then a matrix product)
+
+**Low-resolution grid.** Over all ``HW x HW`` pixel pairs the affinity of a
+416-px crop has 117M entries (what made the authors' code slow). Here ``A`` and
+``Â`` live on a ``grid x grid`` cell grid (32 x 32 by default: 1M pairs, 4 MB
+in float32 per image): the network's stride-8 embedding is average-pooled to
+the grid (:class:`~.network.P2SegNet`), and an instance map is reduced to the
+grid by the majority label of each cell (:func:`grid_labels`).
+
+Choices where the paper is silent (each a documented key):
+
+* ``Â^{∘β}`` is taken on the affinity *probabilities* ``σ(Â)`` (the paper's
+  ``Â`` enters Eq. 5 through ``σ``), and each row is normalised to sum to 1
+  (``S_i`` is then a class distribution; the normalisation does not change the
+  argmax). ``β`` is the config key ``beta``.
+* background: the paper's ``A`` names only instance pairs. With
+  ``background_affinity`` (default) background cells count as one more segment,
+  affine to each other, so that I2S keeps background background; without it,
+  every pair involving background is a non-affinity pair.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["affinity_targets", "grid_labels", "i2s_semantic", "pool_to_grid"]
+
+
+def grid_labels(instance: np.ndarray, grid: int) -> np.ndarray:
+    """The majority label of every cell of a ``grid x grid`` partition of ``instance``.
+
+    instance : (h, w) int, labels >= -1 (-1 = background, itself a label here).
+    Pixel ``(r, c)`` falls in cell ``(r * grid // h, c * grid // w)``; ties go
+    to the smaller label. Returns (grid, grid) int64.
+    """
+    instance = np.asarray(instance, np.int64)
+    h, w = instance.shape
+    if grid < 1:
+        raise ValueError(f"grid must be >= 1, got {grid}")
+    lab = instance + 1
+    if lab.min() < 0:
+        raise ValueError(f"instance labels must be >= -1, got {int(instance.min())}")
+    n_lab = int(lab.max()) + 1
+    cr = (np.arange(h) * grid // h)[:, None]
+    cc = (np.arange(w) * grid // w)[None, :]
+    cell = cr * grid + cc
+    counts = np.bincount((lab * grid * grid + cell).ravel(), minlength=n_lab * grid * grid)
+    return counts.reshape(n_lab, grid, grid).argmax(0).astype(np.int64) - 1
+
+
+def affinity_targets(labels: torch.Tensor, background_affinity: bool = True) -> torch.Tensor:
+    """The instance affinity ``A`` of Sec. 3.2 on grid cells.
+
+    labels : (..., N) int, instance label per cell, -1 = background.
+    ``A_ij = 1`` iff ``labels_i == labels_j`` and (``background_affinity`` or
+    ``labels_i >= 0``). Returns (..., N, N) float32 in {0, 1}.
+    """
+    same = labels.unsqueeze(-1) == labels.unsqueeze(-2)
+    if not background_affinity:
+        same = same & (labels >= 0).unsqueeze(-1)
+    return same.float()
+
+
+def pool_to_grid(x: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, C, h, w) -> (B, C, grid * grid): average pooling onto the affinity grid (identity when h = w = grid)."""
+    if x.shape[-2:] != (grid, grid):
+        x = F.adaptive_avg_pool2d(x, grid)
+    return x.flatten(2)
+
+
+def i2s_semantic(affinity_logits: torch.Tensor, class_prob: torch.Tensor, beta: float) -> torch.Tensor:
+    """The I2S semantic map ``S = Â^{∘β} * C`` (Sec. 3.2), rows of ``σ(Â)^β`` normalised.
+
+    ``S_i = sum_j w_ij C_j`` with ``w_ij = σ(Â_ij)^β / sum_l σ(Â_il)^β``
+    (computed in the log domain: ``softmax_j(β · log σ(Â_ij))``).
+
+    affinity_logits : (..., N, N) float ``Â``; class_prob : (..., K, N) float,
+    a class distribution per cell; beta : the Hadamard power ``β >= 0``
+    (0: every cell gets the image's mean distribution; large: only the most
+    affine cells count). Returns (..., K, N), a class distribution per cell.
+    """
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    weights = torch.softmax(beta * F.logsigmoid(affinity_logits), dim=-1)
+    return torch.einsum("...kj,...ij->...ki", class_prob, weights)

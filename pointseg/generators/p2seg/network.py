@@ -1,0 +1,103 @@
+"""The P2Seg network: class map ``C``, offset map ``O`` and instance affinity ``Â`` (Sec. 3, Fig. 3).
+
+The paper uses HRNet-48 with BESTIE's heads. This CPU-sized version:
+
+* backbone: timm ``tf_efficientnet_lite0`` with the offline ImageNet weights
+  (or ``mobilenetv2_100``), features at strides 8 / 16 / 32;
+* neck: 1x1 laterals to ``width`` channels, top-down sum to stride 8, a 3x3
+  conv + BN + ReLU;
+* three stride-8 heads (3x3 conv + BN + ReLU, then 1x1):
+  ``class_logits`` (c + 1 channels, 0 = background);
+  ``offsets`` (2 channels ``(dy, dx)``): the head predicts them as fractions of
+  the input height / width and they are returned in input pixels (so the same
+  weights predict proportional offsets at any input size);
+  ``embedding`` (``embed_dim`` channels);
+* affinity: the embedding is average-pooled to an ``affinity_grid`` square
+  grid (:func:`~.i2s.pool_to_grid`) and ``Â_ij = <e_i, e_j> / sqrt(embed_dim)``
+  over all cell pairs, ``(B, N, N)`` logits with ``N = affinity_grid²`` (a
+  dot-product affinity, as in the authors' code; the paper does not say how
+  ``Â`` is formed).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pointseg.generators.p2seg.i2s import pool_to_grid
+from pointseg.models.backbones import build_timm_backbone, normalization
+
+__all__ = ["P2SegNet"]
+
+#: Output stride of every head.
+STRIDE = 8
+
+
+def _head(width: int, out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                         nn.ReLU(inplace=True), nn.Conv2d(width, out, 1))
+
+
+class P2SegNet(nn.Module):
+    """Backbone + stride-8 FPN-lite + class / offset / embedding heads + grid affinity.
+
+    Parameters
+    ----------
+    num_classes : channels of the class map, ``c + 1`` (background first).
+    backbone : ``"efficientnet_lite0"`` or ``"mobilenet_v2"``.
+    pretrained : offline ImageNet weights (True), a local checkpoint path, or False.
+    width : neck and head channels; embed_dim : affinity embedding channels;
+    affinity_grid : side of the affinity grid.
+
+    ``forward(x)`` takes ``(B, 3, H, W)`` RGB in ``[0, 1]`` and returns
+    ``class_logits`` (B, c+1, H/8, W/8), ``offsets`` (B, 2, H/8, W/8) in input
+    pixels, ``embedding`` (B, D, H/8, W/8) and ``affinity_logits`` (B, N, N).
+    """
+
+    def __init__(self, num_classes: int, backbone: str = "efficientnet_lite0", pretrained: bool | str = True,
+                 width: int = 64, embed_dim: int = 32, affinity_grid: int = 32) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"P2SegNet: num_classes is c + 1 >= 2 (background and a thing class), got {num_classes}")
+        self.num_classes = num_classes
+        self.affinity_grid = affinity_grid
+        self.embed_dim = embed_dim
+        self.backbone, channels = build_timm_backbone(backbone, pretrained, out_indices=(2, 3, 4))
+        mean, std = normalization(backbone)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.lateral = nn.ModuleList(nn.Conv2d(c, width, 1) for c in channels)
+        self.fuse = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                                  nn.ReLU(inplace=True))
+        self.class_head = _head(width, num_classes)
+        self.offset_head = _head(width, 2)
+        self.embed_head = _head(width, embed_dim)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Stride-8 fused features (B, width, H/8, W/8)."""
+        levels = [lat(f) for lat, f in zip(self.lateral, self.backbone((x - self.mean) / self.std))]
+        top = levels[-1]
+        for f in reversed(levels[:-1]):
+            top = f + F.interpolate(top, size=f.shape[-2:], mode="bilinear", align_corners=False)
+        return self.fuse(top)
+
+    def affinity(self, embedding: torch.Tensor) -> torch.Tensor:
+        """``Â`` (B, N, N) logits on the ``affinity_grid`` grid from a (B, D, h, w) embedding."""
+        e = pool_to_grid(embedding, self.affinity_grid)
+        return torch.einsum("bdi,bdj->bij", e, e) / math.sqrt(self.embed_dim)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"P2SegNet: input must be (B, 3, H, W) RGB in [0, 1], got {tuple(x.shape)}")
+        feat = self.features(x)
+        size = torch.tensor([x.shape[-2], x.shape[-1]], dtype=feat.dtype, device=feat.device).view(1, 2, 1, 1)
+        embedding = self.embed_head(feat)
+        return {
+            "class_logits": self.class_head(feat),
+            "offsets": self.offset_head(feat) * size,
+            "embedding": embedding,
+            "affinity_logits": self.affinity(embedding),
+        }

@@ -1,0 +1,138 @@
+"""P2Seg stage 1 on the engine: batches > 1, rounds with a teacher, save/load round trip, valid pseudo labels."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from pointseg.config import DatasetConfig, PointsConfig
+from pointseg.data.prepare import prepare_inputs, read_index
+from pointseg.data.record import Points
+from pointseg.generators import build_generator
+from pointseg.generators.p2seg import P2SegGenerator, P2SegTrainable
+from pointseg.generators.p2seg.generator import instance_uncertainty
+from pointseg.generators.p2seg.targets import ThingLayout
+from pointseg.train.checkpoint import read_checkpoint
+from pointseg.train.engine import fit_plain, load_trained
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TRAIN = {"steps": 3, "batch_size": 2, "image_size": 64, "affinity_grid": 8, "pretrained": False, "width": 16,
+         "embed_dim": 8, "checkpoint_every": 2, "report_every": 2}
+PARAMS = {"rounds": 1, "beta": 2.0}
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("p2seg_data"))
+    cats, _ = prepare_inputs(DatasetConfig(kind="synthetic", synthetic={"num_images": 3, "height": 64, "width": 64}),
+                             PointsConfig(scheme="p1", seed=0), out)
+    return cats, read_index(out + "/index/index.parquet")
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic, tmp_path_factory):
+    cats, rows = synthetic
+    ck = str(tmp_path_factory.mktemp("p2seg_ck") / "ck")
+    trainable = P2SegTrainable(TRAIN, cats, context={"generator": PARAMS})
+    metrics = fit_plain(trainable, rows, ck, resume=False)
+    return cats, rows, ck, trainable, metrics
+
+
+def test_fit_trains_batches_over_two_rounds(trained):
+    cats, rows, ck, trainable, metrics = trained
+    assert metrics["step"] == 3 and metrics["skipped_rows"] == 0
+    assert np.isfinite([metrics["loss"], metrics["seg"], metrics["offset"], metrics["i2s"]]).all()
+    # Round 1 started at step 2 of 3: the teacher is the network of that moment and is checkpointed.
+    assert trainable.teacher_round == 1 and trainable.teacher is not None
+    extra = read_checkpoint(ck, extra=True).extra
+    assert extra["teacher_round"] == 1 and set(extra["teacher"]) == set(trainable.teacher.state_dict())
+
+
+def test_batch_has_more_than_one_image(synthetic):
+    cats, rows = synthetic
+    trainable = P2SegTrainable(TRAIN, cats, context={"generator": PARAMS})
+    batch = trainable.collate()(rows[:2])
+    assert batch["image"].shape == (2, 3, 64, 64) and batch["image_ids"] == [r["image_id"] for r in rows[:2]]
+    t = batch["targets"]
+    assert t["cls"].shape == (2, 64, 64) and t["offsets"].shape == (2, 2, 64, 64) and t["grid"].shape == (2, 64)
+    # Eq. 2 targets exist exactly on the instance pixels of the class map.
+    assert torch.equal(t["weight"] > 0, t["cls"] > 0)
+    model = trainable.build(pretrained=False)
+    terms = trainable.loss(model, batch, 0)
+    assert set(terms) == {"loss", "seg", "offset", "i2s"} and terms["loss"].requires_grad
+
+
+def test_save_load_round_trip_gives_the_same_labels(trained, synthetic):
+    cats, rows, ck, trainable, _ = trained
+    net, meta = load_trained(ck, P2SegTrainable)
+    assert meta["trainable"] == "p2seg" and meta["config"]["image_size"] == 64
+    from_ck = build_generator("p2seg", {**PARAMS, "checkpoint": ck}, cats)
+    in_memory = P2SegGenerator({**PARAMS}, cats, net=net, net_config=meta["config"])
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (50, 70, 3), dtype=np.uint8) for _ in range(3)]
+    points = [Points([[10, 10], [60, 40]], [1, 2], [c, c]) for c in sorted(k for k, v in cats.items() if v.isthing)[:3]]
+    a, b = from_ck(images, points), in_memory(images, points)
+    singles = [from_ck.generate(im, p) for im, p in zip(images, points)]
+    for la, lb, ls in zip(a, b, singles):
+        np.testing.assert_array_equal(la.id_map, lb.id_map)
+        np.testing.assert_array_equal(la.id_map, ls.id_map)  # the batched call equals image by image
+        assert la.id_map.shape == (50, 70) and la.id_map.dtype == np.int32
+        ids = {s["id"] for s in la.segments_info}
+        assert set(np.unique(la.id_map)) <= ids | {0}
+        assert len([s for s in la.segments_info if s["isthing"]]) == 2  # Points First: every point an instance
+        for s in la.segments_info:
+            assert {"id", "category_id", "isthing", "iscrowd", "area", "bbox", "source_segment"} <= set(s)
+            assert s["area"] == int((la.id_map == s["id"]).sum())
+        assert la.uncertainty.shape == (50, 70) and 0 <= la.uncertainty.min() and la.uncertainty.max() <= 1
+
+
+def test_resume_continues_with_the_teacher(trained, synthetic, tmp_path):
+    cats, rows, ck, trainable, _ = trained
+    resumed = P2SegTrainable({**TRAIN, "steps": 5}, cats, context={"generator": PARAMS})
+    shutil.copytree(ck, tmp_path / "ck")
+    metrics = fit_plain(resumed, rows, str(tmp_path / "ck"))
+    assert metrics["start_step"] == 3 and metrics["step"] == 5
+    # The restored teacher is the checkpointed one (5 steps, 1 round: round 1 from step 2, no new snapshot).
+    for k, v in trainable.teacher.state_dict().items():
+        assert torch.equal(v, resumed.teacher.state_dict()[k])
+
+
+def test_wrong_checkpoint_and_missing_checkpoint_are_named(trained):
+    cats, *_ = trained
+    with pytest.raises(ValueError, match="checkpoint"):
+        build_generator("p2seg", {}, cats)
+    assert P2SegGenerator.trains(P2SegGenerator.Config()) and not P2SegGenerator.trains(
+        P2SegGenerator.Config(use_network=False))
+
+
+def test_uncertainty_is_one_minus_the_top_two_margin():
+    # Two pixels, background + one class with two instances at columns 0 and 4 (T = 1, no offsets).
+    prob = torch.tensor([[[0.2, 0.9]], [[0.8, 0.1]]])  # (K=2, h=1, w=2)
+    layout = ThingLayout([], np.array([0, 1]), np.array([[0.0, 0.0], [0.0, 4.0]]), np.array([0, 1]),
+                         np.array([1, 1]), np.zeros((0, 2)), np.zeros(0, np.int64))
+    u = instance_uncertainty(prob, [0, 1], layout, None, temperature=1.0)
+    # Pixel (0, 0): distances 0 and 4 -> pi = (1, e^-4) / (1 + e^-4); masks: bg 0.2, 0.8 pi_0, 0.8 pi_1.
+    pi0 = 1 / (1 + np.exp(-4.0))
+    assert u[0, 0] == pytest.approx(1 - (0.8 * pi0 - 0.2), rel=1e-5)
+    # Pixel (0, 1): distances 1 and 3; background 0.9 is the top mask.
+    pi0 = 1 / (1 + np.exp(-2.0))
+    assert u[0, 1] == pytest.approx(1 - (0.9 - 0.1 * pi0), rel=1e-5)
+
+
+def test_class_agnostic_map_keeps_the_points_classes(synthetic):
+    cats, rows = synthetic
+    cfg = {**TRAIN, "class_map": "agnostic"}
+    trainable = P2SegTrainable(cfg, cats, context={"generator": PARAMS})
+    model = trainable.build(pretrained=False).eval()
+    assert model.num_classes == 2
+    batch = trainable.collate()(rows[:2])
+    assert set(torch.unique(batch["targets"]["cls"]).tolist()) <= {0, 1}
+    gen = P2SegGenerator(PARAMS, cats, net=model, net_config=cfg)
+    things = sorted(k for k, v in cats.items() if v.isthing)[:2]
+    img = np.random.default_rng(1).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    label = gen([img], [Points([[10, 10], [50, 30]], [1, 2], things)])[0]
+    assert sorted(s["category_id"] for s in label.segments_info if s["isthing"]) == sorted(things)
