@@ -48,7 +48,9 @@ def test_psps_follows_the_colour_edge_where_voronoi_cannot():
 
 def test_every_generator_has_the_same_output_schema():
     img, pts, _ = two_halves()
-    for name in GENERATORS:
+    for name, cls in GENERATORS.items():
+        if cls.trains(cls.Config()):
+            continue  # needs its stage-1 weights first: covered by the method's own tests (e.g. test_epld.py)
         label = build_generator(name, {}, CATS)([img], [pts])[0]
         assert label.id_map.shape == img.shape[:2] and label.id_map.dtype == np.int32
         assert set(np.unique(label.id_map)) <= {0} | {s["id"] for s in label.segments_info}

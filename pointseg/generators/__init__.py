@@ -22,6 +22,7 @@ from pointseg.generators.base import (
     assemble,
     seed_groups,
 )
+from pointseg.generators.epld import EPLDGenerator
 from pointseg.generators.point2mask import Point2MaskGenerator
 from pointseg.generators.psps import PSPSGenerator
 from pointseg.generators.voronoi import VoronoiGenerator
@@ -30,6 +31,7 @@ GENERATORS: dict[str, type[PseudoLabelGenerator]] = {
     PSPSGenerator.name: PSPSGenerator,
     Point2MaskGenerator.name: Point2MaskGenerator,
     VoronoiGenerator.name: VoronoiGenerator,
+    EPLDGenerator.name: EPLDGenerator,
 }
 
 
