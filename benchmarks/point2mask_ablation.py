@@ -55,6 +55,7 @@ Wall and process CPU seconds of training and of each row are printed.
 from __future__ import annotations
 
 import argparse
+import json
 import contextlib
 import sys
 import time
@@ -66,7 +67,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a clone without installing
 
-import pointseg.generators.point2mask as p2m  # noqa: E402
+import pointseg.generators.point2mask.assign as p2m  # noqa: E402  (its supplier_units is swapped for the oracle)
 from pointseg.data.points import sample_points, validate_points  # noqa: E402
 from pointseg.generators import build_generator  # noqa: E402
 from pointseg.metrics import PQEvaluator  # noqa: E402
@@ -193,7 +194,7 @@ def oracle_supplier_units(gt_id_map: np.ndarray, use: bool, record: list):
         record.append((int(np.abs(k - k_or).sum()), int(scope.sum())))
         return k, fb
 
-    p2m.supplier_units = wrapped  # looked up at call time by point2mask._solve_problem
+    p2m.supplier_units = wrapped  # looked up at call time by point2mask.assign._solve_problem
     try:
         yield
     finally:
@@ -272,33 +273,40 @@ def rows(p2m: dict) -> list[tuple[str, str, dict]]:
 
 
 def train(args, cats, base: dict) -> str:
-    """Train a MapNet (``--train-steps``) on P1 points; return the checkpoint path."""
+    """Train a MapNet (``--train-steps``) on P1 points with the plain engine; return the checkpoint folder."""
     import logging
+    import tempfile
 
     import torch
+    from PIL import Image
 
-    from pointseg.losses.point2mask import Point2MaskLossConfig
-    from pointseg.train.point2mask_maps import MapTrainConfig, train_map_net
+    from pointseg.generators.point2mask import MapNetTrainable
+    from pointseg.train.engine import fit_plain
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     n = args.train_images or args.images
     _, records, _ = load_dataset(args.dataset, n, args.point_seed, args.size, args.train_data_seed)
-    ckpt = args.checkpoint or str(ROOT / "out" / f"point2mask_maps_{args.dataset}.pt")
-    cfg = MapTrainConfig(
-        image_size=args.train_size, batch_size=args.train_batch, lr=args.lr,
-        pseudo_every=args.pseudo_every, pseudo_start=args.pseudo_start,
-        loss=Point2MaskLossConfig(loss_stride=args.loss_stride),
-        generator={k: v for k, v in base.items() if k not in ("maps", "checkpoint")},
-    )
+    ckpt = args.checkpoint or str(ROOT / "out" / f"point2mask_maps_{args.dataset}")
+    images = Path(tempfile.mkdtemp(prefix="p2m-ablation-"))
+    rows = []
+    for r in records:  # the engine reads index rows: images on disk, points as JSON
+        Image.fromarray(r.image).save(images / f"{r.image_id}.png")
+        rows.append({"image_id": r.image_id, "file_name": str(images / f"{r.image_id}.png"), "height": r.height,
+                     "width": r.width, "points": json.dumps(r.points.to_list())})
+    trainable = MapNetTrainable(
+        {"steps": args.train_steps, "image_size": args.train_size, "batch_size": args.train_batch, "lr": args.lr,
+         "pseudo_every": args.pseudo_every, "pseudo_start": args.pseudo_start, "report_every": 20,
+         "checkpoint_every": max(args.train_steps // 4, 1), "loss": {"loss_stride": args.loss_stride}},
+        cats, {"generator": {k: v for k, v in base.items() if k not in ("maps", "checkpoint")}})
     t0, c0 = time.perf_counter(), time.process_time()
-    res = train_map_net(records, cats, cfg, steps=args.train_steps, checkpoint_path=ckpt, resume=args.resume)
+    res = fit_plain(trainable, rows, ckpt, resume=args.resume)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    last = {k: round(float(np.mean([h[k] for h in res["history"][-20:]])), 3) for k in res["history"][-1]} if res["history"] else {}
+    last = {k: round(float(v), 3) for k, v in res.items() if k.startswith("loss")}
     print(f"# trained MapNet on {len(records)} {args.dataset} images (data seed {args.train_data_seed}): "
-          f"steps {res['start_step']}->{args.train_steps} at {args.train_size}px, batch {args.train_batch}, "
+          f"steps {res['start_step']}->{res['step']} at {args.train_size}px, batch {args.train_batch}, "
           f"{wall:.0f} s wall, {cpu:.0f} s CPU ({torch.get_num_threads()} threads), "
-          f"{res['pseudo_refreshes']} pseudo-label refreshes -> {ckpt}", flush=True)
-    print(f"# mean loss terms over the last 20 steps: {last}", flush=True)
+          f"{trainable.cache.refreshes} pseudo-label refreshes -> {ckpt}", flush=True)
+    print(f"# mean loss terms over the last report window: {last}", flush=True)
     return ckpt
 
 

@@ -28,17 +28,23 @@ from pathlib import Path
 
 from common import ROOT, StageTimer, base_parser, init_ray, setup_logging
 
-from evaluate_model import EvaluateModel
-from pseudo_label import run_pseudo_labels
-from train import absolute_file_names, fit_torch_trainer, is_local, point_shards, storage_args, training_dataset
-
+from operators.evaluation import evaluate_in_process
+from operators.pseudo_label import run_pseudo_labels
+from operators.training import (
+    absolute_file_names,
+    fit_torch_trainer,
+    log_dir_for,
+    stage2_inputs,
+    storage_args,
+    train_loop_per_worker,
+)
 from pointseg.config import PipelineConfig, load_config
 from pointseg.data.prepare import join, open_out, prepare_inputs, read_index
 from pointseg.data.record import Category
-from pointseg.generators import GENERATORS
+from pointseg.generators import generator_class, generator_fingerprint
 from pointseg.report import score_generator
-from pointseg.train.ray_loop import train_loop_per_worker
-from pointseg.train.stage2 import validation_ids
+from pointseg.train.engine import fit_plain
+from pointseg.train.stage2 import STAGE2_MODELS
 from pointseg.tuning import (
     METRICS,
     TuneConfig,
@@ -58,6 +64,7 @@ from pointseg.tuning import (
     swept_params,
     table_columns,
     trial_params,
+    trial_train,
     write_best_config,
     write_results,
 )
@@ -66,13 +73,27 @@ log = logging.getLogger("pointseg.flows.tune_sweep")
 
 
 def pseudo_label_trial(sampled: dict, *, output: str, categories: dict[int, Category], method: str,
-                       base: PipelineConfig, subset: int | None) -> None:
-    """One trial: label the first ``subset`` prepared images with the sampled params and report the scores."""
+                       base: PipelineConfig, subset: int | None, budget_s: float | None, cwd: str) -> None:
+    """One trial: (trainable generator) stage 1 on every image's points within ``budget_s``, then label the
+    first ``subset`` prepared images with the sampled params and report the scores."""
     from ray import tune
 
     t0 = time.perf_counter()
-    scores = score_generator(output, categories, method, trial_params(base, method, sampled), subset, progress=False)
-    metrics = {k: float(v) for k in METRICS if (v := scores.get(k)) is not None}  # None: class group absent
+    params = trial_params(base, method, sampled)
+    cls = generator_class(method)
+    config = cls.Config.model_validate(params)
+    metrics: dict = {}
+    if cls.stage1 is not None and cls.trains(config):
+        rows = read_index(join(output, "index", "index.parquet"))
+        rows = [dict(r, file_name=f) for r, f in zip(rows, absolute_file_names(
+            {"file_name": [r["file_name"] for r in rows]}, cwd)["file_name"])]
+        trainable = cls.stage1(trial_train(base, method, sampled), categories, {"generator": params})
+        checkpoint = join(tune.get_context().get_trial_dir(), "stage1")
+        fitted = fit_plain(trainable, rows, checkpoint, budget_s=budget_s)
+        params["checkpoint"] = checkpoint
+        metrics.update(stage1_steps=int(fitted["step"]), stage1_seconds=round(time.perf_counter() - t0, 1))
+    scores = score_generator(output, categories, method, params, subset, progress=False)
+    metrics.update({k: float(v) for k in METRICS if (v := scores.get(k)) is not None})  # None: class group absent
     metrics.update(num_images=scores["num_images"], num_failed=len(scores["failed"]),
                    trial_seconds=round(time.perf_counter() - t0, 3))
     tune.report(metrics)
@@ -92,15 +113,15 @@ def report_callback():
 
 
 def stage2_trial(sampled: dict, *, train_ds, output: str, categories: dict[int, Category], base: PipelineConfig,
-                 val_rows: list[dict], storage: str, experiment: str) -> None:
+                 val_ids: list[int], storage: str, experiment: str) -> None:
     """One stage-2 trial, the Tune driver function of a Ray Train run.
 
     Trains ``base`` with the sampled ``train.*`` settings on ``train_ds`` (the
     pseudo-label shard rows outside validation, read once by the sweep); every
     training report reaches Tune through the callback, so ASHA may stop the
     trial between reports (Tune then ends this function, and with it the Train
-    run). A trial that finishes evaluates its model on ``val_rows`` and
-    reports PQ as its last result.
+    run). A trial that finishes evaluates its model on the held-out images
+    (in this process) and reports PQ as its last result.
     """
     from dataclasses import asdict
 
@@ -111,43 +132,19 @@ def stage2_trial(sampled: dict, *, train_ds, output: str, categories: dict[int, 
     s2 = cfg.train
     sargs = storage_args(storage)
     run_name = f"{experiment}_{tune.get_context().get_trial_id()}"  # a rerun of the trial resumes this run
-    local = "storage_filesystem" not in sargs and is_local(storage)
-    loop_config = {"stage2": s2.model_dump(mode="json"), "categories": [asdict(c) for c in categories.values()],
-                   "log_dir": join(sargs["storage_path"], run_name, "tensorboard") if local else None}
+    loop_config = {"trainable": STAGE2_MODELS[s2.model], "config": s2.model_dump(mode="json"),
+                   "categories": [asdict(c) for c in categories.values()], "context": {},
+                   "log_dir": log_dir_for(sargs, run_name, output)}
     result = fit_torch_trainer(train_loop_per_worker, loop_config, s2, run_name, {"train": train_ds}, sargs,
                                "stage-2 trial", callbacks=[report_callback()], num_to_keep=1)
     last = dict(result.metrics or {})
-    scores = evaluate_checkpoint(cfg, categories, output, result.checkpoint.path, val_rows)
+    with result.checkpoint.as_directory() as d:
+        scores = evaluate_in_process(cfg, categories, output, d, val_ids)
     metrics = {k: float(v) for k in METRICS if (v := scores.get(k)) is not None}
     metrics.update(loss=float(last["loss"]), final_loss=final_loss(last), step=int(last["step"]),
                    num_images=scores["num_images"], checkpoint=result.checkpoint.path,
                    trial_seconds=round(time.perf_counter() - t0, 3))
     tune.report(metrics)
-
-
-def evaluate_checkpoint(cfg: PipelineConfig, categories: dict[int, Category], output: str, checkpoint: str,
-                        val_rows: list[dict]) -> dict:
-    """PQ/SQ/RQ of ``checkpoint`` on the held-out images, in this process.
-
-    The same per-image code as ``flows/evaluate_model.py`` (its ``EvaluateModel``
-    actor, called directly): a trial scores a handful of images, where starting
-    a Ray Data actor pool would cost more than the predictions.
-    """
-    import numpy as np
-
-    from pointseg.metrics import PQEvaluator
-
-    ev = cfg.train.eval
-    model = EvaluateModel(checkpoint, join(output, "gt", "panoptic.json"), join(output, "gt", "panoptic"),
-                          threshold=ev.threshold, score_threshold=ev.score_threshold)
-    pq_ev = PQEvaluator(categories)
-    for i in range(0, len(val_rows), ev.batch_size):
-        chunk = val_rows[i : i + ev.batch_size]
-        out = model({"image_id": np.array([r["image_id"] for r in chunk]),
-                     "file_name": np.array([r["file_name"] for r in chunk])})
-        for stat in out["pq_stat"]:
-            pq_ev.add_stat(json.loads(stat))
-    return {**pq_ev.evaluate(), "num_images": len(val_rows)}
 
 
 # objective -> trial function
@@ -233,13 +230,15 @@ def build_tuner(tcfg: TuneConfig, trainable, storage: str, exp_dir: str, max_rep
             # pseudo_label: one trial actor per concurrent slot, not one process per trial. stage2: a fresh
             # process per trial (a driver function's Train session cannot be reset for the next trial).
             reuse_actors=tcfg.objective == "pseudo_label",
+            time_budget_s=tcfg.max_wall_s,
         ),
         run_config=tune.RunConfig(name=tcfg.experiment_name, storage_path=storage, verbose=1),
     )
     return tuner, False
 
 
-ROW_KEYS = (*METRICS, "step", "loss", "final_loss", "num_images", "num_failed", "trial_seconds", "checkpoint")
+ROW_KEYS = (*METRICS, "step", "loss", "final_loss", "num_images", "num_failed", "trial_seconds", "checkpoint",
+            "stage1_steps", "stage1_seconds")
 
 
 def result_rows(grid, params: list[str], metric: str | None = None) -> list[dict]:
@@ -263,37 +262,31 @@ def result_rows(grid, params: list[str], metric: str | None = None) -> list[dict
 
 def prepare_stage2(tcfg: TuneConfig, base: PipelineConfig, categories: dict[int, Category], output: str,
                    timer: StageTimer) -> tuple[dict, dict, str]:
-    """Pseudo labels once, the training rows read once, the held-out rows: the inputs every stage-2 trial shares.
+    """Pseudo labels once, the training rows read once, the held-out ids: the inputs every stage-2 trial shares.
 
     Returns ``(shared, trial_kwargs, description)`` for :func:`make_trainable`.
     """
     with timer.stage("pseudo_label"):  # resumes: images already in OUTPUT/shards are kept
-        labelled = run_pseudo_labels(base, categories, output)
+        fingerprint = generator_fingerprint(base.generator.method, base.generator.params)
+        labelled = run_pseudo_labels(base, categories, output, fingerprint)
     log.info("pseudo labels (%s): %s", tcfg.method, labelled)
-    s2 = base.train
-    shards = join(output, "shards") if s2.supervision == "pseudo" else point_shards(output, categories, s2.point_radius)
-    index = read_index(join(output, "index", "index.parquet"))
-    val_ids = validation_ids([r["image_id"] for r in index], s2.val_every)
-    held_out = [r for r in index if r["image_id"] in val_ids]
-    files = absolute_file_names({"file_name": [r["file_name"] for r in held_out]}, os.getcwd())["file_name"]
-    val_rows = [{"image_id": r["image_id"], "file_name": f} for r, f in zip(held_out, files)]  # trials run elsewhere
     with timer.stage("read_shards"):  # materialised once, shared by every trial through the object store
-        train_ds, counts = training_dataset(shards, val_ids, s2.val_every)
-    kwargs = dict(output=output, categories=categories, base=base, val_rows=val_rows,
-                  storage=s2.storage_path or join(output, "tune", "train"), experiment=tcfg.experiment_name)
-    return {"train_ds": train_ds}, kwargs, f"{len(val_rows)} held-out images, trained on {counts['train_rows']}"
+        train_ds, counts, val_ids = stage2_inputs(base, categories, output)
+    kwargs = dict(output=output, categories=categories, base=base, val_ids=sorted(val_ids),
+                  storage=base.train.storage_path or join(output, "tune", "train"), experiment=tcfg.experiment_name)
+    return {"train_ds": train_ds}, kwargs, f"{len(val_ids)} held-out images, trained on {counts['train_rows']}"
 
 
 def run(tcfg: TuneConfig, output: str, base: PipelineConfig, trial_fn=None) -> dict:
     """Prepare the subset, run (or resume) the sweep, write table/plots/best config; returns a summary."""
-    if tcfg.method not in GENERATORS:
-        raise ValueError(f"method: unknown generator {tcfg.method!r}; known: {sorted(GENERATORS)}")
+    cls = generator_class(tcfg.method)
     stage2 = tcfg.objective == "stage2"
     if stage2:
         base = stage2_base_config(base, tcfg.method)  # labels from `method`, then train with each trial's train.*
         check_stage2_space(base, tcfg.space)
     else:
-        check_space_against(GENERATORS[tcfg.method].Config, tcfg.space, trial_params(base, tcfg.method, {}))
+        check_space_against(cls.Config, tcfg.space, trial_params(base, tcfg.method, {}),
+                            cls.stage1.Config if cls.stage1 is not None else None, trial_train(base, tcfg.method, {}))
     if "://" not in output:
         output = str(Path(output).resolve())
     tune_dir = join(output, "tune")
@@ -314,7 +307,8 @@ def run(tcfg: TuneConfig, output: str, base: PipelineConfig, trial_fn=None) -> d
         shared, trial_kwargs, scored = prepare_stage2(tcfg, base, categories, output, timer)
     else:
         shared = None
-        trial_kwargs = dict(output=output, categories=categories, method=tcfg.method, base=base, subset=tcfg.subset)
+        trial_kwargs = dict(output=output, categories=categories, method=tcfg.method, base=base, subset=tcfg.subset,
+                            budget_s=tcfg.trial_budget_s, cwd=os.getcwd())
         scored = f"{min(prep.num_images, tcfg.subset or prep.num_images)} images"
     trainable = make_trainable(tcfg, trial_fn or OBJECTIVES[tcfg.objective], shared, **trial_kwargs)
     max_reports = stage2_max_reports(base, tcfg.space) if stage2 else None
@@ -335,7 +329,8 @@ def run(tcfg: TuneConfig, output: str, base: PipelineConfig, trial_fn=None) -> d
             if stage2:
                 best_cfg = stage2_trial_config(base, {k: v for k, v in best["config"].items() if k in tcfg.space})
             else:
-                best_cfg = best_pipeline_config(base, tcfg.method, trial_params(base, tcfg.method, best["config"]))
+                best_cfg = best_pipeline_config(base, tcfg.method, trial_params(base, tcfg.method, best["config"]),
+                                                trial_train(base, tcfg.method, best["config"]))
             header = (f"Best of {len(rows)} trials of {exp_dir}: {tcfg.metric} {100 * best[tcfg.metric]:.2f} "
                       f"on {best.get('num_images')} {'held-out ' if stage2 else ''}images."
                       f"\nRun: python flows/full_pipeline.py --config THIS_FILE")

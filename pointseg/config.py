@@ -11,9 +11,11 @@ from typing import Any, Literal, TypeVar
 
 import fsspec
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidationInfo, field_validator
 
-from pointseg.fingerprint import config_hash  # noqa: F401  (re-exported)
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pointseg.generators import GeneratorConfig, generator_class
+from pointseg.train.engine import EngineConfig
+from pointseg.train.stage2 import Stage2Config
 
 
 class Strict(BaseModel):
@@ -59,8 +61,49 @@ class PointsConfig(Strict):
 
 
 class GeneratorSection(Strict):
+    """``method`` picks a generator (a ``GENERATORS`` name or ``module:Class``); ``params`` is
+    validated by its config and ``train`` (stage 1 of a trainable generator) by its stage-1
+    config, so a typo names its full path, e.g. ``generator.params.betta``."""
+
     method: str = "psps"
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: SerializeAsAny[GeneratorConfig] = Field(default_factory=GeneratorConfig, validate_default=True)
+    train: SerializeAsAny[EngineConfig] | None = Field(None, validate_default=True)
+
+    @field_validator("params", mode="wrap")
+    @classmethod
+    def _typed_params(cls, v, handler, info: ValidationInfo):
+        config_cls = generator_class(info.data.get("method", "psps")).Config
+        return _as_model(v, config_cls)
+
+    @field_validator("train", mode="wrap")
+    @classmethod
+    def _typed_train(cls, v, handler, info: ValidationInfo):
+        method = info.data.get("method", "psps")
+        try:
+            stage1 = generator_class(method).stage1
+        except ValueError:
+            return None  # the params validator names the unknown method
+        if stage1 is None:
+            if v:
+                raise ValueError(f"{method} has no stage 1 to train (it labels from the points alone)")
+            return None
+        return _as_model(v, stage1.Config)
+
+    @property
+    def generator_class(self):
+        return generator_class(self.method)
+
+    def needs_training(self) -> bool:
+        """Whether the pipeline must train stage 1 before labelling (a trainable generator without
+        weights, with ``train.enabled``)."""
+        return bool(self.train is not None and self.train.enabled and self.generator_class.trains(self.params))
+
+
+def _as_model(v, config_cls):
+    """``v`` (dict, model or None) validated as ``config_cls``; nested errors keep their paths."""
+    if isinstance(v, config_cls):
+        return v
+    return config_cls.model_validate(v.model_dump() if isinstance(v, BaseModel) else (v or {}))
 
 
 class RayDataConfig(Strict):
@@ -69,10 +112,12 @@ class RayDataConfig(Strict):
     num_actors: int = Field(1, ge=1)
     num_cpus_per_actor: float = Field(0.5, gt=0)
     num_gpus_per_actor: float = Field(0.0, ge=0)
-    num_cpus_per_task: float = Field(0.25, gt=0)
-    batch_size: int = Field(4, ge=1)
+    batch_size: int = Field(4, ge=1, description="images per actor call; also the unit of shard files and of redone work")
     no_progress_timeout_s: float = Field(600.0, gt=0)
     wait_for_min_actors_s: float = Field(120.0, gt=0)
+    min_images_for_ray: int = Field(
+        64, ge=0, description="fewer images to label than this: label in this process (same operator, same shards); "
+        "0: always Ray")
 
 
 class RayConfig(Strict):
@@ -88,129 +133,6 @@ class ReportConfig(Strict):
     baselines: list[str] = Field(default_factory=lambda: ["voronoi"], description="generators scored alongside, on the driver")
 
 
-class Stage2EvalConfig(Strict):
-    """Evaluation of the trained model: a Ray Data actor pool over the validation images."""
-
-    num_actors: int = Field(1, ge=1)
-    cpus_per_actor: float = Field(0.5, gt=0)
-    batch_size: int = Field(2, ge=1)
-    threshold: float = Field(0.5, ge=0, le=1, description="panoptic: min query class probability")
-    score_threshold: float = Field(0.05, ge=0, le=1, description="instance: min detection score")
-    num_pictures: int = Field(4, ge=0, description="validation predictions drawn beside ground truth")
-
-
-class Stage2Config(Strict):
-    """Stage-2 training on the pseudo labels (Ray Train) and its evaluation.
-
-    ``panoptic`` / ``instance`` hold the fields of
-    :class:`pointseg.models.panoptic.PanopticModelConfig` /
-    :class:`pointseg.models.instance.InstanceModelConfig`, validated here (the
-    model modules, and torch, are imported only when the section is given).
-    ``supervision: points`` trains on disks of ``point_radius`` pixels around
-    the clicks instead of the pseudo labels (EPLD Table 6, "point label" row).
-    Validation images (every ``val_every``-th image id in sorted order) are
-    never trained on.
-    """
-
-    enabled: bool = False
-    task: Literal["panoptic", "instance"] = "panoptic"
-    supervision: Literal["pseudo", "points"] = "pseudo"
-    point_radius: int = Field(3, ge=0)
-    panoptic: dict[str, Any] = Field(default_factory=dict)
-    instance: dict[str, Any] = Field(default_factory=dict)
-    augment: dict[str, Any] = Field(default_factory=dict)
-    steps: int = Field(200, ge=1)
-    batch_size: int = Field(2, ge=1, description="images per worker per step")
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.05, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    checkpoint_every: int = Field(50, ge=1)
-    report_every: int = Field(10, ge=1)
-    num_workers: int = Field(1, ge=1)
-    cpus_per_worker: float = Field(0.5, gt=0, description="fractional on small boxes: 1-CPU workers deadlock on 2 cores")
-    use_gpu: bool = False
-    max_failures: int = Field(1, ge=-1)
-    find_unused_parameters: bool = True
-    run_name: str = "stage2"
-    storage_path: str | None = Field(None, description="Ray Train storage (fsspec URI); default OUTPUT/train")
-    val_every: int = Field(4, ge=2, description="every k-th image (sorted ids) is validation")
-    seed: int = 0
-    eval: Stage2EvalConfig = Stage2EvalConfig()
-
-    @field_validator("panoptic")
-    @classmethod
-    def _panoptic(cls, v: dict) -> dict:
-        from pointseg.models.panoptic import PanopticModelConfig
-
-        return PanopticModelConfig.model_validate(v).model_dump(exclude_unset=True)
-
-    @field_validator("instance")
-    @classmethod
-    def _instance(cls, v: dict) -> dict:
-        from pointseg.models.instance import InstanceModelConfig
-
-        return InstanceModelConfig.model_validate(v).model_dump(exclude_unset=True)
-
-    @field_validator("augment")
-    @classmethod
-    def _augment(cls, v: dict) -> dict:
-        from pointseg.train.augment import AugmentConfig
-
-        return AugmentConfig.model_validate(v).model_dump(exclude_unset=True)
-
-    @model_validator(mode="after")
-    def _crop_is_model_size(self):
-        size = (self.panoptic if self.task == "panoptic" else self.instance).get("image_size", 256)
-        crop = self.augment.get("crop_size", size)
-        if crop != size:
-            raise ValueError(
-                f"augment.crop_size ({crop}) must equal {self.task}.image_size ({size}): "
-                "the model is trained on crops of the size it predicts at"
-            )
-        return self
-
-
-class MapsTrainingConfig(Strict):
-    """Stage 1 of a Point2Mask run with ``generator.params.maps: learned``: train the
-    map network (MapNet, ``P^s`` and ``P^b_high``) with Ray Train before labelling.
-
-    ``map_net`` holds the other fields of
-    :class:`pointseg.train.point2mask_maps.MapTrainConfig` (``backbone``,
-    ``pretrained``, ``width``, ``weight_decay``, ``max_grad_norm``,
-    ``pseudo_every``, ``pseudo_start``, ``loss``, ``generator``), validated here
-    (torch is imported only when the section is given). The trained network is
-    written to ``OUTPUT/maps/map_net.pt`` and handed to the generator as
-    ``generator.params.checkpoint``. Rerunning with the same ``run_name`` and
-    ``storage_path`` resumes from the latest Ray Train checkpoint.
-    """
-
-    enabled: bool = True
-    steps: int = Field(300, ge=1)
-    image_size: int = Field(128, ge=32, description="square training and inference size of the map network")
-    batch_size: int = Field(2, ge=1, description="images per worker per step")
-    lr: float = Field(2e-4, gt=0)
-    num_workers: int = Field(1, ge=1)
-    cpus_per_worker: float = Field(0.5, gt=0, description="fractional on small boxes: 1-CPU workers deadlock on 2 cores")
-    use_gpu: bool = False
-    max_failures: int = Field(1, ge=-1)
-    checkpoint_every: int = Field(50, ge=1)
-    report_every: int = Field(10, ge=1)
-    run_name: str = "maps"
-    storage_path: str | None = Field(None, description="Ray Train storage (fsspec URI); default OUTPUT/maps_train")
-    seed: int = 0
-    map_net: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("map_net")
-    @classmethod
-    def _map_net(cls, v: dict) -> dict:
-        own = sorted(set(v) & {"image_size", "batch_size", "lr", "seed"})
-        if own:
-            raise ValueError(f"map_net.{own[0]}: set it as maps_training.{own[0]}, not inside map_net")
-        from pointseg.train.point2mask_maps import MapTrainConfig
-
-        return MapTrainConfig.model_validate(v).model_dump(exclude_unset=True)
-
-
 class PipelineConfig(Strict):
     output: str = "out/run"
     dataset: DatasetConfig = DatasetConfig()
@@ -220,9 +142,15 @@ class PipelineConfig(Strict):
     ray_data: RayDataConfig = RayDataConfig()
     report: ReportConfig = ReportConfig()
     train: Stage2Config = Stage2Config()
-    maps_training: MapsTrainingConfig = MapsTrainingConfig()
     strict: bool = False
     resume: bool = True
+
+
+def with_generator_params(cfg: PipelineConfig, updates: dict) -> PipelineConfig:
+    """A copy of ``cfg`` whose ``generator.params`` carry ``updates`` (e.g. the stage-1 checkpoint)."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.generator.params = cfg.generator.params.model_copy(update=updates)
+    return cfg
 
 
 C = TypeVar("C", bound=BaseModel)

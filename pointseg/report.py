@@ -1,7 +1,16 @@
 """Scores and the human-readable report of a run (``report.json`` + ``report.md`` + PNGs).
 
 Everything here reads the files a run wrote under its output root, so it works
-the same on a laptop and against ``s3://`` outputs.
+the same on a laptop and against ``s3://`` outputs. Every step after labelling
+is per image: an image that cannot be scored, drawn or relabelled by a
+baseline is listed with its stage and reason in ``report["failures"]`` and the
+run goes on; the report is always written.
+
+Quality of labels against ground truth (pseudo labels and baselines alike):
+PQ / SQ / RQ (all, things, stuff), per-class PQ, mIoU, and instance quality:
+COCO mask AP and AP50 of the thing segments (score 1.0 each) and the mean best
+IoU per ground-truth object (:mod:`pointseg.metrics.instances`) -- PQ_th with
+the background VOID forgives a thing that floods the background; these do not.
 """
 
 from __future__ import annotations
@@ -9,29 +18,26 @@ from __future__ import annotations
 import json
 import logging
 import math
-from typing import Iterable
+from typing import Any, Iterator
 
-import numpy as np
-
-from tqdm import tqdm
+import fsspec
 
 from pointseg.data.coco_panoptic_io import read_id_map, read_panoptic_annotations
-from pointseg.data.images import read_image
+from pointseg.evaluation import GroundTruth, evaluate_generator, score
+from pointseg.data.images import read_image_as_annotated
+from pointseg.data.panoptic_format import decode_png
 from pointseg.data.points import validate_points
-from pointseg.data.prepare import iter_shard_rows, join, open_out, read_index
+from pointseg.data.prepare import join, open_out, read_index
 from pointseg.data.record import Category, Points
-from pointseg.generators import build_generator
-from pointseg.metrics import MIoUEvaluator, PQEvaluator, evaluate_panoptic
+from pointseg.data.shards import iter_verified_rows
+from pointseg.generators import PseudoLabel, build_generator, generator_class
+from pointseg.viz.curves import loss_curve_png
 from pointseg.viz.overlay import panel, save_png
 
 log = logging.getLogger("pointseg.report")
 
 SUMMARY_KEYS = ("pq", "sq", "rq", "pq_th", "sq_th", "rq_th", "pq_st", "sq_st", "rq_st")
-#: Per-image optimal-transport diagnostics (pointseg.generators.point2mask) summarised as mean / max.
-OT_QUANTITIES = ("marginal_error_row", "marginal_error_col", "ot_iterations", "plan_entropy", "ot_problems", "seconds")
-#: Documented per-image fallbacks of the OT generator, summed over the images.
-OT_COUNTERS = ("ot_diverged", "ot_skipped", "zero_supply_raised", "centroid_fallbacks", "seed_pixels_restored",
-               "unreachable_costs", "nonfinite_map_pixels", "fullres_retry")
+INSTANCE_KEYS = ("mask_ap", "mask_ap50", "mean_best_iou")
 
 
 def _finite_or_none(v):
@@ -39,280 +45,384 @@ def _finite_or_none(v):
     return None if isinstance(v, float) and math.isnan(v) else v
 
 
-def flatten_metrics(pq: dict, miou: dict) -> dict:
-    out = {k: _finite_or_none(pq[k]) for k in SUMMARY_KEYS if k in pq}
-    out["miou"] = miou["miou"]
-    out["per_class"] = pq.get("per_class", {})
-    return out
-
-
-def evaluate_labels(output: str, categories: dict[int, Category]) -> dict:
-    """PQ/SQ/RQ (all, things, stuff), per-class PQ and mIoU of ``output/panoptic`` against ``output/gt``."""
-    res = evaluate_panoptic(
-        join(output, "gt", "panoptic.json"),
-        join(output, "gt", "panoptic"),
-        join(output, "panoptic.json"),
-        join(output, "panoptic"),
-        categories,
-    )
-    out = flatten_metrics(res["pq"], res["miou"])
-    out["num_images"] = res.get("num_images")
-    out["missing_predictions"] = res.get("missing_predictions", [])
-    return out
-
-
-def score_generator(
-    output: str,
-    categories: dict[int, Category],
-    method: str,
-    params: dict | None = None,
-    max_images: int | None = None,
-    progress: bool = True,
-) -> dict:
-    """Label the prepared images of ``output`` in this process and score them against ``output/gt``.
-
-    The in-process path for cheap generators and Tune trials: no Ray Data,
-    nothing written. An image the generator fails on counts as an empty
-    prediction (all its segments false negatives), never as skipped.
-    """
-    _, _, gt_anns = read_panoptic_annotations(join(output, "gt", "panoptic.json"))
-    rows = [r for r in read_index(join(output, "index", "index.parquet")) if r["image_id"] in gt_anns]
-    rows = rows[:max_images] if max_images else rows
-    gen = build_generator(method, params or {}, categories)
-    pq_ev, miou_ev = PQEvaluator(categories), MIoUEvaluator(categories)
-    failed = {}
-    for r in tqdm(rows, desc=f"score {method}", unit="img", disable=not progress):
-        ann = gt_anns[r["image_id"]]
-        gt_map = read_id_map(join(output, "gt", "panoptic"), ann["file_name"])
+def _exported_labels(output: str, gt: GroundTruth, errors: dict[int, str]) -> Iterator[tuple[dict, PseudoLabel | None, str]]:
+    """``(row, label, error)`` of every ground-truth image from ``OUTPUT/panoptic`` (for :func:`score`);
+    an image without an exported label carries its labelling error."""
+    _, _, pred_anns = read_panoptic_annotations(join(output, "panoptic.json"))
+    for image_id in sorted(gt.annotations):
+        p = pred_anns.get(image_id)
+        if p is None:
+            yield {"image_id": image_id}, None, f"no label: {errors.get(image_id, 'not exported')}"
+            continue
         try:
-            image = read_image(r["file_name"])
-            label = gen.generate(image, Points.from_list(json.loads(r["points"])))
-            pred = (label.id_map, label.segments_info)
-        except Exception as exc:  # noqa: BLE001
-            failed[r["image_id"]] = f"{type(exc).__name__}: {exc}"
-            pred = (gt_map * 0, [])
-        pq_ev.process(gt_map, ann["segments_info"], *pred, image_id=r["image_id"])
-        miou_ev.process(gt_map, ann["segments_info"], *pred, image_id=r["image_id"])
-    out = flatten_metrics(pq_ev.evaluate(), miou_ev.evaluate())
-    out["num_images"], out["failed"] = len(rows), failed
-    return out
+            yield {"image_id": image_id}, PseudoLabel(read_id_map(join(output, "panoptic"), p["file_name"]),
+                                                      p["segments_info"]), ""
+        except Exception as exc:  # noqa: BLE001 - an unreadable label PNG fails that image only
+            yield {"image_id": image_id}, None, f"read label: {type(exc).__name__}: {exc}"
 
 
-def baseline_scores(output: str, categories: dict[int, Category], methods: Iterable[str]) -> dict:
-    """Score cheap baseline generators (default parameters) on the same images and points."""
-    return {m: score_generator(output, categories, m) for m in methods}
+def evaluate_labels(output: str, categories: dict[int, Category], errors: dict[int, str] | None = None) -> dict:
+    """Scores of ``OUTPUT/panoptic`` against ``OUTPUT/gt`` (:func:`pointseg.evaluation.score`), per image.
 
-
-def ot_diagnostics(output: str, max_rows: int | None = None) -> dict | None:
-    """Summary of the OT diagnostics in ``output/shards``' ``diagnostics`` column, or ``None``
-    when no labelled image has any (generators without optimal transport, e.g. PSPS).
-
-    Per image (the first successful row, as the COCO export): marginal errors
-    (pixel units, max over the image's transport problems), Sinkhorn / solver
-    iterations, plan entropy, diverged / converged and the fallback counters.
-    Returns ``images``, ``solvers`` (count per solver), ``summary`` ({quantity:
-    {mean, max}}), ``diverged_images``, ``not_converged_images``,
-    ``fallbacks`` ({counter: sum}) and ``per_image`` (rows, up to ``max_rows``).
+    An image without an exported label counts as an empty prediction and is
+    listed in ``failed`` with its labelling error from ``errors``.
     """
-    seen: set[int] = set()
-    per_image = []
-    for r in iter_shard_rows(join(output, "shards"), ["image_id", "diagnostics", "error"]):
-        if r["error"] or r["image_id"] in seen:
+    gt = GroundTruth(output)
+    return score(_exported_labels(output, gt, errors or {}), gt, categories)
+
+
+def score_generator(output: str, categories: dict[int, Category], method: str, params: Any = None,
+                    max_images: int | None = None, progress: bool = True) -> dict:
+    """Label the prepared images of ``output`` in this process with ``method`` and score them
+    (:func:`pointseg.evaluation.evaluate_generator`: the pipeline's input rules, failures listed)."""
+    return evaluate_generator(build_generator(method, params or {}, categories), output, "all",
+                              max_images=max_images, progress=progress)
+
+
+def evaluate_run(output: str, categories: dict[int, Category], cfg, errors: dict[int, str] | None = None) -> dict:
+    """Scores of the run's pseudo labels and of its baselines (None without ground truth); ``failures``
+    lists every image a baseline could not label. ``errors``: the labelling errors of the run."""
+    fs, path = fsspec.core.url_to_fs(join(output, "gt", "panoptic.json"))
+    if not fs.exists(path):
+        return {"pseudo_labels": None, "baselines": {}, "failures": []}
+    failures: list[dict] = []
+    labels = evaluate_labels(output, categories, errors)
+    baselines = {}
+    for m in cfg.report.baselines:
+        try:
+            baselines[m] = score_generator(output, categories, m)
+        except Exception as exc:  # noqa: BLE001 - a baseline that cannot be built is reported, not fatal
+            failures.append({"image_id": None, "stage": f"baseline[{m}]", "reason": f"{type(exc).__name__}: {exc}"})
             continue
-        seen.add(r["image_id"])
-        d = json.loads(r["diagnostics"] or "{}")
-        if "marginal_error_row" not in d:
-            continue
-        row = {"image_id": int(r["image_id"]), "solver": d.get("solver"), "diverged": bool(d.get("diverged", False)),
-               "converged": bool(d.get("converged", True))}
-        row.update({k: float(d.get(k, 0.0)) for k in OT_QUANTITIES})
-        row.update({k: int(d.get(k, 0)) for k in OT_COUNTERS})
-        per_image.append(row)
-    if not per_image:
-        return None
-    per_image.sort(key=lambda r: r["image_id"])
-    solvers: dict[str, int] = {}
-    for r in per_image:
-        solvers[str(r["solver"])] = solvers.get(str(r["solver"]), 0) + 1
+        failures += [{"image_id": k, "stage": f"baseline[{m}]", "reason": v} for k, v in baselines[m]["failed"].items()
+                     if k not in (errors or {})]
+    return {"pseudo_labels": labels, "baselines": baselines, "failures": failures}
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def model_section(cfg, trained: dict, evaluated: dict) -> dict:
+    """The stage-2 part of the report: metrics on the held-out images, training numbers, pictures' rows."""
+    m = evaluated["metrics"]
+    history = trained["history"]
+    keys = SUMMARY_KEYS + (("ap", "ap50", "ap75") if cfg.train.task == "instance" else ())
     return {
-        "images": len(per_image),
-        "solvers": solvers,
-        "summary": {k: {"mean": float(np.mean([r[k] for r in per_image])), "max": float(np.max([r[k] for r in per_image]))}
-                    for k in OT_QUANTITIES},
-        "diverged_images": sum(r["diverged"] for r in per_image),
-        "not_converged_images": sum(not r["converged"] for r in per_image),
-        "fallbacks": {k: int(sum(r[k] for r in per_image)) for k in OT_COUNTERS},
-        "per_image": per_image[:max_rows] if max_rows else per_image,
+        "model": cfg.train.model,
+        "task": cfg.train.task,
+        "supervision": cfg.train.supervision,
+        **{k: _finite_or_none(m.get(k)) for k in keys},
+        "metrics": {k: _finite_or_none(v) for k, v in m.items() if not isinstance(v, dict)},
+        "failed_images": m.get("failed_images", {}),
+        "checkpoint": trained["checkpoint"],
+        "tensorboard": trained["log_dir"],
+        "steps": trained["steps"],
+        "trained_steps": trained["trained_steps"],
+        "first_loss": history[0].get("loss") if history else None,
+        "last_loss": trained["last_loss"],
+        "train_rows": trained["train_rows"],
+        "skipped_rows": trained["skipped_rows"],
+        "skip_reasons": trained["skip_reasons"],
+        "validation_images": len(trained["validation_images"]),
+        "history": history,
+        "pictures_rows": evaluated.get("pictures", []),
     }
 
 
-def map_pictures(output: str, categories: dict[int, Category], params: dict, n: int) -> list[str]:
-    """``report/maps_<id>.png`` for the first ``n`` images: Point2Mask's ``P^s``, ``P^b`` and
-    cost map (:func:`pointseg.viz.maps.maps_panel`) with the run's generator params (the
-    learned-maps checkpoint is loaded once, here on the driver). An image that fails is logged
-    and left out."""
-    from pointseg.viz.maps import maps_panel, point2mask_maps
-
-    if n <= 0:
-        return []
-    gen = build_generator("point2mask", params, categories)
-    written = []
-    for r in read_index(join(output, "index", "index.parquet")):
-        if len(written) >= n:
-            break
-        try:
-            image = read_image(r["file_name"])
-            points, _ = validate_points(Points.from_list(json.loads(r["points"])), *image.shape[:2], categories)
-            if len(points) == 0:
-                continue
-            pic = maps_panel(image, point2mask_maps(gen, image, points), categories)
-        except Exception as exc:  # noqa: BLE001 - a picture never sinks the report
-            log.warning("map picture of image %s skipped: %s: %s", r["image_id"], type(exc).__name__, exc)
+def _failures(prep, counts: dict, exported: dict, quality: dict, stage2: dict | None) -> list[dict]:
+    """Every image that failed anywhere, with its stage and reason (reader and point-file problems
+    included); an image already refused by prepare is listed once, under its prepare problem."""
+    prep_d = prep.to_dict() if hasattr(prep, "to_dict") else dict(prep or {})
+    out = [{"image_id": p.get("image_id"), "stage": f"read[{p.get('kind', 'problem')}]", "reason": p.get("reason", "")}
+           for p in prep_d.get("problems", [])]
+    known = {int(k) for k in prep_d.get("image_errors", {})}
+    for image_id, reason in sorted(exported["errors"].items()):
+        if int(image_id) in known:
             continue
-        rel = f"report/maps_{r['image_id']}.png"
-        with open_out(join(output, rel), "wb") as f:
-            save_png(f, pic)
-        written.append(rel)
-    return written
+        stage, _, rest = reason.partition(": ")
+        out.append({"image_id": image_id, "stage": f"label:{stage}" if rest else "label", "reason": rest or reason})
+    out += [{"image_id": i, "stage": "shard checksum", "reason": f"row in {f} failed its checksum; relabelled"}
+            for i, f in counts.get("corrupt_rows", {}).items()]
+    out += [{"image_id": None, "stage": "shard quarantined", "reason": f"{f}: {r}"}
+            for f, r in counts.get("quarantined", {}).items()]
+    out += quality.get("failures", [])
+    if stage2:
+        out += [{"image_id": i, "stage": "evaluate_model", "reason": r} for i, r in stage2["failed_images"].items()]
+    return out
 
 
-def write_report(output: str, report: dict, categories: dict[int, Category], num_overlays: int,
-                 history: list[dict] | None = None) -> None:
-    """``report.json``, overlay PNGs of the first images, and ``report.md`` linking them.
+def _pictures(output: str, cfg, categories: dict[int, Category], failures: list[dict]) -> tuple[list[str], list[str]]:
+    """Overlays ``image + points | label | ground truth`` and the generator's own pictures
+    (:meth:`~pointseg.generators.base.PseudoLabelGenerator.explain`) of the first images; per image."""
+    n = cfg.report.num_overlays
+    if n <= 0:
+        return [], []
+    gt_anns = {}
+    gt_json = join(output, "gt", "panoptic.json")
+    if fsspec.core.url_to_fs(gt_json)[0].exists(fsspec.core.url_to_fs(gt_json)[1]):
+        _, _, gt_anns = read_panoptic_annotations(gt_json)
+    labels = {}
+    for r in iter_verified_rows(join(output, "shards"), ["image_id", "label_png", "segments_info", "error", "config_hash"]):
+        if not r["error"] and len(labels) < 4 * n:
+            labels.setdefault(int(r["image_id"]), r)
+    overlays, explained = [], []
+    explainer = None
+    for r in read_index(join(output, "index", "index.parquet")):
+        if len(overlays) >= n:
+            break
+        image_id = int(r["image_id"])
+        if image_id not in labels:
+            continue
+        try:
+            image = read_image_as_annotated(r["file_name"], int(r["height"]), int(r["width"]))
+            lab = labels[image_id]
+            pred = (decode_png(lab["label_png"]), json.loads(lab["segments_info"]))
+            g = gt_anns.get(image_id)
+            gt = (read_id_map(join(output, "gt", "panoptic"), g["file_name"]), g["segments_info"]) if g else None
+            points = Points.from_list(json.loads(r["points"]))
+            rel = f"report/overlay_{image_id}.png"
+            with open_out(join(output, rel), "wb") as f:
+                save_png(f, panel(image, points, pred, gt, categories))
+            overlays.append(rel)
+            if explainer is None:
+                explainer = build_generator(cfg.generator.method, cfg.generator.params, categories)
+            valid, _ = validate_points(points, *image.shape[:2], categories)
+            pic = explainer.explain(image, valid) if len(valid) else None
+            if pic is not None:
+                rel = f"report/explain_{image_id}.png"
+                with open_out(join(output, rel), "wb") as f:
+                    save_png(f, pic)
+                explained.append(rel)
+        except Exception as exc:  # noqa: BLE001 - a picture never sinks the report
+            failures.append({"image_id": image_id, "stage": "pictures", "reason": f"{type(exc).__name__}: {exc}"})
+    return overlays, explained
 
-    ``history``: the stage-1 (generator training) metrics per step, drawn as
-    ``report/generator_loss.png`` when given.
-    """
-    overlays = _write_overlays(output, categories, num_overlays)
-    report["overlays"] = overlays
-    if history and "generator_training" in report:
-        from pointseg.viz.curves import loss_curve_png
 
-        with open_out(join(output, "report", "generator_loss.png"), "wb") as f:
-            f.write(loss_curve_png(history, title="map-network training loss"))
-        report["generator_training"]["loss_curve"] = "report/generator_loss.png"
-    with open_out(join(output, "report.json"), "w") as f:
-        json.dump(report, f, indent=2, default=str)
+def _model_pictures(output: str, stage2: dict, categories: dict[int, Category], failures: list[dict]) -> list[str]:
+    """Validation predictions beside ground truth, per image."""
+    _, _, gt = read_panoptic_annotations(join(output, "gt", "panoptic.json"))
+    index = {int(r["image_id"]): r for r in read_index(join(output, "index", "index.parquet"))}
+    pics = []
+    for row in stage2.pop("pictures_rows", []):
+        image_id = int(row["image_id"])
+        try:
+            r, ann = index[image_id], gt[image_id]
+            image = read_image_as_annotated(r["file_name"], int(r["height"]), int(r["width"]))
+            pred = (decode_png(bytes(row["pred_png"])), json.loads(row["pred_segments_info"]))
+            truth = (read_id_map(join(output, "gt", "panoptic"), ann["file_name"]), ann["segments_info"])
+            rel = f"report/model_{image_id}.png"
+            with open_out(join(output, rel), "wb") as f:
+                save_png(f, panel(image, Points.empty(), pred, truth, categories, ("image", "model prediction", "ground truth")))
+            pics.append(rel)
+        except Exception as exc:  # noqa: BLE001
+            failures.append({"image_id": image_id, "stage": "model pictures", "reason": f"{type(exc).__name__}: {exc}"})
+    return pics
+
+
+def _curve(output: str, history: list[dict], name: str, title: str) -> str | None:
+    if not history:
+        return None
+    rel = f"report/{name}.png"
+    with open_out(join(output, rel), "wb") as f:
+        f.write(loss_curve_png(history, title=title))
+    return rel
+
+
+def write_report(output: str, cfg, categories: dict[int, Category], prep, counts: dict, exported: dict, quality: dict,
+                 stage1: dict | None, stage2: dict | None, timings: dict) -> dict:
+    """Assemble, write and return the run's report: ``report.json``, ``report.md`` and ``report/*.png``."""
+    failures = _failures(prep, counts, exported, quality, stage2)
+    overlays, explained = _pictures(output, cfg, categories, failures)
+    gen_cls = generator_class(cfg.generator.method)
+    diagnostics = []
+    for r in iter_verified_rows(join(output, "shards"), ["image_id", "diagnostics", "error", "config_hash"]):
+        if not r["error"]:
+            diagnostics.append({**json.loads(r["diagnostics"] or "{}"), "image_id": int(r["image_id"])})
+    report: dict[str, Any] = {
+        "method": cfg.generator.method,
+        "background": cfg.dataset.background,
+        "config": cfg.model_dump(mode="json"),
+        "output": output,
+        "pseudo_labels": quality["pseudo_labels"],
+        "baselines": quality["baselines"],
+        "images": {"total": getattr(prep, "num_images", None), **{k: v for k, v in counts.items()},
+                   "exported": exported["images"], "failed": {str(k): v for k, v in exported["errors"].items()}},
+        "prepare": prep.to_dict() if hasattr(prep, "to_dict") else {},
+        "per_image": _per_image(quality),
+        "method_summary": gen_cls.summarize(diagnostics),
+        "overlays": overlays,
+        "explain_pictures": explained,
+    }
+    if stage1 is not None:
+        report["generator_training"] = {k: v for k, v in stage1.items() if k != "history"}
+        report["generator_training"]["loss_curve"] = _curve(output, stage1["history"], "generator_loss",
+                                                            f"{cfg.generator.method} stage-1 training loss")
+    if stage2 is not None:
+        stage2["loss_curve"] = _curve(output, stage2.pop("history"), "loss_curve", "stage-2 training loss")
+        stage2["pictures"] = _model_pictures(output, stage2, categories, failures)
+        report["model"] = stage2
+    report["failures"] = failures
+    report["timings"] = dict(timings)
+    save_json(output, report)
     with open_out(join(output, "report.md"), "w") as f:
         f.write(render_markdown(report, categories))
+    return report
+
+
+def save_json(output: str, report: dict) -> None:
+    """``OUTPUT/report.json`` (NaN as null)."""
+    with open_out(join(output, "report.json"), "w") as f:
+        json.dump(_json_safe(report), f, indent=2, default=str)
+
+
+def _json_safe(x):
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def _per_image(quality: dict) -> list[dict]:
+    """One row per scored image: its PQ and mean best IoU (from the quality of the pseudo labels)."""
+    m = quality.get("pseudo_labels") or {}
+    failed = m.get("failed", {})
+    return [{"image_id": int(k), **v, "error": failed.get(k, "")} for k, v in sorted(m.get("per_image", {}).items())]
+
+
+# ----------------------------------------------------------------------------- markdown
 
 
 def _pct(v) -> str:
-    return "-" if v is None else f"{100 * v:.1f}"
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
 
 
 def render_markdown(report: dict, categories: dict[int, Category]) -> str:
-    m = report["pseudo_labels"]
-    lines = [
-        f"# pointseg report: {report['method']}",
-        "",
-        f"Output root: `{report['output']}`",
-        "",
-        "## Pseudo-label quality against ground truth",
-        "",
-        "| labels | PQ | SQ | RQ | PQ_th | SQ_th | RQ_th | PQ_st | SQ_st | RQ_st | mIoU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    rows = [(report["method"], m)] + [(f"baseline: {k}", v) for k, v in report.get("baselines", {}).items()]
-    for name, s in rows:
-        lines.append(f"| {name} | " + " | ".join(_pct(s.get(k)) for k in SUMMARY_KEYS + ("miou",)) + " |")
-    lines += ["", "## Per class (pseudo labels)", "", "| class | thing | PQ | SQ | RQ | TP | FP | FN |", "|---|---|---|---|---|---|---|---|"]
-    for cid, s in sorted(m.get("per_class", {}).items(), key=lambda kv: int(kv[0])):
-        cat = categories.get(int(cid))
-        name = cat.name if cat else str(cid)
-        lines.append(
-            f"| {name} | {'yes' if cat and cat.isthing else 'no'} | {_pct(s.get('pq'))} | {_pct(s.get('sq'))} | "
-            f"{_pct(s.get('rq'))} | {s.get('tp', '')} | {s.get('fp', '')} | {s.get('fn', '')} |"
-        )
+    lines = [f"# pointseg report: {report['method']}", "", f"Output root: `{report['output']}`", ""]
+    m = report.get("pseudo_labels")
+    if m:
+        lines += [f"## Pseudo-label quality against ground truth (background: {report.get('background', 'void')})", "",
+                  "| labels | PQ | SQ | RQ | PQ_th | SQ_th | RQ_th | PQ_st | SQ_st | RQ_st | mIoU | mask AP | AP50 | "
+                  "mean best IoU |", "|---" * 14 + "|"]
+        rows = [(report["method"], m)] + [(f"baseline: {k}", v) for k, v in report.get("baselines", {}).items()]
+        for name, s in rows:
+            lines.append(f"| {name} | " + " | ".join(_pct(s.get(k)) for k in SUMMARY_KEYS + ("miou",) + INSTANCE_KEYS) + " |")
+        lines += ["", "mask AP: COCO mask AP of the thing segments, each with score 1.0; mean best IoU: the best IoU of "
+                  "each ground-truth object with any predicted thing segment, averaged (0.2 is a segment flooding the "
+                  "background).", "", "## Per class (pseudo labels)", "",
+                  "| class | thing | PQ | SQ | RQ | TP | FP | FN |", "|---|---|---|---|---|---|---|---|"]
+        for cid, s in sorted(m.get("per_class", {}).items(), key=lambda kv: int(kv[0])):
+            cat = categories.get(int(cid))
+            lines.append(f"| {cat.name if cat else cid} | {'yes' if cat and cat.isthing else 'no'} | {_pct(s.get('pq'))} | "
+                         f"{_pct(s.get('sq'))} | {_pct(s.get('rq'))} | {s.get('tp', '')} | {s.get('fp', '')} | {s.get('fn', '')} |")
+    else:
+        lines += ["No ground truth: no quality figures (see the review page for per-image uncertainty).", ""]
     imgs = report["images"]
-    lines += [
-        "",
-        "## Images",
-        "",
-        f"- labelled in this run: {imgs.get('labelled_now')}, skipped as already done: {imgs.get('skipped_done')}, "
-        f"exported: {imgs.get('exported')}, failed: {len(imgs.get('failed', {}))}",
-    ]
-    prep = report.get("prepare", {})
-    if prep.get("images_without_points"):
-        lines.append(f"- images without points: {prep['images_without_points']}")
-    if prep.get("points_for_unknown_images"):
-        lines.append(f"- points for images not in the dataset: {prep['points_for_unknown_images']}")
-    if imgs.get("failed"):
-        lines += ["", "| image | reason |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in sorted(imgs["failed"].items())]
+    lines += ["", "## Images", "",
+              f"- images: {imgs.get('total')}; labelled in this run: {imgs.get('labelled_now')} "
+              f"({imgs.get('path') or 'nothing to do'}), already done: {imgs.get('skipped_done')}, "
+              f"exported: {imgs.get('exported')}, failed: {len(imgs.get('failed', {}))}"]
+    failures = report.get("failures", [])
+    if failures:
+        lines += ["", f"### Problems ({len(failures)}): every image that failed somewhere, and why", "",
+                  "| image | stage | reason |", "|---|---|---|"]
+        lines += [f"| {f['image_id'] if f['image_id'] is not None else '-'} | {f['stage']} | "
+                  f"{str(f['reason']).replace('|', '/')[:300]} |" for f in failures]
     lines += ["", "## Timings (s)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in report.get("timings", {}).items()]
     if report.get("overlays"):
         lines += ["", "## Examples: image + points | pseudo label | ground truth", ""]
         lines += [f"![{p}]({p})" for p in report["overlays"]]
     if report.get("generator_training"):
-        lines += _generator_training_markdown(report["generator_training"])
-    if report.get("ot_diagnostics"):
-        lines += _ot_markdown(report["ot_diagnostics"])
-    if report.get("map_pictures"):
-        lines += ["", "## Point2Mask maps: P^s (max prob, argmax class) | P^b | geodesic cost min over points (Eq. 3)", ""]
-        lines += [f"![{p}]({p})" for p in report["map_pictures"]]
+        lines += _stage1_markdown(report["generator_training"], report["method"])
+    if report.get("method_summary"):
+        lines += _summary_markdown(report["method_summary"])
+    if report.get("explain_pictures"):
+        lines += ["", f"## Inside {report['method']}", ""] + [f"![{p}]({p})" for p in report["explain_pictures"]]
+    if report.get("model"):
+        lines += _model_markdown(report["model"])
     return "\n".join(lines) + "\n"
 
 
-def _generator_training_markdown(g: dict) -> list[str]:
-    lines = ["", "## Stage 1: map network (Ray Train)", "",
-             f"- steps: {g.get('steps')} (this run trained {g.get('trained_steps')}, "
-             f"resumed from step {g.get('start_step')}), pseudo-label refreshes (L_bou): {g.get('pseudo_refreshes')}",
+def _stage1_markdown(g: dict, method: str) -> list[str]:
+    lines = ["", f"## Stage 1: {method} network (Ray Train)", "",
+             f"- steps: {g.get('steps')} (this run trained {g.get('trained_steps')}, resumed from step {g.get('start_step')})",
              f"- last loss: {g.get('last_loss')}, index rows: {g.get('index_rows')}, skipped rows: {g.get('skipped_rows')} "
              f"{g.get('skip_reasons') or ''}",
-             f"- checkpoint used by the pseudo-label actors: `{g.get('checkpoint')}`",
+             f"- checkpoint used by the labelling actors: `{g.get('checkpoint')}`",
              f"- TensorBoard: `tensorboard --logdir {g.get('log_dir')}`"]
     if g.get("loss_curve"):
-        lines += ["", f"![map-network loss]({g['loss_curve']})"]
+        lines += ["", f"![stage-1 loss]({g['loss_curve']})"]
     return lines
 
 
-def _ot_markdown(d: dict, max_rows: int = 50) -> list[str]:
-    fmt = lambda v: f"{v:.4g}"  # noqa: E731
-    lines = ["", "## Optimal transport diagnostics (per image)", "",
-             f"{d['images']} images, solver {d['solvers']}; diverged: {d['diverged_images']}, "
-             f"not converged: {d['not_converged_images']}", ""]
-    if not any(r["ot_problems"] for r in d["per_image"]):
-        # assignment: mincost (or no image with two things): nothing was transported
-        fbs = ", ".join(f"{k} {v}" for k, v in d["fallbacks"].items() if v) or "none"
-        return lines + ["No transport problem was solved (assignment `mincost`, or no image with two or more "
-                        f"things); per-image rows are in report.json. Counted fallbacks: {fbs}."]
-    lines += ["| quantity | mean | max |", "|---|---|---|"]
-    lines += [f"| {k} | {fmt(v['mean'])} | {fmt(v['max'])} |" for k, v in d["summary"].items()]
-    lines += ["", "| fallback (documented, counted) | images summed |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in d["fallbacks"].items()]
-    rows = d["per_image"][:max_rows]
-    lines += ["", "| image | marginal err row | marginal err col | iterations | plan entropy | problems | diverged | "
-              "fallbacks |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        fb = ", ".join(f"{k} {r[k]}" for k in OT_COUNTERS if r[k]) or "-"
-        lines.append(f"| {r['image_id']} | {fmt(r['marginal_error_row'])} | {fmt(r['marginal_error_col'])} | "
-                     f"{int(r['ot_iterations'])} | {fmt(r['plan_entropy'])} | {int(r['ot_problems'])} | "
-                     f"{'yes' if r['diverged'] else 'no'} | {fb} |")
-    if len(d["per_image"]) > len(rows):
-        lines.append(f"\n({len(d['per_image']) - len(rows)} more images in report.json)")
+def _summary_markdown(d: dict, max_rows: int = 50) -> list[str]:
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["", f"## {d.get('title', 'Method diagnostics')}", ""]
+    head = {k: v for k, v in d.items() if k not in ("title", "summary", "table", "note", "fallbacks")}
+    lines.append("; ".join(f"{k}: {v}" for k, v in head.items()))
+    if d.get("note"):
+        return lines + ["", d["note"]]
+    if d.get("summary"):
+        lines += ["", "| quantity | mean | max |", "|---|---|---|"]
+        lines += [f"| {k} | {fmt(v['mean'])} | {fmt(v['max'])} |" for k, v in d["summary"].items()]
+    if d.get("fallbacks"):
+        lines += ["", "| fallback (documented, counted) | images summed |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in d["fallbacks"].items()]
+    table = d.get("table") or []
+    if table:
+        keys = list(table[0])
+        lines += ["", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in table[:max_rows]]
+        if len(table) > max_rows:
+            lines.append(f"\n({len(table) - max_rows} more rows in report.json)")
     return lines
 
 
-def _write_overlays(output: str, categories: dict[int, Category], n: int) -> list[str]:
-    if n <= 0:
-        return []
-    _, _, pred_anns = read_panoptic_annotations(join(output, "panoptic.json"))
-    _, _, gt_anns = read_panoptic_annotations(join(output, "gt", "panoptic.json"))
-    written = []
-    for r in read_index(join(output, "index", "index.parquet")):
-        if len(written) >= n:
-            break
-        ann = pred_anns.get(r["image_id"])
-        if ann is None:
-            continue
-        image = read_image(r["file_name"])
-        pred = (read_id_map(join(output, "panoptic"), ann["file_name"]), ann["segments_info"])
-        g = gt_anns.get(r["image_id"])
-        gt = (read_id_map(join(output, "gt", "panoptic"), g["file_name"]), g["segments_info"]) if g else None
-        rel = f"report/overlay_{r['image_id']}.png"
-        with open_out(join(output, rel), "wb") as f:
-            save_png(f, panel(image, Points.from_list(json.loads(r["points"])), pred, gt, categories))
-        written.append(rel)
-    return written
+def _model_markdown(m: dict) -> list[str]:
+    ap = "ap" in m
+    lines = ["", f"## Stage-2 model ({m['model']}, {m['task']}, trained on {m['supervision']} labels)", "",
+             "| PQ | PQ_th | PQ_st | SQ | RQ |" + (" AP | AP50 | AP75 |" if ap else ""),
+             "|---|---|---|---|---|" + ("---|---|---|" if ap else ""),
+             "| " + " | ".join(_pct(m[k]) for k in ("pq", "pq_th", "pq_st", "sq", "rq")) + " |"
+             + ("".join(f" {_pct(m[k])} |" for k in ("ap", "ap50", "ap75")) if ap else ""),
+             "", f"- {m['validation_images']} validation images (never trained on), {m['steps']} steps, "
+             f"{m['train_rows']} training rows, {m['skipped_rows']} bad rows skipped {m['skip_reasons'] or ''}",
+             f"- checkpoint: `{m['checkpoint']}`", f"- TensorBoard: `tensorboard --logdir {m['tensorboard']}`"]
+    if m.get("loss_curve"):
+        lines += ["", f"![training loss]({m['loss_curve']})"]
+    if m.get("pictures"):
+        lines += ["", "### Validation predictions | ground truth", ""] + [f"![{p}]({p})" for p in m["pictures"]]
+    return lines
+
+
+def console_summary(report: dict) -> str:
+    """The few lines a flow prints at the end of a run."""
+
+    def scores(m: dict) -> str:
+        return "  ".join(f"{name} {_pct(m.get(key)) if m.get(key) is not None else 'n/a'}" for name, key in (
+            ("PQ", "pq"), ("PQ_th", "pq_th"), ("PQ_st", "pq_st"), ("mIoU", "miou"), ("maskAP", "mask_ap"),
+            ("bestIoU", "mean_best_iou")))
+
+    out = []
+    if report.get("pseudo_labels"):
+        out.append(f"\npseudo labels ({report['method']}, background {report['background']}): "
+                   f"{scores(report['pseudo_labels'])}  on {report['images']['exported']} images")
+        out += [f"baseline {name}: {scores(b)}" for name, b in report["baselines"].items()]
+    else:
+        out.append(f"\npseudo labels ({report['method']}): {report['images']['exported']} images (no ground truth)")
+    if report.get("generator_training"):
+        g = report["generator_training"]
+        out.append(f"stage 1: {g['steps']} steps ({g['trained_steps']} in this run), last loss {g['last_loss']}, "
+                   f"checkpoint {g['checkpoint']}")
+    if report.get("model"):
+        mm = report["model"]
+        extra = f"  AP {_pct(mm['ap'])}  AP50 {_pct(mm['ap50'])}" if "ap" in mm else ""
+        out.append(f"stage-2 {mm['model']} ({mm['supervision']} labels): PQ {_pct(mm['pq'])}  PQ_th {_pct(mm['pq_th'])}"
+                   f"{extra}  loss {mm['first_loss']} -> {mm['last_loss']}")
+    if report.get("failures"):
+        out.append(f"{len(report['failures'])} problem(s) listed in report.md")
+    out.append(f"report: {join(report['output'], 'report.md')}  (json: {join(report['output'], 'report.json')})")
+    return "\n".join(out)

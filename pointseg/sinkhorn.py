@@ -73,7 +73,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 
 __all__ = [

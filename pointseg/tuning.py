@@ -9,7 +9,13 @@ picks the settings for the rest). The objective of a trial with parameters
 
 over the subset, maximised (``mode: max``) over the declared search space.
 
-The search space is YAML, one entry per generator parameter::
+The search space is YAML, one entry per generator parameter (``generator.params``
+of the base config); a key ``train.<field>`` sweeps the stage-1 config of a
+trainable generator (``generator.train``, e.g. EPLD's layer count). Each trial
+of a trainable generator trains its stage 1 on every image's points (pseudo
+labels are a product for the training set) in the trial's process
+(:func:`pointseg.train.engine.fit_plain`, one CPU share), stopping at
+``trial_budget_s`` of wall time, then labels and scores the subset::
 
     space:
       beta: {grid: [0.01, 0.1, 1.0]}        # every value (Cartesian product with other grids)
@@ -24,7 +30,7 @@ draws of the random entries (Ray Tune semantics).
 With ``objective: stage2`` the sweep asks instead which stage-2 training
 settings give the best model: the pseudo labels are made once, each trial
 trains on them with its own ``train.*`` settings (``space`` keys are pipeline
-config paths such as ``train.panoptic.decoder_layers`` or ``train.lr``) and
+config paths such as ``train.params.decoder_layers`` or ``train.lr``) and
 scores the trained model's PQ on the held-out images (every
 ``train.val_every``-th image, never trained on)::
 
@@ -52,6 +58,7 @@ from pydantic import Field, model_validator
 
 from pointseg.config import PipelineConfig, Strict, deep_merge, parse_overrides, read_yaml, validate
 from pointseg.data.prepare import join, open_out
+from pointseg.generators import generator_class
 
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform")
 METRICS = ("pq", "sq", "rq", "pq_th", "sq_th", "rq_th", "pq_st", "sq_st", "rq_st", "miou")
@@ -59,7 +66,9 @@ METRICS = ("pq", "sq", "rq", "pq_th", "sq_th", "rq_th", "pq_st", "sq_st", "rq_st
 #: Stage-2 settings a trial may not change: they decide which images are held out or what the
 #: training labels are, so trials with different values would be scored on different things.
 STAGE2_FIXED = ("train.enabled", "train.supervision", "train.point_radius", "train.val_every",
-                "train.storage_path", "train.run_name")
+                "train.storage_path", "train.run_name", "train.model")
+#: Prefix of a pseudo-label space key that sweeps the generator's stage-1 config.
+STAGE1_PREFIX = "train."
 
 
 class AshaConfig(Strict):
@@ -105,6 +114,10 @@ class TuneConfig(Strict):
     storage_path: str | None = Field(None, description="Tune experiment root; default OUTPUT/tune/ray_results")
     scheduler: Literal["asha"] | None = Field(None, description="asha: early stopping, for objectives that report repeatedly (stage2)")
     asha: AshaConfig = AshaConfig()
+    trial_budget_s: float | None = Field(
+        300.0, gt=0, description="pseudo_label trials of a trainable generator: wall seconds of stage-1 training "
+        "per trial (it stops there and labels with what it learned); null: train generator.train.steps")
+    max_wall_s: float | None = Field(None, gt=0, description="time budget of the whole sweep (Tune time_budget_s)")
 
     @model_validator(mode="after")
     def _space_parses(self) -> "TuneConfig":
@@ -192,8 +205,10 @@ def num_trials(space: dict[str, Any], num_samples: int = 1) -> int:
     return n
 
 
-def check_space_against(config_model, space: dict[str, Any], base_params: dict | None = None) -> None:
-    """Validate each value the space can take against a generator's config model.
+def check_space_against(config_model, space: dict[str, Any], base_params: dict | None = None,
+                        train_model=None, base_train: dict | None = None) -> None:
+    """Validate each value the space can take against a generator's config model (and, for
+    ``train.*`` keys, its stage-1 config model).
 
     Every grid/choice value and both ends of every range are checked one at a
     time (other parameters at their first value), so a typo in a parameter
@@ -204,11 +219,22 @@ def check_space_against(config_model, space: dict[str, Any], base_params: dict |
     first = {n: values[0] if kind != "const" else values for n, (kind, values) in parsed.items()}
     for name, (kind, values) in parsed.items():
         for v in [values] if kind == "const" else values:
-            params = {**(base_params or {}), **first, name: v}
+            params, train = split_sampled({**first, name: v})
             try:
-                config_model.model_validate(params)
+                config_model.model_validate({**(base_params or {}), **params})
+                if train:
+                    if train_model is None:
+                        raise ValueError("the generator has no stage 1 (train.* keys sweep its stage-1 config)")
+                    train_model.model_validate({**(base_train or {}), **train})
             except Exception as exc:  # pydantic.ValidationError
-                raise ValueError(f"space.{name}: value {v!r} is not valid for {config_model.__name__}: {exc}") from None
+                raise ValueError(f"space.{name}: value {v!r} is not valid: {exc}") from None
+
+
+def split_sampled(sampled: dict) -> tuple[dict, dict]:
+    """``(generator params, stage-1 config)`` parts of a sampled point (``train.*`` keys go to the second)."""
+    params = {k: v for k, v in sampled.items() if not k.startswith(STAGE1_PREFIX)}
+    train = {k[len(STAGE1_PREFIX):]: v for k, v in sampled.items() if k.startswith(STAGE1_PREFIX)}
+    return _plain(params), _plain(train)
 
 
 # --------------------------------------------------------------------------- configs
@@ -223,15 +249,24 @@ def load_base_config(tcfg: TuneConfig, base_path: str | None = None) -> Pipeline
 
 def trial_params(base: PipelineConfig, method: str, sampled: dict) -> dict:
     """Generator parameters of one trial: the base config's (if same method) updated by the sampled ones."""
-    params = dict(base.generator.params) if base.generator.method == method else {}
-    params.update(_plain(sampled))
+    params = base.generator.params.model_dump(mode="json") if base.generator.method == method else {}
+    params.update(split_sampled(sampled)[0])
     return params
 
 
-def best_pipeline_config(base: PipelineConfig, method: str, params: dict) -> PipelineConfig:
-    """The base pipeline config with ``generator.method``/``generator.params`` replaced by the winner."""
+def trial_train(base: PipelineConfig, method: str, sampled: dict) -> dict | None:
+    """Stage-1 config of one trial (None for a generator without stage 1)."""
+    if generator_class(method).stage1 is None:
+        return None
+    train = base.generator.train.model_dump(mode="json") if base.generator.method == method and base.generator.train else {}
+    train.update(split_sampled(sampled)[1])
+    return train
+
+
+def best_pipeline_config(base: PipelineConfig, method: str, params: dict, train: dict | None = None) -> PipelineConfig:
+    """The base pipeline config with ``generator`` replaced by the winner's method, params and stage-1 config."""
     data = base.model_dump(mode="json")
-    data["generator"] = {"method": method, "params": _plain(params)}
+    data["generator"] = {"method": method, "params": _plain(params), **({"train": _plain(train)} if train else {})}
     return validate(PipelineConfig, data, source="best config")
 
 
@@ -254,7 +289,8 @@ def _nest(dotted: str, value) -> dict:
 def stage2_base_config(base: PipelineConfig, method: str) -> PipelineConfig:
     """The base config of a stage-2 sweep: generator ``method`` (base params if same method), training on."""
     data = base.model_dump(mode="json")
-    data["generator"] = {"method": method, "params": trial_params(base, method, {})}
+    train = trial_train(base, method, {})
+    data["generator"] = {"method": method, "params": trial_params(base, method, {}), **({"train": train} if train else {})}
     data["train"]["enabled"] = True
     return validate(PipelineConfig, data, source="stage-2 sweep base config")
 

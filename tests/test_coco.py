@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import fsspec
@@ -368,3 +369,154 @@ def test_panoptic_synthetic_memory_and_missing_png():
     got = [(s.id, s.isthing, s.iscrowd, s.area) for s in a.segments]
     assert got == [(5 + 256 * 3, True, False, 12), (70000, False, True, 6)]
     assert b.segments == [] and records.report.counts == {"panoptic_png": 1}
+
+
+# --------------------------------------------------------------------------- structured problems, paths, EXIF
+
+
+def _box_polygon(r0, r1, c0, c1):
+    """Polygon covering pixel rows r0..r1-1, columns c0..c1-1 (COCO: pixel (r, c) is [c, c+1) x [r, r+1))."""
+    return [[c0, r0, c1, r0, c1, r1, c0, r1]]
+
+
+def test_problems_are_per_image_items_naming_the_image(tmp_path):
+    root = str(tmp_path)
+    anns = [
+        {"id": 1, "image_id": 1, "category_id": 3, "segmentation": _box_polygon(0, 2, 0, 2)},  # good
+        {"id": 2, "image_id": 1, "category_id": 3, "bbox": [1, 1, 2, 2]},  # box only
+        {"id": 3, "image_id": 1, "category_id": 3, "segmentation": []},  # empty
+        {"id": 4, "image_id": 2, "category_id": 3, "segmentation": [[0, 0, 2, 2, 4, 4]]},  # collinear: no pixel
+        {"id": 5, "image_id": 2, "category_id": 99, "segmentation": _box_polygon(0, 1, 0, 1)},
+        {"id": 6, "image_id": 77, "category_id": 3, "segmentation": _box_polygon(0, 1, 0, 1)},
+        {"id": 7, "image_id": 2, "category_id": 3},  # neither box nor segmentation
+    ]
+    _, data = _coco_fixture(root, annotations=anns)
+    data["images"].append({"id": 2, "file_name": "again.png", "height": 6, "width": 5})
+    data["images"].append({"id": 9, "file_name": "c.png", "height": 0, "width": 5})
+    _write_json(f"{root}/ann.json", data)
+    with pytest.warns(CocoReadWarning):
+        _, records = read_coco_instances(f"{root}/ann.json", f"{root}/img")
+        recs = list(records)
+    assert [r.image_id for r in recs] == [1, 2] and [len(r.segments) for r in recs] == [1, 0]
+    got = {(p.image_id, p.kind) for p in records.report.items}
+    assert got == {(1, "bbox_only"), (1, "empty_segmentation"), (2, "empty_mask"), (2, "unknown_category"),
+                   (77, "unknown_image"), (2, "bad_annotation"), (2, "duplicate_image"), (9, "bad_image_entry")}
+    for p in records.report.items:
+        assert re.search(rf"image(_id| id)? {p.image_id}\b", p.reason) and p.reason.startswith(f"{root}/ann.json: "), p
+    text = {p.kind: p.reason for p in records.report.items}
+    assert "annotation 2 (image 1): only a 'bbox'" in text["bbox_only"]
+    assert "annotation 3 (image 1): field 'segmentation' is empty" in text["empty_segmentation"]
+    assert "annotation 4 (image 2)" in text["empty_mask"] and "covers no pixel" in text["empty_mask"]
+    assert records.report.to_dict()["problems"][0] == records.report.items[0].to_dict()
+    # each kind is fatal under strict, with the same message
+    for i, ann in enumerate(anns[1:5] + anns[6:]):
+        _write_json(f"{root}/one.json", {**data, "images": data["images"][:2], "annotations": [ann]})
+        with pytest.raises(CocoFormatError, match=f"image {ann['image_id']}"):
+            list(read_coco_instances(f"{root}/one.json", f"{root}/img", strict=True)[1])
+
+
+def test_skipped_annotations_are_ignore_regions(tmp_path):
+    """Unknown category keeps its decoded mask, a box-only or empty annotation its box; good masks are not in it."""
+    root = str(tmp_path)
+    anns = [
+        {"id": 1, "image_id": 1, "category_id": 3, "segmentation": _box_polygon(0, 2, 0, 2)},
+        {"id": 2, "image_id": 1, "category_id": 99, "segmentation": _box_polygon(4, 6, 3, 5), "bbox": [0, 0, 5, 6]},
+        {"id": 3, "image_id": 1, "category_id": 3, "bbox": [0.5, 2.2, 1.0, 1.5]},  # touches cols 0-1, rows 2-3
+        {"id": 4, "image_id": 1, "category_id": 3, "segmentation": [], "bbox": [4, 0, 1, 1]},
+        {"id": 5, "image_id": 2, "category_id": 3, "segmentation": _box_polygon(0, 1, 0, 1)},
+    ]
+    _coco_fixture(root, annotations=anns)
+    with pytest.warns(CocoReadWarning):
+        a, b = list(read_coco_instances(f"{root}/ann.json", f"{root}/img")[1])
+    expected = np.zeros((6, 5), bool)
+    expected[4:6, 3:5] = True  # the mask, not the (whole-image) box
+    expected[2:4, 0:2] = True
+    expected[0, 4] = True
+    np.testing.assert_array_equal(a.ignore_mask, expected)
+    assert b.ignore_mask is None
+
+
+def test_file_names_that_leave_the_image_folder_are_rejected(tmp_path):
+    root = str(tmp_path)
+    _coco_fixture(root, annotations=[])
+    outside = tmp_path / "outside.png"
+    outside.write_bytes((tmp_path / "img" / "a.png").read_bytes())
+    (tmp_path / "img" / "sub").mkdir()
+    names = {1: "a.png", 2: "sub/../b.png", 3: "../outside.png", 4: str(outside), 5: f"file://{outside}",
+             6: "s3://bucket/x.png", 7: ""}
+    images = [{"id": i, "file_name": n, "height": 6, "width": 5} for i, n in names.items()]
+    _coco_fixture(root, images=images, annotations=[])
+    with pytest.warns(CocoReadWarning):
+        _, records = read_coco_instances(f"{root}/ann.json", f"{root}/img", load_images=True)
+        recs = {r.image_id: r for r in records}
+    assert recs[1].file_name == f"{root}/img/a.png" and recs[2].file_name == f"{root}/img/b.png"
+    assert recs[1].image is not None and recs[2].image is not None
+    for i in (3, 4, 5, 6, 7):
+        assert recs[i].file_name == "" and recs[i].image is None  # nothing was read
+        assert recs[i].original_file_name == names[i]
+        assert "pointseg reads dataset files only under" in records.report.image_errors[i]
+    kinds = {(p.image_id, p.kind) for p in records.report.items}
+    assert kinds == {(i, "image_path") for i in (3, 4, 5, 6, 7)}
+    reasons = records.report.image_errors
+    assert "'..'" in reasons[3] and "absolute" in reasons[4] and "scheme" in reasons[5] and "empty" in reasons[7]
+    # trusted dataset: the same names are followed
+    with pytest.warns(CocoReadWarning, match="is empty"):
+        _, trusted = read_coco_instances(f"{root}/ann.json", f"{root}/img", allow_outside_paths=True)
+        by_id = {r.image_id: r.file_name for r in trusted}
+    assert by_id[3] == f"{root}/img/../outside.png" and by_id[4] == str(outside) and by_id[5] == f"file://{outside}"
+    assert trusted.report.counts == {"image_path": 1}  # the empty name stays an error
+    with pytest.raises(CocoFormatError, match="'..'"):
+        list(read_coco_instances(f"{root}/ann.json", f"{root}/img", strict=True)[1])
+
+
+def test_load_images_uses_the_annotated_grid(tmp_path):
+    """EXIF orientation 6: annotated in the stored grid -> stored pixels; in the shown grid -> rotated;
+    a size matching neither -> an image_decode problem naming both sizes."""
+    from PIL import Image
+
+    stored = np.zeros((8, 12, 3), np.uint8)
+    stored[:, :6] = (250, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "img").mkdir()
+    Image.fromarray(stored).save(tmp_path / "img" / "r.jpg", exif=exif, quality=100)
+    images = [{"id": 1, "file_name": "r.jpg", "height": 8, "width": 12},  # stored grid (COCO)
+              {"id": 2, "file_name": "r.jpg", "height": 12, "width": 8},  # shown grid
+              {"id": 3, "file_name": "r.jpg", "height": 5, "width": 5}]
+    _write_json(f"{tmp_path}/ann.json", {"images": images, "annotations": [], "categories": [{"id": 1}]})
+    with pytest.warns(CocoReadWarning, match="annotated as 5x5"):
+        _, records = read_coco_instances(f"{tmp_path}/ann.json", f"{tmp_path}/img", load_images=True)
+        a, b, c = list(records)
+    assert a.image.shape == (8, 12, 3) and a.image[:, :4, 0].min() > 200 and a.image[:, 8:, 0].max() < 50
+    # orientation 6 turns the stored image a quarter clockwise: its left half becomes the top
+    assert b.image.shape == (12, 8, 3) and b.image[:4, :, 0].min() > 200 and b.image[8:, :, 0].max() < 50
+    assert c.image is None and "annotated as 5x5" in records.report.image_errors[3]
+    assert records.report.counts == {"image_decode": 1} and records.report.items[0].image_id == 3
+
+
+def test_panoptic_unlisted_ids_outside_png_and_missing_ground_truth():
+    root = "memory://pan_bad"
+    ids = np.zeros((2, 3), np.int32)
+    ids[0] = 7
+    ids[1, :2] = 8  # not in segments_info
+    with fsspec.open(f"{root}/png/1.png", "wb") as f:
+        f.write(encode_panoptic_png(ids))
+    with fsspec.open(f"{root}/secret.png", "wb") as f:
+        f.write(encode_panoptic_png(ids))
+    data = {
+        "images": [{"id": i, "file_name": f"{i}.jpg", "height": 2, "width": 3} for i in (1, 2, 3)],
+        "annotations": [
+            {"image_id": 1, "file_name": "1.png", "segments_info": [{"id": 7, "category_id": 1}]},
+            {"image_id": 2, "file_name": "../secret.png", "segments_info": [{"id": 7, "category_id": 1}]},
+        ],
+        "categories": [{"id": 1, "name": "thing", "isthing": 1}],
+    }
+    _write_json(f"{root}/pan.json", data)
+    with pytest.warns(CocoReadWarning):
+        _, records = read_coco_panoptic(f"{root}/pan.json", f"{root}/png")
+        a, b, c = list(records)
+    assert [s.id for s in a.segments] == [7] and b.segments == [] and c.segments == []
+    kinds = {(p.image_id, p.kind) for p in records.report.items}
+    assert kinds == {(1, "unlisted_png_ids"), (2, "panoptic_png"), (3, "missing_annotation")}
+    assert "ids [8] missing from segments_info" in records.report.messages[0]
+    assert records.report.gt_missing == {2, 3}  # image 1's ground truth is known (and partly VOID)

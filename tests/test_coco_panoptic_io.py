@@ -47,9 +47,9 @@ def test_memory_round_trip():
         {"id": 11, "file_name": "dir/000011.jpg", "height": 20, "width": 30},
         {"id": 12, "file_name": "000012.jpg", "height": 20, "width": 30},
     ]
-    assert anns[11]["file_name"] == "000011.png"
-    np.testing.assert_array_equal(read_id_map(f"{root}/panoptic", "000011.png"), id_map)
-    np.testing.assert_array_equal(read_id_map(f"{root}/panoptic", "000012.png"), other)
+    assert anns[11]["file_name"] == "000000000011.png"  # named by the image id, not the file name
+    np.testing.assert_array_equal(read_id_map(f"{root}/panoptic", "000000000011.png"), id_map)
+    np.testing.assert_array_equal(read_id_map(f"{root}/panoptic", "000000000012.png"), other)
     segs = {s["id"]: s for s in anns[11]["segments_info"]}
     assert set(segs) == {5_000_000, 3}
     assert segs[5_000_000] == {"id": 5_000_000, "category_id": 1, "iscrowd": 0, "source_segment": 4,
@@ -71,7 +71,34 @@ def test_writer_errors_name_image_and_field(tmp_path):
     with pytest.raises(ValueError, match="image_id 3 added twice"):
         wr.add(3, "b.jpg", m, [{"id": 1, "category_id": 1}])
     assert wr.close() == f"{tmp_path}/panoptic.json"
-    assert (tmp_path / "panoptic" / "a.png").exists()
+    assert sorted(p.name for p in (tmp_path / "panoptic").iterdir()) == ["000000000003.png"]
+
+
+def test_same_basename_in_two_folders_gets_two_pngs(tmp_path):
+    """PNG names come from image ids: ``a/x.jpg`` and ``b/x.jpg`` (and a hostile name) cannot collide or escape."""
+    first, second = np.ones((3, 4), np.int64), np.full((3, 4), 2, np.int64)
+    with PanopticWriter(str(tmp_path / "out"), CATS) as wr:
+        wr.add(5, "a/x.jpg", first, [{"id": 1, "category_id": 1}])
+        wr.add(6, "b/x.jpg", second, [{"id": 2, "category_id": 7}])
+        wr.add(7, "../../escape.jpg", first, [{"id": 1, "category_id": 1}])
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert written == ["out/panoptic.json", "out/panoptic/000000000005.png", "out/panoptic/000000000006.png",
+                       "out/panoptic/000000000007.png"]
+    _, images, anns = read_panoptic_annotations(str(tmp_path / "out" / "panoptic.json"))
+    assert [im["file_name"] for im in images] == ["a/x.jpg", "b/x.jpg", "../../escape.jpg"]  # kept as given
+    np.testing.assert_array_equal(read_id_map(str(tmp_path / "out" / "panoptic"), anns[5]["file_name"]), first)
+    np.testing.assert_array_equal(read_id_map(str(tmp_path / "out" / "panoptic"), anns[6]["file_name"]), second)
+
+
+def test_read_id_map_stays_inside_its_folder(tmp_path):
+    from pointseg.data.images import OutsidePathError
+    from pointseg.data.panoptic_format import encode_png
+
+    (tmp_path / "secret.png").write_bytes(encode_png(np.ones((2, 2), np.int64)))
+    (tmp_path / "pngs").mkdir()
+    for name in ("../secret.png", str(tmp_path / "secret.png"), f"file://{tmp_path}/secret.png"):
+        with pytest.raises(OutsidePathError, match="pointseg reads dataset files only under"):
+            read_id_map(str(tmp_path / "pngs"), name)
 
 
 @needs_samples

@@ -149,6 +149,8 @@ def test_non_image_and_missing_and_empty(tmp_path):
         decode_image_bytes(b"", "cell 3")
     with pytest.raises(ImageDecodeError, match="directory"):
         read_image(str(tmp_path))
+    with pytest.raises(ImageDecodeError, match="no file name"):
+        read_image("")
 
 
 def test_memory_uri_and_bytes():
@@ -169,3 +171,22 @@ def test_error_pickles_and_join_uri():
     assert join_uri("/data/imgs", "a.jpg") == "/data/imgs/a.jpg"
     assert join_uri("", "a.jpg") == "a.jpg"
     assert join_uri("/data", "/abs/a.jpg") == "/abs/a.jpg"
+
+
+def test_every_cut_of_a_jpeg_or_png_is_reported_as_truncated(tmp_path):
+    """Wherever the file is cut, a damaged JPEG/PNG says so (PIL's own message varies with the cut)."""
+    rgb = np.zeros((16, 24, 3), np.uint8)
+    rgb[:, :12] = (200, 40, 40)
+    png = encode_png(rgb)
+    idat = png.index(b"IDAT")
+    # the deflate data ends 4 bytes (zlib's Adler-32) before the IDAT payload does
+    pixels_end = idat + 4 + int.from_bytes(png[idat - 4 : idat], "big") - 4
+    for n in range(pixels_end, len(png)):  # cuts that lose only checksums and IEND keep every pixel
+        np.testing.assert_array_equal(decode_image_bytes(png[:n], "cut"), rgb)
+    for data, end in ((encode_jpeg(rgb), None), (png, pixels_end)):
+        for n in range(8, end or len(data) - 1):
+            with pytest.raises(ImageDecodeError, match="truncated or corrupt (JPEG|PNG) data") as e:
+                decode_image_bytes(data[:n], "cut")
+            assert f"({n} bytes;" in e.value.reason
+    with pytest.raises(ImageDecodeError, match=r"not a recognised image format \(9 bytes\)"):
+        decode_image_bytes(b"plain txt", "t")

@@ -10,7 +10,7 @@ import torch
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import dijkstra
 
-from pointseg.data.record import Category, ImageRecord, Points
+from pointseg.data.record import Category, Points
 from pointseg.generators import build_generator, seed_groups
 from pointseg.generators.point2mask import (
     Point2MaskConfig,
@@ -336,29 +336,36 @@ def test_diverged_sinkhorn_is_never_decoded():
 
 
 def test_train_checkpoint_and_learned_generator(tmp_path):
-    from pointseg.train.point2mask_maps import MapTrainConfig, load_map_net, train_map_net
+    """Stage 1 through the plain engine on index rows, then the generator labels with the checkpoint."""
+    from PIL import Image
 
-    recs = []
+    from pointseg.generators.point2mask import MapNetTrainable
+    from pointseg.train.engine import fit_plain, load_trained
+
+    rows, recs = [], []
     for i in range(2):
         img, pts, _ = two_touching_squares(seed=i)
         img[:4] = (20, 90, 200)  # a strip of "sky"
         pts = Points(np.vstack([pts.xy, [[5, 1]]]), [1, 2, 9], [1, 1, 10])
-        recs.append(ImageRecord(i, 24, 48, image=img, points=pts))
-    cfg = MapTrainConfig(pretrained=False, width=16, image_size=64, batch_size=2, pseudo_start=1, pseudo_every=2,
-                         generator={"downscale": 0.5})
-    ckpt = tmp_path / "maps.pt"
-    out = train_map_net(recs, CATS, cfg, steps=3, checkpoint_path=ckpt)
-    assert out["pseudo_refreshes"] == 2  # step 1 (both images), fresh at step 2
-    assert "boundary" in out["history"][-1] and all(np.isfinite(v) for v in out["history"][-1].values())
-    net, meta = load_map_net(ckpt)
-    assert meta["categories"] == [1, 2, 10] and meta["step"] == 3
+        Image.fromarray(img).save(tmp_path / f"{i}.png")
+        rows.append({"image_id": i, "file_name": str(tmp_path / f"{i}.png"), "height": 24, "width": 48,
+                     "points": json.dumps(pts.to_list())})
+        recs.append((img, pts))
+    train = {"pretrained": False, "width": 16, "image_size": 64, "batch_size": 2, "pseudo_start": 1, "pseudo_every": 2,
+             "steps": 3, "checkpoint_every": 1, "report_every": 1}
+    trainable = MapNetTrainable(train, CATS, {"generator": {"downscale": 0.5}})
+    out = fit_plain(trainable, rows, str(tmp_path / "ckpt"))
+    assert out["step"] == 3 and trainable.cache.refreshes == 2  # step 1 (both images), fresh at step 2
+    assert {"loss", "loss_partial", "loss_boundary"} <= set(out) and all(np.isfinite(out[k]) for k in ("loss",))
+    net, meta = load_trained(str(tmp_path / "ckpt"), MapNetTrainable)
+    assert [c["id"] for c in meta["categories"]] == [1, 2, 10] and meta["step"] == 3
     x = torch.rand(1, 3, 64, 64)
-    torch.testing.assert_close(net(x)["sem_logits"], out["model"](x)["sem_logits"])
-    gen = build_generator("point2mask", {"maps": "learned", "checkpoint": str(ckpt)}, CATS)
-    lab = gen.generate(recs[0].image, recs[0].points)
+    torch.testing.assert_close(net(x)["sem_logits"], trainable.net.eval()(x)["sem_logits"])
+    gen = build_generator("point2mask", {"maps": "learned", "checkpoint": str(tmp_path / "ckpt")}, CATS)
+    lab = gen([recs[0][0]], [recs[0][1]])[0]
     assert lab.id_map.shape == (24, 48) and len(lab.segments_info) == 3
-    again = train_map_net(recs, CATS, cfg, steps=3, checkpoint_path=ckpt)  # resumes at the last step
-    assert again["start_step"] == 3 and again["history"] == []
+    again = fit_plain(MapNetTrainable(train, CATS), rows, str(tmp_path / "ckpt"))  # resumes at the last step
+    assert again["start_step"] == 3 and again["step"] == 3
 
 
 # ----------------------------------------------------------------------------- synthetic, measured

@@ -9,7 +9,11 @@ import fsspec
 import numpy as np
 import pytest
 
-from pointseg.data.coco import instances_to_panoptic, read_coco_instances, read_coco_panoptic
+from pointseg.data.coco import (
+    instances_to_panoptic,
+    read_coco_instances,
+    read_coco_panoptic,
+)
 from pointseg.data.points import (
     PointsFileError,
     read_points_jsonl,
@@ -224,33 +228,84 @@ def _write_lines(path, lines):
 
 
 @pytest.mark.parametrize(
-    "bad_line,line,field,reason",
+    "bad_line,line,field,reason,image_id",
     [
-        ('{"image_id": 3, "points": [}', 3, None, "invalid JSON"),
-        ('{"image_id": 3, "points": [{"x": 1, "y": 2, "segment": 1}]}', 3, "points[0].category_id", "missing"),
-        ('{"image_id": 3, "points": [{"x": 1, "y": "2", "segment": 1, "category_id": 1}]}', 3, "points[0].y", "number"),
+        ('{"image_id": 3, "points": [}', 3, None, "invalid JSON", 3),
+        ('{"image_id": 3, "points": [{"x": 1, "y": 2, "segment": 1}]}', 3, "points[0].category_id", "missing", 3),
+        (
+            '{"image_id": 3, "points": [{"x": 1, "y": "2", "segment": 1, "category_id": 1}]}',
+            3,
+            "points[0].y",
+            "number",
+            3,
+        ),
         (
             '{"image_id": 3, "points": [{"x": 1, "y": 2, "segment": true, "category_id": 1}]}',
             3,
             "points[0].segment",
             "integer",
+            3,
         ),
-        ('{"image_id": "3", "points": []}', 3, "image_id", "integer"),
-        ('{"image_id": 3}', 3, "points", "missing"),
-        ('{"image_id": 3, "points": [], "score": 1}', 3, "score", "unknown key"),
-        ('[1, 2]', 3, None, "JSON object"),
-        ('{"image_id": 1, "points": []}', 3, "image_id", "already given on line 1"),
+        ('{"image_id": "3", "points": []}', 3, "image_id", "integer", None),
+        ('{"image_id": 3}', 3, "points", "missing", 3),
+        ('{"image_id": 3, "points": [], "score": 1}', 3, "score", "unknown key", 3),
+        ('[1, 2]', 3, None, "JSON object", None),
+        ('{"image_id": 1, "points": []}', 3, "image_id", "already given on line 1", 1),
     ],
 )
-def test_jsonl_malformed_lines_named(tmp_path, bad_line, line, field, reason):
+def test_jsonl_malformed_lines_named(tmp_path, bad_line, line, field, reason, image_id):
     good = '{"image_id": 1, "points": [{"x": 1.5, "y": 2, "segment": 1, "category_id": 1}]}'
     path = _write_lines(tmp_path / "bad.jsonl", [good, "", bad_line])
     with pytest.raises(PointsFileError) as e:
-        read_points_jsonl(path)
+        read_points_jsonl(path, strict=True)
     err = e.value
     assert (err.line, err.field) == (line, field)
     assert reason in str(err) and path in str(err) and f"line {line}" in str(err)
     assert isinstance(err, ValueError)
+    # non-strict: the same line is skipped and listed, the good line is kept
+    lenient = read_points_jsonl(path)
+    assert list(lenient) == [1] and len(lenient[1]) == 1
+    (skipped,) = lenient.problems
+    assert str(skipped) == str(err) and skipped.image_id == err.image_id == image_id
+
+
+def test_jsonl_lenient_names_image_line_and_true_column(tmp_path):
+    """A truncated line used to be reported at 'column 1' of a phantom next line; the
+    column now counts on the line itself (1-based characters), and the image is named."""
+    lines = [
+        '{"image_id": 1, "points": [{"x": 1.5, "y": 2, "segment": 1, "category_id": 1}]}',
+        '{"image_id": 2, "points": [',  # truncated: 27 characters
+        '{"image_id": 3, "points": [{"x": 1, "y": "2", "segment": 1, "category_id": 1}]}',
+        '{"image_id": 4, "points": [}',  # the bad character is the 28th
+        '{"points": [], "image_id": 5} trailing',  # 'Extra data' at the 31st character
+        '{"image_id": 1, "points": []}',  # repeated: the first line wins
+        'garbage without an id',
+    ]
+    path = _write_lines(tmp_path / "p.jsonl", lines)
+    got = read_points_jsonl(path)
+    assert list(got) == [1] and len(got[1]) == 1
+    by_line = {e.line: e for e in got.problems}
+    assert sorted(by_line) == [2, 3, 4, 5, 6, 7]
+    assert (by_line[2].image_id, by_line[2].field) == (2, None)
+    assert "invalid JSON: Expecting value at column 28" in str(by_line[2])
+    assert (by_line[3].image_id, by_line[3].field) == (3, "points[0].y")
+    assert by_line[4].image_id == 4 and "Expecting value at column 28" in str(by_line[4])
+    assert by_line[5].image_id == 5 and "Extra data at column 31" in str(by_line[5])
+    assert by_line[6].image_id == 1 and "already given on line 1" in str(by_line[6])
+    assert by_line[7].image_id is None and "at column 1" in str(by_line[7])
+    assert f"{path}, line 2 (image 2): invalid JSON" in str(by_line[2])
+    import pickle
+
+    back = pickle.loads(pickle.dumps(by_line[3]))
+    assert (back.line, back.field, back.image_id, str(back)) == (3, "points[0].y", 3, str(by_line[3]))
+
+
+def test_jsonl_byte_order_mark_is_ignored(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    line = b'{"image_id": 8, "points": [{"x": 1, "y": 2, "segment": 1, "category_id": 1}]}\n'
+    path.write_bytes(b"\xef\xbb\xbf" + line)
+    got = read_points_jsonl(str(path), strict=True)
+    assert list(got) == [8] and got[8].xy.tolist() == [[1.0, 2.0]] and got.problems == []
 
 
 def test_jsonl_write_rejects_duplicates_and_keeps_nan_as_null(tmp_path):

@@ -13,8 +13,18 @@ from pointseg.data.record import Category
 from pointseg.models.instance import build_instance_model, predict_instances
 from pointseg.models.panoptic import PanopticModelConfig, build_panoptic_model, predict_panoptic
 from pointseg.train.augment import PAD_ID, AugmentConfig, augment
-from pointseg.train.loop import InstanceCollate, PanopticCollate, train_step
+from pointseg.train.batches import InstanceCollate, PanopticCollate, instance_losses, panoptic_losses
 from pointseg.train.targets import BadShardRow, decode_label, instance_targets, panoptic_targets
+
+
+def train_step(model, batch, optimizer) -> dict[str, float]:
+    """One optimiser step on the model's own losses (what the engine does with a stage-2 trainable)."""
+    model.train()
+    losses = (panoptic_losses if "pixel_values" in batch else instance_losses)(model, batch)
+    optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    optimizer.step()
+    return {k: float(v.detach()) for k, v in losses.items()}
 
 CATS = {1: Category(1, "cat", True), 2: Category(2, "dog", True), 7: Category(7, "sky", False)}
 COLORS = {0: (0, 0, 0), 1: (220, 40, 40), 2: (40, 220, 40), 3: (60, 60, 250)}
@@ -118,7 +128,7 @@ def test_collate_skips_and_counts_bad_rows():
     bad["label_png"] = b"\x89PNG\r\n\x1a\nbroken"
     collate = PanopticCollate(CATS, augment_config=NO_AUG)
     batch = collate(columnar([make_row(1), bad, make_row(3)]))
-    assert batch["image_ids"].tolist() == [1, 3]
+    assert batch["image_ids"] == [1, 3]
     assert collate.skipped == 1 and collate.skip_reasons["label_png"] == 1
     assert batch["pixel_values"].shape == (2, 3, 128, 128)
 
@@ -247,7 +257,7 @@ def test_collate_reads_file_name_when_no_image_bytes(tmp_path):
     missing = dict(row, image_id=5, file_name=str(tmp_path / "absent.png"))
     collate = InstanceCollate(CATS, augment_config=dict(crop_size=112, scale_range=(1.0, 1.0), hflip_prob=0.0))
     batch = collate([row, missing])  # a plain list of row dicts works too
-    assert batch["image_ids"].tolist() == [4] and collate.skip_reasons["image"] == 1
+    assert batch["image_ids"] == [4] and collate.skip_reasons["image"] == 1
     # no resize (longest side already 112), so the image comes back exactly, padded at the bottom
     got = (batch["images"][0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     assert np.array_equal(got[:96], img) and (got[96:] == 0).all()

@@ -39,7 +39,7 @@ def tiny_config(output: Path, **train) -> PipelineConfig:
         "output": str(output),
         "dataset": {"kind": "synthetic", "synthetic": {"num_images": N_IMAGES, "height": 64, "width": 64, "seed": 3}},
         "train": {
-            "enabled": True, "panoptic": TINY_PANOPTIC, "steps": 4, "batch_size": 2, "lr": 1e-3,
+            "enabled": True, "model": "mask2former", "params": TINY_PANOPTIC, "steps": 4, "batch_size": 2, "lr": 1e-3,
             "checkpoint_every": 2, "report_every": 1, "num_workers": 1, "cpus_per_worker": 0.5,
             "max_failures": 1, "storage_path": str(output / "train"), **train,
         },
@@ -80,20 +80,21 @@ def data(tmp_path_factory):
 
 
 def test_worker_crash_is_recovered_and_bad_rows_are_counted(ray_local, data, tmp_path):
-    from train import run_training
+    from operators.training import train_stage2
+
+    from pointseg.train.checkpoint import read_meta
 
     out, categories = data
     cfg = tiny_config(out, run_name="crash", steps=4)
     marker = tmp_path / "crashed"
-    res = run_training(cfg, categories, str(out), loop_extra={"crash_at_step": 3, "crash_marker": str(marker)})
+    res = train_stage2(cfg, categories, str(out), loop_extra={"crash_at_step": 3, "crash_marker": str(marker)})
     assert marker.exists(), "the test hook did not fire: the worker never reached step 3"
     assert res["metrics"]["step"] == 4
-    state = __import__("torch").load(Path(res["checkpoint"]) / "state.pt", weights_only=False)
-    assert state["step"] == 4
+    assert read_meta(res["checkpoint"])["step"] == 4  # the exported model folder holds the last step
     # The error row is filtered before training; the two broken rows are skipped by the collate,
     # once per epoch that reads them (>= 1 epoch each).
     assert res["error_rows"] == 1 and res["train_rows"] == N_IMAGES - 2
-    assert res["skipped_rows"] >= 2 and res["skipped_rows"] % 2 == 0
+    assert res["skipped_rows"] >= 2
     assert sorted(k.split()[0] for k in res["skip_reasons"]) == ["label_png", "segments_info"]
     # TensorBoard events and the metrics history live in the run dir.
     assert list(Path(res["log_dir"]).glob("events.out.tfevents.*"))
@@ -101,21 +102,26 @@ def test_worker_crash_is_recovered_and_bad_rows_are_counted(ray_local, data, tmp
     assert steps[-1] == 4 and 3 in steps  # step 3 was redone after the crash (checkpoint at 2)
 
 
-def test_rerun_with_same_name_resumes_from_checkpoint(ray_local, data):
-    from train import run_training
+def test_rerun_with_same_name_resumes_from_checkpoint_and_epoch(ray_local, data):
+    from operators.training import train_stage2
 
     out, categories = data
-    first = run_training(tiny_config(out, run_name="resume", steps=2, checkpoint_every=2), categories, str(out))
+    first = train_stage2(tiny_config(out, run_name="resume", steps=2, checkpoint_every=2), categories, str(out))
     assert first["metrics"]["step"] == 2
-    second = run_training(tiny_config(out, run_name="resume", steps=4, checkpoint_every=2), categories, str(out))
-    assert second["metrics"]["step"] == 4
-    # The resumed run logged only steps 3 and 4: it started from the step-2 checkpoint, not from 0.
+    second = train_stage2(tiny_config(out, run_name="resume", steps=6, checkpoint_every=2), categories, str(out))
+    assert second["metrics"]["step"] == 6 and second["start_step"] == 2
+    # The resumed run logged only steps 3.., starting from the step-2 checkpoint, not from 0.
     steps = [h["step"] for h in second["history"]]
-    assert steps == [1, 2, 3, 4], steps
+    assert steps == [1, 2, 3, 4, 5, 6], steps
+    # The epoch counter and the position in the epoch survived the resume: every step falls in the
+    # same epoch as in one uninterrupted run (a restart at epoch 0 would replay epoch 0's batches).
+    straight = train_stage2(tiny_config(out, run_name="straight", steps=6, checkpoint_every=2), categories, str(out))
+    epochs = lambda res: {h["step"]: h["epoch"] for h in res["history"]}  # noqa: E731
+    assert epochs(second) == epochs(straight) and max(epochs(straight).values()) >= 1, epochs(straight)
 
 
 def test_empty_training_set_names_the_filter(ray_local, tmp_path):
-    from train import run_training
+    from operators.training import train_stage2
 
     cfg = tiny_config(tmp_path)
     categories = write_gt_shards(tmp_path, cfg, bad_rows=False)
@@ -124,7 +130,7 @@ def test_empty_training_set_names_the_filter(ray_local, tmp_path):
         r["error"] = "boom"
     pq.write_table(pa.Table.from_pylist(table), tmp_path / "shards" / "part-0.parquet")
     with pytest.raises(ValueError, match="filter error == ''"):
-        run_training(cfg, categories, str(tmp_path))
+        train_stage2(cfg, categories, str(tmp_path))
 
 
 def test_point_disk_label_matches_hand_drawn_disks():
@@ -151,39 +157,67 @@ def test_actor_pool_evaluation_equals_in_process_scores(ray_local, data):
     score floor, so there is something to score); mask AP is in [0, 1].
     """
     import torch
-    from evaluate_model import evaluate_model, instances_to_panoptic
 
+    from operators.evaluation import evaluate_in_process, evaluate_model
     from pointseg.data.images import read_image
     from pointseg.metrics import PQEvaluator
-    from pointseg.models.instance import predict_instances
-    from pointseg.train.stage2 import build_stage2_model, load_model, save_checkpoint, validation_ids
+    from pointseg.train.checkpoint import save_checkpoint
+    from pointseg.train.stage2 import STAGE2_MODELS, load_stage2, validation_ids
 
     out, categories = data
-    inst_cfg = {"image_size": 64, "pretrained": False}
-    cfg = tiny_config(out, task="instance", instance=inst_cfg, panoptic={}, eval={"batch_size": 2})
+    cfg = tiny_config(out, model="mask_rcnn", params={"image_size": 64, "pretrained": False}, eval={"batch_size": 2})
     torch.manual_seed(0)
-    model, _ = build_stage2_model("instance", inst_cfg, categories)
-    ckpt = out / "eval_ckpt"
-    save_checkpoint(ckpt, model, None, 0, "instance", inst_cfg, categories)
+    trainable = STAGE2_MODELS["mask_rcnn"](cfg.train, categories)
+    ckpt = str(out / "eval_ckpt")
+    save_checkpoint(ckpt, {**trainable.meta(), "step": 0}, trainable.build().state_dict())
     index = read_index(join(str(out), "index", "index.parquet"))
     val = sorted(validation_ids([r["image_id"] for r in index], 4))
-    res = evaluate_model(cfg, categories, str(out), str(ckpt), val)
-    assert [int(r["image_id"]) for r in res["rows"]] == val
+    res = evaluate_model(cfg, categories, str(out), ckpt, val)
+    assert res["metrics"]["num_images"] == len(val) and not res["metrics"]["failed_images"]
 
-    model, _, _ = load_model(ckpt)
+    model, trainable, _ = load_stage2(ckpt)
     _, _, gt = read_panoptic_annotations(join(str(out), "gt", "panoptic.json"))
     ev = PQEvaluator(categories)
     n_pred = 0
     for r in index:
         if r["image_id"] in val:
-            (pred,) = predict_instances(model, [read_image(r["file_name"])], score_threshold=0.05)
-            n_pred += len(pred["masks"])
+            (pred,) = trainable.predict(model, [read_image(r["file_name"])])
+            n_pred += len(pred.instances)
             ann = gt[r["image_id"]]
             ev.process(read_id_map(join(str(out), "gt", "panoptic"), ann["file_name"]), ann["segments_info"],
-                       *instances_to_panoptic(pred))
+                       pred.id_map, pred.segments_info)
     want = ev.evaluate()
     assert n_pred > 0 and res["metrics"]["num_detections"] == n_pred
     for k in ("pq", "sq", "rq", "pq_th", "pq_st"):
         assert res["metrics"][k] == pytest.approx(want[k], abs=1e-12, nan_ok=True), k
     assert all(0.0 <= res["metrics"][k] <= 1.0 for k in ("ap", "ap50", "ap75"))
     assert res["metrics"]["ap50"] >= res["metrics"]["ap75"]
+    in_process = evaluate_in_process(cfg, categories, str(out), ckpt, val)
+    assert in_process["pq"] == pytest.approx(res["metrics"]["pq"], nan_ok=True)
+
+
+def test_a_broken_image_is_a_failed_row_not_a_failed_evaluation(data, tmp_path):
+    import torch
+
+    from operators.evaluation import EvaluateModel, EvaluationMerge
+    from pointseg.train.checkpoint import save_checkpoint
+    from pointseg.train.stage2 import STAGE2_MODELS
+
+    out, categories = data
+    cfg = tiny_config(out, model="mask_rcnn", params={"image_size": 64, "pretrained": False})
+    torch.manual_seed(0)
+    trainable = STAGE2_MODELS["mask_rcnn"](cfg.train, categories)
+    ckpt = str(tmp_path / "ckpt")
+    save_checkpoint(ckpt, {**trainable.meta(), "step": 0}, trainable.build().state_dict())
+    index = read_index(join(str(out), "index", "index.parquet"))[:2]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    ev = EvaluateModel(ckpt, join(str(out), "gt", "panoptic.json"), join(str(out), "gt", "panoptic"))
+    batch = {k: np.array([r[k] for r in index], dtype=object) for k in ("image_id", "file_name", "height", "width")}
+    batch["file_name"][1] = str(broken)
+    rows = ev(batch)
+    assert rows["error"][0] == "" and "decode" in rows["error"][1]
+    merge = EvaluationMerge(categories, "instance")
+    merge.add(rows)
+    m = merge.metrics()
+    assert m["num_images"] == 2 and list(m["failed_images"]) == [int(index[1]["image_id"])]

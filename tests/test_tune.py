@@ -133,13 +133,13 @@ def test_stage2_config_scheduler_and_final_loss():
     tcfg = load_config(TuneConfig, str(ROOT / "configs" / "tune_stage2.yaml"))
     base = stage2_base_config(load_base_config(tcfg, str(ROOT / tcfg.base_config)), tcfg.method)
     assert tcfg.objective == "stage2" and tcfg.experiment_name == "tune_stage2_psps" and num_trials(tcfg.space) == 6
-    assert base.train.enabled and base.generator.method == "psps" and base.generator.params["beta"] == 0.1
+    assert base.train.enabled and base.generator.method == "psps" and base.generator.params.beta == 0.1
     # 60 steps, a report every 15 -> 4 reports; with 120 steps swept in, 8
     assert stage2_max_reports(base, tcfg.space) == 4
     assert stage2_max_reports(base, {**tcfg.space, "train.steps": {"grid": [30, 120]}}) == 8
-    cfg = stage2_trial_config(base, {"train.panoptic.decoder_layers": 2, "train.lr": 0.01})
-    assert cfg.train.panoptic["decoder_layers"] == 2 and cfg.train.lr == 0.01
-    assert cfg.train.panoptic["hidden_dim"] == base.train.panoptic["hidden_dim"]  # the rest of the section kept
+    cfg = stage2_trial_config(base, {"train.params.decoder_layers": 2, "train.lr": 0.01})
+    assert cfg.train.params.decoder_layers == 2 and cfg.train.lr == 0.01
+    assert cfg.train.params.hidden_dim == base.train.params.hidden_dim  # the rest of the section kept
     # ASHA gets its own loss metric; TuneConfig none (PQ comes only in the last result)
     scheduler, metric, mode = tune_sweep.build_scheduler(tcfg, max_reports=4)
     assert (metric, mode) == (None, None)
@@ -253,7 +253,7 @@ def test_sweep_table_best_config_and_resume_errored(ray_local, tmp_path):
     best_key = max(direct, key=direct.get)
     best_cfg = load_config(PipelineConfig, str(tune_dir / "best_config.yaml"))
     assert best_cfg.generator.method == "psps"
-    assert best_cfg.generator.params == {"beta": best_key[0], "downscale": best_key[1], "blur_sigma": 0.0}
+    assert best_cfg.generator.params.model_dump() == {"beta": best_key[0], "downscale": best_key[1], "blur_sigma": 0.0}
     assert best_cfg.dataset == base.dataset and best_cfg.points == base.points
 
     # A changed space must not silently resume the old sweep.
@@ -379,17 +379,18 @@ def test_stage2_sweep_asha_stops_the_worse_trial(ray_local, tmp_path):
     on every 4th image id, which the test picks itself.
     """
     import tune_sweep
-    from evaluate_model import evaluate_model
+
+    from operators.evaluation import evaluate_model
 
     cfg_path = _write_tune_yaml(
         tmp_path / "tune.yaml",
         base_config=str(ROOT / "configs" / "train.yaml"),
         base_overrides=[*BASE_OVERRIDES[1:], "dataset.synthetic.num_images=8",
-                        f"train.panoptic={json.dumps(TINY_PANOPTIC)}",
+                        f"train.params={json.dumps(TINY_PANOPTIC)}",
                         "train.steps=20", "train.checkpoint_every=10", "train.report_every=10", "train.val_every=4",
                         "train.eval.num_pictures=0"],
         objective="stage2",
-        space={"train.panoptic.decoder_layers": {"grid": [1, 3]}, "train.lr": 1e-2},
+        space={"train.params.decoder_layers": {"grid": [1, 3]}, "train.lr": 1e-2},
         max_concurrent_trials=1,  # sequential: the second trial meets the first one's rung results
         cpus_per_trial=0.1,
         scheduler="asha",
@@ -400,7 +401,7 @@ def test_stage2_sweep_asha_stops_the_worse_trial(ray_local, tmp_path):
     out = tmp_path / "out"
     summary = tune_sweep.run(tcfg, str(out), base)
 
-    rows = {r["train.panoptic.decoder_layers"]: r for r in summary["rows"]}
+    rows = {r["train.params.decoder_layers"]: r for r in summary["rows"]}
     assert sorted(rows) == [1, 3] and summary["num_errors"] == 0
     history = _trial_history(Path(summary["experiment"]))
     one, three = history[rows[1]["trial_id"]], history[rows[3]["trial_id"]]
@@ -423,10 +424,10 @@ def test_stage2_sweep_asha_stops_the_worse_trial(ray_local, tmp_path):
 
     tune_dir = out / "tune"
     header = (tune_dir / "results.csv").read_text().splitlines()[0].split(",")
-    assert header[:3] == ["trial_id", "train.panoptic.decoder_layers", "pq"]
+    assert header[:3] == ["trial_id", "train.params.decoder_layers", "pq"]
     assert {"pq_th", "pq_st", "loss", "final_loss", "step", "status"} <= set(header) and "miou" not in header
     assert "| stopped |" in (tune_dir / "results.md").read_text()
     # best config = the base pipeline config with the winning train.* settings, ready for full_pipeline
-    assert cfg.train.enabled and cfg.train.panoptic["decoder_layers"] == 1 and cfg.train.lr == 1e-2
-    assert cfg.train.panoptic["hidden_dim"] == 32 and cfg.generator.method == "psps"
+    assert cfg.train.enabled and cfg.train.params.decoder_layers == 1 and cfg.train.lr == 1e-2
+    assert cfg.train.params.hidden_dim == 32 and cfg.generator.method == "psps"
     assert cfg.dataset == base.dataset and cfg.points == base.points

@@ -4,11 +4,18 @@ one image at a time through fsspec, so any URI works (local paths, ``s3://``,
 
 Layout written by :class:`PanopticWriter` under ``root``::
 
-    root/panoptic.json          images, annotations, categories
-    root/panoptic/<stem>.png    id = R + 256*G + 256**2*B, 0 = VOID
+    root/panoptic.json                 images, annotations, categories
+    root/panoptic/<image_id:012d>.png  id = R + 256*G + 256**2*B, 0 = VOID
 
-Each annotation is ``{image_id, file_name: "<stem>.png", segments_info}`` and
-each segment ``{id, category_id, iscrowd, area, bbox, ...}``, the format of
+PNG names come from the image id only, so they are unique by construction
+(two images called ``a/x.jpg`` and ``b/x.jpg`` cannot overwrite each other)
+and a dataset's ``file_name`` never decides where anything is written; the
+``images`` entries keep that ``file_name`` as given. Reading follows the
+dataset path rule: a PNG name that leaves its folder is an error
+(:func:`pointseg.data.images.resolve_under`).
+
+Each annotation is ``{image_id, file_name: "<image_id:012d>.png", segments_info}``
+and each segment ``{id, category_id, iscrowd, area, bbox, ...}``, the format of
 ``panopticapi`` and detectron2, so ``panopticapi.evaluation.pq_compute(
 gt_json, "root/panoptic.json", gt_folder, "root/panoptic")`` reads it directly.
 """
@@ -23,6 +30,7 @@ from dataclasses import dataclass
 import fsspec
 import numpy as np
 
+from pointseg.data.images import resolve_under
 from pointseg.data.panoptic_format import decode_png, encode_png
 from pointseg.data.record import VOID, Category
 
@@ -104,8 +112,12 @@ def read_panoptic_annotations(json_uri: str) -> tuple[dict[int, Category], list[
 
 
 def read_id_map(folder_uri: str, file_name: str) -> np.ndarray:
-    """``(H, W) int32`` id map from ``folder_uri/file_name`` (a COCO panoptic PNG)."""
-    with fsspec.open(join_uri(folder_uri, file_name), "rb") as f:
+    """``(H, W) int32`` id map from ``folder_uri/file_name`` (a COCO panoptic PNG).
+
+    ``file_name`` comes from a JSON file, so it must stay inside ``folder_uri``
+    (:func:`pointseg.data.images.resolve_under`; otherwise ``OutsidePathError``).
+    """
+    with fsspec.open(resolve_under(folder_uri, file_name), "rb") as f:
         return decode_png(f.read())
 
 
@@ -200,9 +212,12 @@ class PanopticWriter:
     def add(self, image_id: int, file_name: str, id_map: np.ndarray, segments_info: list[dict]) -> None:
         """Write one image.
 
-        image_id : int, unique within the dataset.
-        file_name : the image's file name (e.g. ``000000142238.jpg``); the PNG
-            is ``panoptic/<stem>.png``.
+        image_id : int, unique within the dataset; the PNG is
+            ``panoptic/<image_id:012d>.png`` (``panoptic/-<11 digits>.png`` for a
+            negative id).
+        file_name : the image's file name as the dataset gives it (e.g.
+            ``val2017/000000142238.jpg``), kept in the ``images`` entry; it
+            never names a written file.
         id_map : (H, W) int, 0 = VOID, other values are ``segments_info`` ids.
         segments_info : list of dict with at least ``id, category_id``.
         """
@@ -233,8 +248,7 @@ class PanopticWriter:
         if unknown:
             raise ValueError(f"image {image_id}: id_map holds segment ids {unknown} missing from segments_info")
 
-        stem = posixpath.splitext(posixpath.basename(str(file_name)))[0] or str(image_id)
-        png_name = f"{stem}.png"
+        png_name = f"{image_id:012d}.png"
         with fsspec.open(join_uri(self.png_folder, png_name), "wb") as f:
             f.write(encode_png(id_map))
 

@@ -20,7 +20,9 @@ everywhere:
 * 16-bit-per-channel RGB PNGs are reduced to 8 bits by Pillow on open (high
   byte); Pillow has no 48-bit mode, so that is what they give.
 * A missing, truncated or undecodable file raises :class:`ImageDecodeError`
-  naming the file and the reason. Truncation is detected because decoding is
+  naming the file and the reason: a file that starts like a JPEG, PNG, GIF,
+  BMP, TIFF or WebP but does not decode is "truncated or corrupt", anything
+  else "not a recognised image format". Truncation is detected because decoding is
   forced with ``Image.load()`` while ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES``
   is left ``False`` (its default); this module never turns it on, and a
   truncated JPEG is therefore an error, never a silently grey image.
@@ -29,6 +31,7 @@ everywhere:
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import fsspec
@@ -43,6 +46,8 @@ __all__ = [
     "encode_png",
     "encode_jpeg",
     "join_uri",
+    "OutsidePathError",
+    "resolve_under",
 ]
 
 
@@ -76,6 +81,77 @@ def join_uri(base: str, name: str) -> str:
     return base + "/" + name
 
 
+class OutsidePathError(ValueError):
+    """A dataset's file name that would be read from outside the dataset's folder.
+
+    Attributes ``name`` (the name as the dataset gives it), ``root`` (the
+    folder) and ``reason``.
+    """
+
+    def __init__(self, name: str, root: str | None, reason: str):
+        self.name, self.root, self.reason = str(name), root, str(reason)
+        where = f"under {root!r}" if root is not None else "relative to the working directory"
+        super().__init__(f"file_name {self.name!r}: {self.reason}; pointseg reads dataset files only {where} "
+                         "(set dataset.allow_outside_paths: true to trust this dataset's paths)")
+
+    def __reduce__(self):
+        return (type(self), (self.name, self.root, self.reason))
+
+
+def _outside_reason(name: str) -> str | None:
+    """Why ``name`` is not a plain relative name, or ``None`` when it is one."""
+    if "://" in name or "::" in name or name.startswith(("file:", "memory:")):  # "::" chains fsspec URLs
+        return "is a URI with a scheme"
+    if name.startswith(("/", "\\", "~")) or re.match(r"[A-Za-z]:[/\\]", name):
+        return "is an absolute path"
+    depth = 0
+    for part in name.replace("\\", "/").split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return "climbs above the folder with '..'"
+        elif part not in ("", "."):
+            depth += 1
+    return None
+
+
+def resolve_under(root: str | None, name: str, allow_outside: bool = False) -> str:
+    """The URI pointseg reads for the file a dataset calls ``name`` in its folder ``root``.
+
+    A dataset's file names (COCO ``file_name``, panoptic PNG names) are
+    relative to its folder, and pointseg reads nothing else. ``name`` is
+    normalised (empty and ``.`` parts dropped, ``a/..`` removed) and joined to
+    ``root`` with :func:`join_uri`; ``root=None`` leaves it relative to the
+    working directory.
+
+    Raises :class:`OutsidePathError` when ``name`` would leave ``root``: a
+    ``..`` that climbs above it (``\\`` counts as a separator here), an
+    absolute path (``/x``, ``~/x``, ``C:\\x``, ``\\\\host``) or a URI with a
+    scheme (``s3://``, ``file://``, ``http://``, ``memory://``). Also an empty
+    name or one with a NUL character. ``allow_outside=True``
+    (``dataset.allow_outside_paths``) trusts the dataset: such names are used
+    as :func:`join_uri` gives them (absolute and scheme names as they are).
+    """
+    name = str(name)
+    if not name.strip() or "\x00" in name:
+        raise OutsidePathError(name, root, "is empty" if "\x00" not in name else "contains a NUL character")
+    reason = _outside_reason(name)
+    if reason is not None:
+        if not allow_outside:
+            raise OutsidePathError(name, root, reason)
+        return join_uri(root, name) if root is not None else name
+    parts: list[str] = []
+    for part in name.split("/"):
+        if part == "..":
+            parts.pop()  # cannot underflow: _outside_reason checked the depth
+        elif part not in ("", "."):
+            parts.append(part)
+    if not parts:
+        raise OutsidePathError(name, root, "names the folder itself, not a file")
+    rel = "/".join(parts)
+    return join_uri(root, rel) if root is not None else rel
+
+
 def read_image(uri: str, exif_transpose: bool = True) -> np.ndarray:
     """Read an image file at ``uri`` (any fsspec URI or local path).
 
@@ -106,6 +182,8 @@ def read_image_as_annotated(uri: str, height: int, width: int) -> np.ndarray:
 
 
 def _read_bytes(uri: str) -> bytes:
+    if not str(uri).strip():  # fsspec would open the working directory
+        raise ImageDecodeError(uri, "no file name (the dataset's file_name was rejected or is empty)")
     try:
         with fsspec.open(uri, "rb") as f:
             data = f.read()
@@ -141,15 +219,34 @@ def decode_image_bytes(data: bytes, name: str = "<bytes>", exif_transpose: bool 
             return _to_rgb(im, name)
     except ImageDecodeError:
         raise
-    except Image.UnidentifiedImageError:
-        raise ImageDecodeError(name, f"not a recognised image format ({len(data)} bytes)") from None
     except Image.DecompressionBombError as e:
         raise ImageDecodeError(name, f"too many pixels ({e})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        msg = str(e)
-        if "truncated" in msg or isinstance(e, EOFError):
-            msg = f"truncated or corrupt image data ({msg})"
-        raise ImageDecodeError(name, msg) from None
+    except (Image.UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+        fmt = _signature(data)
+        if fmt is None:
+            raise ImageDecodeError(name, f"not a recognised image format ({len(data)} bytes)") from None
+        # a file that starts like an image but does not decode was cut short or damaged; PIL's own
+        # words vary with where the cut falls ("Truncated File Read", "cannot identify", ...)
+        msg = "cannot identify the image" if isinstance(e, Image.UnidentifiedImageError) else str(e)
+        raise ImageDecodeError(name, f"truncated or corrupt {fmt} data ({len(data)} bytes; {msg})") from None
+
+
+#: Leading bytes of the formats datasets ship; used only to word decode errors.
+_SIGNATURES = {
+    b"\xff\xd8\xff": "JPEG",
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"GIF8": "GIF",
+    b"BM": "BMP",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+}
+
+
+def _signature(data: bytes) -> str | None:
+    head = bytes(data[:12])
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    return next((fmt for sig, fmt in _SIGNATURES.items() if head.startswith(sig)), None)
 
 
 def _exif_transpose(im: Image.Image, name: str) -> Image.Image:

@@ -42,13 +42,24 @@ One UTF-8 JSON object per line, one line per image (blank lines are ignored;
   numbers, pixel-centre coordinates), ``segment`` and ``category_id`` (ints).
 
 No other key is allowed. Floats are written with Python's shortest
-round-trip repr, so writing and reading back is exact.
+round-trip repr, so writing and reading back is exact. A UTF-8 byte-order mark
+at the start of the file is ignored.
+
+Reading (:func:`read_points_jsonl`) keeps the first well-formed line of each
+image. A malformed line (invalid JSON, a missing or mistyped field, an unknown
+key) or a second line for an image is a :class:`PointsFileError` naming the
+file, the line, the field (or the 1-based character column of invalid JSON)
+and, when it can be read, the image id. With ``strict=True`` the first one is
+raised; otherwise they are collected in ``PointLabels.problems`` and the line
+is skipped, so an image whose only line is malformed has no points (and is
+named), while the rest of the file is used.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import Any
@@ -62,6 +73,7 @@ from pointseg.data.record import VOID, Category, ImageRecord, Points
 __all__ = [
     "SCHEMES",
     "PointsFileError",
+    "PointLabels",
     "sample_points",
     "sample_uniform_points",
     "extreme_points",
@@ -191,15 +203,30 @@ def validate_points(
 
 
 class PointsFileError(ValueError):
-    """A malformed point-label file; ``uri``, ``line`` (1-based) and ``field`` say where."""
+    """A malformed point-label line; ``uri``, ``line`` (1-based) and ``field`` say where,
+    ``image_id`` which image it concerns (``None`` when the line does not say)."""
 
-    def __init__(self, uri: str, line: int, field: str | None, reason: str):
+    def __init__(self, uri: str, line: int, field: str | None, reason: str, image_id: int | None = None):
         self.uri, self.line, self.field, self.reason = str(uri), int(line), field, reason
-        where = f"{self.uri}, line {self.line}" + (f", field {field!r}" if field else "")
-        super().__init__(f"{where}: {reason}")
+        self.image_id = image_id
+        about = f" (image {image_id})" if image_id is not None else ""
+        in_field = f", field {field!r}" if field else ""
+        super().__init__(f"{self.uri}, line {self.line}{about}{in_field}: {reason}")
 
     def __reduce__(self):
-        return (type(self), (self.uri, self.line, self.field, self.reason))
+        return (type(self), (self.uri, self.line, self.field, self.reason, self.image_id))
+
+
+class PointLabels(dict):
+    """``{image_id: Points}`` in file order, as read by :func:`read_points_jsonl`.
+
+    ``problems`` lists the lines that were skipped (non-strict reading), each a
+    :class:`PointsFileError` with ``image_id`` when the line names one.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.problems: list[PointsFileError] = []
 
 
 _LINE_KEYS = {"image_id", "file_name", "points"}
@@ -284,27 +311,56 @@ def _parse_line(obj: Any, uri: str, line: int) -> tuple[int, Points]:
     return image_id, Points(xy, seg, cat)
 
 
-def read_points_jsonl(uri: str) -> dict[int, Points]:
-    """Read a point-label file -> ``{image_id: Points}`` in file order.
+_IMAGE_ID_IN_TEXT = re.compile(r'"image_id"\s*:\s*(-?\d+)\s*[,}]')
 
-    Raises :class:`PointsFileError` naming the file, line and field of the
-    first malformed entry, and both lines of a repeated ``image_id``.
+
+def _image_id_of(obj: Any, text: str) -> int | None:
+    """The image a (possibly malformed) line is about, when it says so unambiguously."""
+    if isinstance(obj, dict):
+        v = obj.get("image_id")
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+    found = {int(m) for m in _IMAGE_ID_IN_TEXT.findall(text)}
+    return found.pop() if len(found) == 1 else None
+
+
+def read_points_jsonl(uri: str, strict: bool = False) -> PointLabels:
+    """Read a point-label file -> :class:`PointLabels` ``{image_id: Points}`` in file order.
+
+    A malformed line or a repeated ``image_id`` is a :class:`PointsFileError`
+    naming the file, line and field (the 1-based character column for invalid
+    JSON) and the image when the line names one: raised under ``strict``,
+    otherwise appended to ``problems`` and the line skipped (the first
+    well-formed line of an image is kept).
     """
-    out: dict[int, Points] = {}
+    out = PointLabels()
     first_line: dict[int, int] = {}
-    with fsspec.open(uri, "rt", encoding="utf-8", compression="infer") as f:
+
+    def skip(err: PointsFileError) -> None:
+        if strict:
+            raise err
+        out.problems.append(err)
+
+    with fsspec.open(uri, "rt", encoding="utf-8-sig", compression="infer") as f:
         for lineno, text in enumerate(f, start=1):
+            text = text.rstrip("\r\n")  # the column of an error must count on this line only
             if not text.strip():
                 continue
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as e:
-                raise PointsFileError(uri, lineno, None, f"invalid JSON at column {e.colno}: {e.msg}") from None
-            image_id, pts = _parse_line(obj, uri, lineno)
+                where = e.msg if e.msg.endswith(" at") else f"{e.msg} at"  # "Unterminated string starting at"
+                skip(PointsFileError(uri, lineno, None, f"invalid JSON: {where} column {e.pos + 1}",
+                                     _image_id_of(None, text)))
+                continue
+            try:
+                image_id, pts = _parse_line(obj, uri, lineno)
+            except PointsFileError as e:
+                skip(PointsFileError(e.uri, e.line, e.field, e.reason, _image_id_of(obj, text)))
+                continue
             if image_id in out:
-                raise PointsFileError(
-                    uri, lineno, "image_id", f"image_id {image_id} already given on line {first_line[image_id]}"
-                )
+                skip(PointsFileError(uri, lineno, "image_id", f"image_id {image_id} already given on line "
+                                     f"{first_line[image_id]}; this line is ignored", image_id))
+                continue
             out[image_id] = pts
             first_line[image_id] = lineno
     return out

@@ -21,6 +21,25 @@ VOID = 0
 
 
 @dataclass(frozen=True)
+class InputProblem:
+    """One thing wrong with the input, as a run report lists it.
+
+    ``image_id`` is the image concerned (``None`` when the problem names none,
+    e.g. a bad category entry or a point-file line whose id cannot be read),
+    ``kind`` a short fixed word (``unknown_category``, ``image_path``,
+    ``points_line``, ...; each reader's docstring lists its kinds) and
+    ``reason`` the full message, naming the file, the ids and the field.
+    """
+
+    image_id: int | None
+    kind: str
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"image_id": self.image_id, "kind": self.kind, "reason": self.reason}
+
+
+@dataclass(frozen=True)
 class Category:
     """A class of the label space (COCO panoptic categories have the same fields)."""
 
@@ -125,6 +144,15 @@ class ImageRecord:
     ``image`` is ``(H, W, 3) uint8`` RGB, or ``None`` when not yet decoded
     (then ``file_name`` says where it is). ``segments`` is empty when there is
     no ground truth.
+
+    ``file_name`` is the URI pointseg reads (``""`` when the dataset's name for
+    the file was rejected, see :func:`pointseg.data.images.resolve_under`);
+    ``original_file_name`` is the dataset's own name for it (COCO's
+    ``file_name``), kept for output JSON and messages only: it never decides
+    where pointseg reads or writes. ``ignore_mask`` ``(H, W) bool`` (or
+    ``None``) marks pixels of annotations the reader had to skip (unknown
+    category, no usable mask): what they show is unknown, so they are never
+    made background (:func:`pointseg.data.coco.add_background_segment`).
     """
 
     image_id: int
@@ -134,6 +162,8 @@ class ImageRecord:
     image: np.ndarray | None = None
     segments: list[Segment] = field(default_factory=list)
     points: Points = field(default_factory=Points.empty)
+    original_file_name: str = ""
+    ignore_mask: np.ndarray | None = None
 
     def panoptic(self) -> tuple[np.ndarray, list[dict]]:
         """Ground truth as a COCO panoptic pair.

@@ -10,6 +10,7 @@ workers too).
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 
 from pointseg.data.record import Category
 from pointseg.fingerprint import config_hash
@@ -22,17 +23,39 @@ from pointseg.generators.base import (
     assemble,
     seed_groups,
 )
-from pointseg.generators.epld import EPLDGenerator
-from pointseg.generators.point2mask import Point2MaskGenerator
-from pointseg.generators.psps import PSPSGenerator
-from pointseg.generators.voronoi import VoronoiGenerator
-
-GENERATORS: dict[str, type[PseudoLabelGenerator]] = {
-    PSPSGenerator.name: PSPSGenerator,
-    Point2MaskGenerator.name: Point2MaskGenerator,
-    VoronoiGenerator.name: VoronoiGenerator,
-    EPLDGenerator.name: EPLDGenerator,
+#: Method name -> ``"module:Class"``. Imported on first use, so a labelling actor imports its own
+#: method only (PSPS never pays for torch).
+_METHODS = {
+    "psps": "pointseg.generators.psps:PSPSGenerator",
+    "point2mask": "pointseg.generators.point2mask:Point2MaskGenerator",
+    "voronoi": "pointseg.generators.voronoi:VoronoiGenerator",
+    "epld": "pointseg.generators.epld:EPLDGenerator",
 }
+
+
+class _Table(Mapping):
+    """The ``GENERATORS`` table: a read-only mapping of method name -> generator class."""
+
+    def __init__(self, paths: dict[str, str]):
+        self._paths, self._classes = paths, {}
+
+    def __getitem__(self, name: str) -> type[PseudoLabelGenerator]:
+        if name not in self._classes:
+            module, _, cls = self._paths[name].partition(":")
+            self._classes[name] = getattr(importlib.import_module(module), cls)
+        return self._classes[name]
+
+    def __iter__(self):
+        return iter(self._paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __repr__(self) -> str:
+        return f"GENERATORS({sorted(self._paths)})"
+
+
+GENERATORS: Mapping[str, type[PseudoLabelGenerator]] = _Table(_METHODS)
 
 
 def generator_class(method: str) -> type[PseudoLabelGenerator]:

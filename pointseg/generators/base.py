@@ -35,13 +35,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from pointseg.data.record import VOID, Category, Points
-from pointseg.train.engine import Trainable, load_trained
+
+if TYPE_CHECKING:
+    from pointseg.train.engine import Trainable
 
 
 class GeneratorConfig(BaseModel):
@@ -208,6 +210,10 @@ class TrainableGenerator(PseudoLabelGenerator):
         self.net = net
         self.net_meta: dict = {}
         if net is None and self.uses_net(self.config):
+            # Deferred: the training engine (and torch) is not needed by the generators that label
+            # from points alone, and their actors start faster without it.
+            from pointseg.train.engine import load_trained
+
             if not self.config.checkpoint:
                 raise ValueError(
                     f"checkpoint: {self.name} needs its stage-1 network: train it "

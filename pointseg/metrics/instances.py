@@ -27,6 +27,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from pointseg.data.coco_panoptic_io import as_categories
+from pointseg.data.panoptic_format import unique_ids
 from pointseg.data.record import VOID, Category
 
 
@@ -86,8 +87,8 @@ def best_ious(gt_map: np.ndarray, gt_ids: list[int], pred_map: np.ndarray, pred_
     p_index = {p: i for i, p in enumerate(pred_ids)}
     g_lut = np.vectorize(lambda v: g_index.get(int(v), -1), otypes=[np.int64])
     p_lut = np.vectorize(lambda v: p_index.get(int(v), -1), otypes=[np.int64])
-    gu, g_inv = np.unique(gt_map, return_inverse=True)
-    pu, p_inv = np.unique(pred_map, return_inverse=True)
+    gu, g_inv = unique_ids(gt_map)
+    pu, p_inv = unique_ids(pred_map)
     gi = g_lut(gu)[g_inv.ravel()]
     pi = p_lut(pu)[p_inv.ravel()]
     G, P = len(gt_ids), len(pred_ids)

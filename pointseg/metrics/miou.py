@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from pointseg.data.coco_panoptic_io import as_categories
+from pointseg.data.panoptic_format import unique_ids
 from pointseg.data.record import VOID, Category
 
 IGNORE = -1
@@ -44,7 +45,7 @@ def panoptic_to_semantic(
     strict : raise on map ids missing from ``segments_info`` and on unknown
         categories (used for predictions); otherwise those pixels are ``IGNORE``.
     """
-    ids, inverse = np.unique(np.asarray(id_map), return_inverse=True)
+    ids, inverse = unique_ids(id_map)
     by_id = {int(s["id"]): s for s in segments_info}
     lut = np.full(len(ids), IGNORE, np.int64)
     for k, sid in enumerate(ids.tolist()):

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pointseg.data.coco_panoptic_io import as_categories, iter_panoptic_pairs
+from pointseg.data.panoptic_format import unique_ids
 from pointseg.data.record import VOID, Category
 
 #: Keys of the summary dict returned by :func:`pq_from_stat`.
@@ -159,8 +160,8 @@ def pq_stat_image(
     pred_segms = _segments_by_id(pred_segments_info, image_id, "predicted")
 
     # Joint histogram of (gt id, pred id): the confusion of segments.
-    gt_ids, gt_inv = np.unique(gt_id_map, return_inverse=True)
-    pred_ids, pred_inv = np.unique(pred_id_map, return_inverse=True)
+    gt_ids, gt_inv = unique_ids(gt_id_map)
+    pred_ids, pred_inv = unique_ids(pred_id_map)
     n_pred = len(pred_ids)
     joint = np.bincount(
         gt_inv.reshape(-1).astype(np.int64) * n_pred + pred_inv.reshape(-1), minlength=len(gt_ids) * n_pred

@@ -97,7 +97,7 @@ def build_panoptic_model(cfg: PanopticModelConfig | dict | None, categories):
     if cfg.backbone not in BACKBONES:
         raise ValueError(f"backbone: unknown {cfg.backbone!r}; expected one of {sorted(BACKBONES)}")
     cats = category_table(categories)
-    # The string form backbone="..." asks the hub whether the repo exists and fails offline (STACK.md).
+    # The string form backbone="..." asks the model hub whether the repository exists, which fails offline.
     backbone_config = TimmBackboneConfig(
         backbone=BACKBONES[cfg.backbone].timm_name,
         out_indices=[1, 2, 3, 4],

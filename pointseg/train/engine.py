@@ -63,6 +63,7 @@ class EngineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    enabled: bool = Field(True, description="whether the pipeline runs this training")
     steps: int = Field(200, ge=1, description="optimisation steps in total (a resumed run continues up to it)")
     batch_size: int = Field(2, ge=1, description="rows per worker per step")
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate")
@@ -170,6 +171,10 @@ class Trainable(ABC):
     def after_step(self, model: torch.nn.Module, step: int) -> None:
         """Called after every optimiser step (e.g. an EMA update)."""
 
+    def progress(self) -> dict:
+        """Numbers of the method's own to add to every report (e.g. pseudo-label refreshes)."""
+        return {}
+
     def state_dict(self) -> dict:
         """Extra training state saved with each checkpoint (tensors and plain containers only)."""
         return {}
@@ -258,6 +263,7 @@ class Hooks:
     report(metrics): metrics without a checkpoint (may be None).
     resume: the checkpoint to continue from, or None.
     wrap_model: e.g. Ray's ``prepare_model`` (DDP); identity by default.
+    deadline: a driver-wide deadline (a restarted worker does not get a fresh budget).
     """
 
     save: Callable[..., None]
@@ -267,6 +273,8 @@ class Hooks:
     wrap_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m
     log_dir: str | None = None
     device: torch.device | str = "cpu"
+    deadline: float | None = None  # epoch seconds the fit must end by (default: now + config.max_wall_s)
+    on_deadline: Literal["raise", "stop"] = "raise"  # stop: a budget, not an error (the last state is saved as final)
     crash_at_step: int | None = None  # test hook: rank 0 exits at this step once (FailureConfig tests)
     crash_marker: str | None = None
 
@@ -367,6 +375,7 @@ def fit(trainable: Trainable, epoch_batches: Callable[[int, RowCollate], Iterabl
         step, epoch, batch_in_epoch = int(ck.meta["step"]), int(ck.meta.get("epoch", 0)), int(ck.meta.get("batch_in_epoch", 0))
         log.info("rank %d: %s resumed at step %d (epoch %d, batch %d of it)", rank, label, step, epoch, batch_in_epoch)
     start_step = step
+    deadline = hooks.deadline or (time.time() + cfg.max_wall_s if cfg.max_wall_s else None)
     model.to(hooks.device)
     wrapped = hooks.wrap_model(model)
     trainable.start(model)
@@ -398,7 +407,7 @@ def fit(trainable: Trainable, epoch_batches: Callable[[int, RowCollate], Iterabl
             collate.set_epoch(epoch)
             source = _SkipFirst(collate, batch_in_epoch)
             it = iter(epoch_batches(epoch, source))
-            got_any, steps_before, exhausted = False, step, False
+            got_any, steps_before, exhausted, resumed_batches = False, step, False, 0
             while step < cfg.steps:
                 batch = next(it, None)
                 already = batch is not None and batch.pop("_already_trained", False)
@@ -409,6 +418,7 @@ def fit(trainable: Trainable, epoch_batches: Callable[[int, RowCollate], Iterabl
                     break  # end of the epoch (all workers together)
                 got_any = True
                 if already:
+                    resumed_batches += 1
                     continue
                 batch_in_epoch += 1
                 if not has_rows:
@@ -449,22 +459,26 @@ def fit(trainable: Trainable, epoch_batches: Callable[[int, RowCollate], Iterabl
                     rate = (step - start_step) / max(time.perf_counter() - t_start, 1e-9)
                     last.update(step=step, start_step=start_step, epoch=epoch, lr=optimizer.param_groups[0]["lr"],
                                 images_per_s=total_images / max(seconds, 1e-9), skipped_rows=skipped,
-                                world_size=world)
+                                world_size=world, **trainable.progress())
                     reasons_total = Counter(reasons)
                     logs.write(last, step, cfg.steps, (cfg.steps - step) / rate if rate > 0 else None)
                     window, images, t_window = [], 0, time.perf_counter()
                 if step % cfg.checkpoint_every == 0 or final:
                     save(final=final)
-                if cfg.max_wall_s is not None and time.perf_counter() - t_start > cfg.max_wall_s and not final:
+                if deadline is not None and time.time() > deadline and not final:
+                    if hooks.on_deadline == "stop":
+                        log.info("%s: time budget reached at step %d of %d; stopping there", label, step, cfg.steps)
+                        save(final=True)
+                        return {**last, "step": step, "start_step": start_step, "epoch": epoch, "budget_stop": True}
                     save()
                     raise TimeoutError(
-                        f"{label}: max_wall_s={cfg.max_wall_s:g} s exceeded at step {step} of {cfg.steps} "
-                        f"(a checkpoint was saved; rerun to resume, or raise the budget)")
+                        f"{label}: the time budget (max_wall_s={cfg.max_wall_s}) ran out at step {step} of "
+                        f"{cfg.steps} (a checkpoint was saved; rerun to resume, or raise the budget)")
             if not exhausted:
                 break  # the last step came before the end of the epoch
             if not got_any:
                 raise RuntimeError(f"{label}: rank {rank}: the training data yielded no batch in epoch {epoch}")
-            if step == steps_before:  # every row skipped: looping again would never end
+            if step == steps_before and not resumed_batches:  # every row skipped: looping again would never end
                 skipped, reasons = gathered_skips()
                 raise RuntimeError(f"{label}: rank {rank}: epoch {epoch} took no step: every training row was "
                                    f"skipped as bad ({skipped} skips: {reasons})")
@@ -502,9 +516,12 @@ def checkpoint_folder_saver(uri: str) -> Callable[..., None]:
 
 
 def fit_plain(trainable: Trainable, rows: list[dict], checkpoint_uri: str, resume: bool = True,
-              log_dir: str | None = None) -> dict:
+              log_dir: str | None = None, budget_s: float | None = None) -> dict:
     """:func:`fit` in this process over ``rows``; checkpoints go to ``checkpoint_uri``
-    (and a rerun with ``resume`` continues from it, epoch counter included)."""
+    (and a rerun with ``resume`` continues from it, epoch counter included).
+
+    ``budget_s``: stop training (not an error) after this many wall seconds and
+    keep the state reached as the final checkpoint (Tune trials)."""
     import fsspec
 
     if not rows:
@@ -513,7 +530,8 @@ def fit_plain(trainable: Trainable, rows: list[dict], checkpoint_uri: str, resum
     fs, path = fsspec.core.url_to_fs(checkpoint_uri.rstrip("/") + "/meta.json")
     if resume and fs.exists(path):
         ck = read_checkpoint(checkpoint_uri, optimizer=True, extra=True)
-    hooks = Hooks(save=checkpoint_folder_saver(checkpoint_uri), resume=ck, log_dir=log_dir)
+    hooks = Hooks(save=checkpoint_folder_saver(checkpoint_uri), resume=ck, log_dir=log_dir,
+                  deadline=time.time() + budget_s if budget_s else None, on_deadline="stop" if budget_s else "raise")
     return fit(trainable, plain_epoch_batches(rows, trainable.config.batch_size, trainable.config.seed), hooks)
 
 

@@ -21,12 +21,14 @@ from pointseg.data.record import Category, ImageRecord, Points
 from pointseg.train.engine import RowCollate, iter_rows
 
 #: Columns of an index row (``OUTPUT/index/index.parquet``) a stage-1 trainable reads.
-INDEX_COLUMNS = ["image_id", "file_name", "height", "width", "points"]
+INDEX_COLUMNS = ["image_id", "file_name", "height", "width", "points", "error"]
 
 
 def index_record(row: dict, categories: dict[int, Category]) -> ImageRecord:
     """One index row -> a record with its decoded image and valid points; raises on a bad row."""
     image_id = int(row["image_id"])
+    if row.get("error"):  # prepare already knows this image cannot be used (e.g. a path outside the root)
+        raise ValueError(str(row["error"]))
     image = read_image_as_annotated(str(row["file_name"]), int(row.get("height", 0) or 0), int(row.get("width", 0) or 0))
     h, w = image.shape[:2]
     points, _ = validate_points(Points.from_list(json.loads(row["points"])), h, w, categories)

@@ -1,4 +1,4 @@
-"""Training targets from pseudo-label shard rows (schema: notes/shard_schema.md).
+"""Training targets from pseudo-label shard rows (schema: README "Output layout").
 
 A row holds ``label_png`` (COCO panoptic PNG, ``id = R + 256 G + 256^2 B``,
 0 = unlabeled) and ``segments_info`` (JSON). :func:`decode_label` checks the

@@ -3,7 +3,9 @@
 For one image: ``P^s`` as its max class probability and its argmax class,
 ``P^b`` (the boundary map the edge costs use) and the geodesic cost map
 ``min_i c_ij`` over the image's segments (Eq. 3), all at the generator's
-working resolution, enlarged like :func:`pointseg.viz.overlay.panel`.
+working resolution, enlarged like :func:`pointseg.viz.overlay.panel`. The
+generator computes the :class:`PointMaps` (``Point2MaskGenerator.inner_maps``);
+this module only draws them.
 With training-free maps (``maps: lowlevel``) ``P^s`` is the LAB image, drawn
 as colour instead of max / argmax.
 """
@@ -18,7 +20,7 @@ import numpy as np
 from pointseg.data.record import Category, Points
 from pointseg.viz.overlay import _title, draw_points
 
-__all__ = ["PointMaps", "point2mask_maps", "heatmap", "maps_panel"]
+__all__ = ["PointMaps", "heatmap", "maps_panel"]
 
 
 @dataclass
@@ -41,28 +43,6 @@ class PointMaps:
     cost: np.ndarray
     points: Points
     boundary_names: tuple[str, str] = ("P^b", "P^b low")
-
-
-def point2mask_maps(generator, image: np.ndarray, points: Points) -> PointMaps:
-    """Compute a :class:`~pointseg.generators.point2mask.Point2MaskGenerator`'s maps and
-    cost map for ``image`` (H, W, 3) uint8 and its ``points``, as the generator does."""
-    from pointseg.generators.base import seed_groups
-    from pointseg.generators.point2mask import group_costs
-    from pointseg.generators.psps import scaled_points, scaled_size
-
-    cfg = generator.config
-    height, width = image.shape[:2]
-    h, w = scaled_size(height, width, cfg.downscale)
-    sources = scaled_points(points, height, width, h, w)
-    groups = seed_groups(points, generator.categories)
-    maps = generator.maps(image, (h, w), present=sorted({g.category_id for g in groups}))
-    costs = group_costs(maps, sources, groups, cfg.beta, cfg.use_semantic, cfg.use_boundary, cfg.semantic_distance)
-    channel_ids = None
-    if maps.channel_of is not None:
-        channel_ids = [c for c, _ in sorted(maps.channel_of.items(), key=lambda kv: kv[1])]
-    small = Points(sources[:, ::-1].astype(np.float64), points.segment, points.category_id)
-    names = ("P^b high", "P^b low") if cfg.maps == "learned" and cfg.boundary_maps != "low" else ("P^b low (LAB Sobel)", "")
-    return PointMaps(maps.semantic, channel_ids, maps.boundary, maps.boundary_extra, costs.min(0), small, names)
 
 
 def heatmap(a: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:

@@ -1,17 +1,19 @@
-"""Collates and one optimisation step for the stage-2 models, with no Ray in sight.
+"""Stage-2 batches and losses: shard rows -> Mask2Former / Mask R-CNN inputs, with no Ray in sight.
 
 A batch of shard rows arrives as Ray Data gives it, a dict of column name ->
-numpy array (columns of notes/shard_schema.md plus either ``image`` with
-encoded image bytes or ``file_name`` to read through fsspec); a list of row
-dicts works too. A collate decodes, validates, augments and turns the rows
-into model inputs::
+numpy array (the shard columns of README "Output layout", plus either ``image``
+with encoded image bytes or ``file_name`` to read through fsspec); a list of
+row dicts works too. A collate decodes, validates, augments and turns the rows
+into model inputs; the losses are what :mod:`pointseg.train.stage2`'s
+trainables hand to the engine::
 
     collate = PanopticCollate(categories, "efficientnet_lite0", AugmentConfig(crop_size=256), seed=0)
-    for batch in loader:                      # plain PyTorch or Ray iter_torch_batches
-        losses = train_step(model, collate(batch), optimizer)
+    losses = panoptic_losses(model, collate(rows))
 
-Rows that fail validation (:class:`~pointseg.train.targets.BadShardRow`) are
-logged, counted in ``collate.skipped`` / ``collate.skip_reasons`` and left out.
+Images are decoded by :func:`pointseg.data.images.read_image_as_annotated`, the
+same decoder and EXIF rule as the labelling stage. Rows that fail validation
+(:class:`~pointseg.train.targets.BadShardRow`) are logged, counted in
+``collate.skipped`` / ``collate.skip_reasons`` and left out.
 
 Augmentation randomness is drawn from ``default_rng([seed, epoch, image_id])``
 per row, so a row's crop does not depend on batch composition or worker count;
@@ -20,62 +22,44 @@ call :meth:`set_epoch` each epoch.
 
 from __future__ import annotations
 
-import io
 import logging
-from collections import Counter
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
+from pointseg.data.images import decode_image_bytes, read_image_as_annotated
 from pointseg.models.backbones import normalization
 from pointseg.models.instance import image_to_tensor, thing_categories
 from pointseg.models.panoptic import category_table
 from pointseg.train.augment import PAD_ID, AugmentConfig, augment
+from pointseg.train.engine import RowCollate, iter_rows, unwrap
 from pointseg.train.targets import BadShardRow, decode_label, instance_targets, panoptic_targets
 
 log = logging.getLogger(__name__)
 
 
-def iter_rows(batch: dict[str, Any] | list[dict]) -> Iterator[dict]:
-    """Rows of a columnar batch (dict of equal-length arrays) or of a list of row dicts."""
-    if isinstance(batch, (list, tuple)):
-        yield from batch
-        return
-    if not batch:
-        return
-    lengths = {k: len(v) for k, v in batch.items()}
-    if len(set(lengths.values())) != 1:
-        raise ValueError(f"batch columns differ in length: {lengths}")
-    n = next(iter(lengths.values()))
-    for i in range(n):
-        yield {k: v[i] for k, v in batch.items()}
-
-
-def read_image(row: dict, storage_options: dict | None = None) -> np.ndarray:
-    """``(H, W, 3) uint8`` RGB from the row's ``image`` bytes, else from ``file_name`` (fsspec URI)."""
+def row_image(row: dict) -> np.ndarray:
+    """``(H, W, 3) uint8`` RGB of a row: its ``image`` array or encoded bytes, else ``file_name``
+    (any fsspec URI) in the pixel grid of the row's ``height`` x ``width``."""
     data = row.get("image")
     if isinstance(data, np.ndarray) and data.ndim == 3:
         return data.astype(np.uint8, copy=False)
     try:
-        if data is None or len(data) == 0:
-            import fsspec
-
-            file_name = row.get("file_name")
-            if not file_name:
-                raise BadShardRow("image: no 'image' bytes and no 'file_name'", row.get("image_id"))
-            with fsspec.open(str(file_name), "rb", **(storage_options or {})) as f:
-                data = f.read()
-        with Image.open(io.BytesIO(bytes(data))) as im:
-            return np.asarray(im.convert("RGB"))
+        if data is not None and len(data) > 0:
+            return decode_image_bytes(bytes(data), str(row.get("file_name", "<image bytes>")))
+        file_name = row.get("file_name")
+        if not file_name:
+            raise BadShardRow("image: no 'image' bytes and no 'file_name'", row.get("image_id"))
+        return read_image_as_annotated(str(file_name), int(row.get("height", 0) or 0), int(row.get("width", 0) or 0))
     except BadShardRow:
         raise
     except Exception as e:
-        raise BadShardRow(f"image: cannot read {row.get('file_name', '')!r} ({type(e).__name__}: {e})", row.get("image_id")) from None
+        raise BadShardRow(f"image: cannot read {row.get('file_name', '')!r} ({type(e).__name__}: {e})",
+                          row.get("image_id")) from None
 
 
-class _RowCollate:
+class _RowCollate(RowCollate):
     """Shared decoding/augmentation; subclasses turn prepared rows into model inputs."""
 
     def __init__(
@@ -84,21 +68,14 @@ class _RowCollate:
         augment_config: AugmentConfig | dict | None = None,
         seed: int = 0,
         train: bool = True,
-        storage_options: dict | None = None,
     ):
+        super().__init__()
         self.categories = category_table(categories)
         aug = augment_config if isinstance(augment_config, AugmentConfig) else AugmentConfig.model_validate(augment_config or {})
         if not train:  # evaluation: fit the longest side into the crop, pad, no flip
             aug = aug.model_copy(update={"scale_range": (1.0, 1.0), "hflip_prob": 0.0})
         self.augment_config = aug
         self.seed = int(seed)
-        self.epoch = 0
-        self.storage_options = storage_options
-        self.skipped = 0
-        self.skip_reasons: Counter[str] = Counter()
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
 
     def prepare(self, batch) -> list[tuple[int, np.ndarray, np.ndarray, list[dict]]]:
         """``(image_id, image (S, S, 3) uint8, id_map (S, S) int32, segments_info)`` per good row."""
@@ -107,15 +84,13 @@ class _RowCollate:
             image_id = int(np.asarray(row.get("image_id", -1)).item())
             try:
                 id_map, info = decode_label(row)
-                image = read_image(row, self.storage_options)
+                image = row_image(row)
                 if image.shape[:2] != id_map.shape:
                     raise BadShardRow(f"image: size {image.shape[:2]} differs from label_png {id_map.shape}", image_id)
                 rng = np.random.default_rng([self.seed, self.epoch, image_id & 0xFFFFFFFF])
                 image, id_map = augment(image, id_map, rng, self.augment_config)
             except BadShardRow as e:
-                self.skipped += 1
-                self.skip_reasons[e.reason.split(":")[0]] += 1
-                log.warning("skipping shard row: %s", e)
+                self.skip(image_id, e.reason)
                 continue
             out.append((image_id, image, id_map, info))
         return out
@@ -127,7 +102,7 @@ class PanopticCollate(_RowCollate):
     Returns a dict: ``pixel_values (B, 3, S, S) float32`` normalised for
     ``backbone``; ``pixel_mask (B, S, S) int64`` (0 on padding);
     ``mask_labels`` list of ``(N_i, S, S) float32``; ``class_labels`` list of
-    ``(N_i,) int64`` contiguous class indices; ``image_ids (B,) int64``.
+    ``(N_i,) int64`` contiguous class indices; ``image_ids`` (list of int).
     """
 
     def __init__(self, categories, backbone: str = "efficientnet_lite0", augment_config=None, seed: int = 0, **kw):
@@ -144,9 +119,7 @@ class PanopticCollate(_RowCollate):
             try:
                 t = panoptic_targets(id_map, info, self.class_index)
             except BadShardRow as e:
-                self.skipped += 1
-                self.skip_reasons["segments_info"] += 1
-                log.warning("skipping shard row: image_id %s: %s", image_id, e)
+                self.skip(image_id, f"segments_info: {e.reason}")
                 continue
             pixel_values.append((image_to_tensor(image) - self.mean) / self.std)
             pixel_mask.append(torch.from_numpy((id_map != PAD_ID).astype(np.int64)))
@@ -158,7 +131,7 @@ class PanopticCollate(_RowCollate):
             "pixel_mask": torch.stack(pixel_mask) if pixel_mask else torch.zeros((0, s, s), dtype=torch.int64),
             "mask_labels": mask_labels,
             "class_labels": class_labels,
-            "image_ids": torch.as_tensor(ids, dtype=torch.int64),
+            "image_ids": ids,
         }
 
 
@@ -167,7 +140,7 @@ class InstanceCollate(_RowCollate):
 
     Returns a dict: ``images`` list of ``(3, S, S) float32`` in ``[0, 1]``;
     ``targets`` list of ``{boxes, labels, masks}`` (labels ``1..T``);
-    ``image_ids (B,) int64``.
+    ``image_ids`` (list of int).
     """
 
     def __init__(self, categories, augment_config=None, seed: int = 0, **kw):
@@ -180,14 +153,17 @@ class InstanceCollate(_RowCollate):
             images.append(image_to_tensor(image))
             targets.append(instance_targets(id_map, info, self.thing_label))
             ids.append(image_id)
-        return {"images": images, "targets": targets, "image_ids": torch.as_tensor(ids, dtype=torch.int64)}
+        return {"images": images, "targets": targets, "image_ids": ids}
 
 
 def panoptic_losses(model, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Mask2Former's weighted losses (``loss_cross_entropy``, ``loss_mask``, ``loss_dice``,
-    and ``*_i`` for the auxiliary decoder layers) and their sum ``loss``."""
+    and ``*_i`` for the auxiliary decoder layers) and their sum ``loss``.
+
+    ``model`` may be DDP-wrapped: the forward pass goes through the wrapper
+    (gradient hooks), ``get_loss_dict`` comes from the module."""
     out = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], output_auxiliary_logits=True)
-    losses = model.get_loss_dict(
+    losses = unwrap(model).get_loss_dict(
         masks_queries_logits=out.masks_queries_logits,
         class_queries_logits=out.class_queries_logits,
         mask_labels=batch["mask_labels"],
@@ -204,31 +180,3 @@ def instance_losses(model, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     losses = dict(model(batch["images"], batch["targets"]))
     losses["loss"] = sum(losses.values())
     return losses
-
-
-def train_step(model, batch: dict[str, Any], optimizer, max_grad_norm: float | None = None) -> dict[str, float]:
-    """One optimisation step on a collated batch; returns the losses as floats.
-
-    The model kind follows from the batch: ``pixel_values`` -> Mask2Former
-    (:class:`PanopticCollate`), ``targets`` -> Mask R-CNN
-    (:class:`InstanceCollate`). An empty batch (every row skipped) takes no
-    step and returns ``{}``.
-    """
-    if "pixel_values" in batch:
-        if len(batch["pixel_values"]) == 0:
-            return {}
-        compute = panoptic_losses
-    elif "targets" in batch:
-        if len(batch["targets"]) == 0:
-            return {}
-        compute = instance_losses
-    else:
-        raise ValueError(f"batch has neither 'pixel_values' nor 'targets' (keys {sorted(batch)})")
-    model.train()
-    losses = compute(model, batch)
-    optimizer.zero_grad(set_to_none=True)
-    losses["loss"].backward()
-    if max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
-    optimizer.step()
-    return {k: float(v.detach()) for k, v in losses.items()}

@@ -1,0 +1,429 @@
+"""In-process labelling and scoring (pointseg.evaluation) against independent oracles.
+
+Oracles: ``panopticapi.evaluation.pq_compute`` on COCO panoptic files written
+with :class:`~pointseg.data.coco_panoptic_io.PanopticWriter` (a failed image's
+prediction written as an empty PNG: all its segments false negatives),
+pycocotools ``COCOeval`` called directly on RLEs of the same masks, and hand
+computations on an 8x10 toy set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pointseg.data.coco_panoptic_io import PanopticWriter
+from pointseg.data.prepare import join, write_index
+from pointseg.data.record import Category
+from pointseg.evaluation import GroundTruth, evaluate_generator, label_rows, score, split_rows
+from pointseg.generators.base import (
+    PseudoLabel,
+    PseudoLabelGenerator,
+    TrainableGenerator,
+    TrainableGeneratorConfig,
+    assemble,
+    seed_groups,
+)
+from pointseg.train.engine import EngineConfig, Trainable
+from pointseg.train.rows import IndexCollate
+
+panoptic_eval = pytest.importorskip("panopticapi.evaluation")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+H, W = 8, 10
+CATS = {1: Category(1, "thing_a", True, (200, 0, 0)), 2: Category(2, "thing_b", True, (0, 200, 0)),
+        3: Category(3, "road", False, (0, 0, 200))}
+TOL = 1e-9
+
+
+def _rect(m, rows, cols, v):
+    m[rows[0]:rows[1] + 1, cols[0]:cols[1] + 1] = v
+
+
+def toy_set():
+    """``{image_id: (gt_map, gt_info, pred_map, pred_info)}``; pred None = the generator raises.
+
+    Image 1: void column 0; things g1 (a, 4x4), g2 (a, 4x5), a crowd of b; road elsewhere.
+      p1 covers g1 plus the 4 void pixels beside it (PQ IoU 1, plain IoU 16/20); p2 is 12 of
+      g2's 20 pixels (IoU 0.6, TP); p3 (b) lies 6 of 9 pixels on b's crowd (not a FP).
+    Image 2: thing b predicted with the right pixels but class a (FN for b, FP for a).
+    Image 3: the generator raises. Image 4: its image file is missing. Image 5: the label
+      has an id missing from its segments_info.
+    """
+    out = {}
+    g = np.full((H, W), 4, np.int32)
+    g[:, 0] = 0
+    _rect(g, (0, 3), (1, 4), 1)
+    _rect(g, (4, 7), (5, 9), 2)
+    _rect(g, (0, 1), (7, 9), 3)
+    gi = [{"id": 1, "category_id": 1}, {"id": 2, "category_id": 1}, {"id": 3, "category_id": 2, "iscrowd": 1},
+          {"id": 4, "category_id": 3}]
+    p = np.full((H, W), 4, np.int32)
+    _rect(p, (0, 3), (0, 4), 1)
+    _rect(p, (4, 7), (5, 7), 2)
+    _rect(p, (0, 2), (7, 9), 3)
+    pi = [{"id": 1, "category_id": 1}, {"id": 2, "category_id": 1}, {"id": 3, "category_id": 2},
+          {"id": 4, "category_id": 3}]
+    out[1] = (g, gi, p, pi)
+    g = np.full((H, W), 2, np.int32)
+    _rect(g, (2, 5), (2, 5), 1)
+    out[2] = (g, [{"id": 1, "category_id": 2}, {"id": 2, "category_id": 3}], g.copy(),
+              [{"id": 1, "category_id": 1}, {"id": 2, "category_id": 3}])
+    for image_id, (rows, cols, cat) in {3: ((0, 2), (0, 2), 1), 4: ((1, 3), (1, 3), 2), 5: ((3, 5), (3, 5), 1)}.items():
+        g = np.full((H, W), 2, np.int32)
+        _rect(g, rows, cols, 1)
+        info = [{"id": 1, "category_id": cat}, {"id": 2, "category_id": 3}]
+        bad = np.where(g == 1, 7, g)  # image 5: id 7 is not in segments_info
+        out[image_id] = (g, info, bad if image_id == 5 else None, info if image_id == 5 else None)
+    return out
+
+
+def write_toy(root: Path):
+    """Images (image k filled with red 10*k; image 4 missing), gt/, index/ under ``root``; P1 points."""
+    data = toy_set()
+    rows = []
+    with PanopticWriter(str(root / "gt"), CATS) as gt:
+        for image_id, (g, gi, _, _) in data.items():
+            gt.add(image_id, f"{image_id:04d}.png", g, gi)
+            uri = str(root / "images" / f"{image_id:04d}.png")
+            if image_id != 4:
+                (root / "images").mkdir(exist_ok=True)
+                Image.fromarray(np.full((H, W, 3), (10 * image_id, 0, 0), np.uint8)).save(uri)
+            points = []
+            for s in gi:
+                if s.get("iscrowd"):
+                    continue
+                r, c = np.argwhere(g == s["id"])[0]
+                points.append({"x": float(c), "y": float(r), "segment": s["id"], "category_id": s["category_id"]})
+            if image_id == 1:  # outside the image: dropped by validate_points before the generator sees it
+                points.append({"x": 50.0, "y": 1.0, "segment": 9, "category_id": 1})
+            rows.append({"image_id": image_id, "file_name": uri, "height": H, "width": W,
+                         "points": json.dumps(points), "error": ""})
+    write_index(str(root / "index" / "index.parquet"), rows[::-1])  # index order is not id order
+    return data, rows
+
+
+class Canned(PseudoLabelGenerator):
+    """Returns the toy predictions (image k is recognised by its red value 10*k); batched ``__call__``
+    that records the size of every call and fails a whole batch holding image 3."""
+
+    name = "canned"
+
+    def __init__(self, config, categories, data=None):
+        super().__init__(config, categories)
+        self.data, self.calls, self.points_seen = data, [], {}
+
+    def generate(self, image, points):
+        image_id = int(image[0, 0, 0]) // 10
+        if image_id == 3:
+            raise RuntimeError("boom on image 3")
+        self.points_seen[image_id] = len(points)
+        _, _, p, pi = self.data[image_id]
+        return PseudoLabel(p.copy(), [dict(s) for s in pi])
+
+    def __call__(self, images, points):
+        self.calls.append(len(images))
+        return [self.generate(im, pts) for im, pts in zip(images, points)]
+
+
+@pytest.fixture()
+def toy(tmp_path):
+    data, rows = write_toy(tmp_path)
+    return tmp_path, data, rows
+
+
+def _score_toy(root, data, batch_size=8):
+    gen = Canned(None, CATS, data)
+    gt = GroundTruth(str(root))
+    index = sorted(gt.rows(json_rows(root)), key=lambda r: r["image_id"])
+    res = score(label_rows(gen, index, batch_size=batch_size, progress=False), gt)
+    return res, gen
+
+
+def json_rows(root):
+    from pointseg.data.prepare import read_index
+
+    return read_index(str(root / "index" / "index.parquet"))
+
+
+def test_pq_equals_panopticapi_with_failed_images_as_empty_predictions(toy, tmp_path_factory):
+    root, data, _ = toy
+    res, _ = _score_toy(root, data)
+    pred_root = tmp_path_factory.mktemp("pred")
+    with PanopticWriter(str(pred_root), CATS) as pw:
+        for image_id, (g, _, p, pi) in data.items():
+            if image_id in (3, 4, 5):  # failed: an empty prediction
+                p, pi = np.zeros_like(g), []
+            pw.add(image_id, f"{image_id:04d}.png", p, pi)
+    with contextlib.redirect_stdout(io.StringIO()):
+        ref = panoptic_eval.pq_compute(str(root / "gt" / "panoptic.json"), str(pred_root / "panoptic.json"),
+                                       str(root / "gt" / "panoptic"), str(pred_root / "panoptic"))
+    for name, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
+        for m in ("pq", "sq", "rq"):
+            assert abs(res[m + suffix] - ref[name][m]) < TOL, (m + suffix, res[m + suffix], ref[name][m])
+    for cid, row in ref["per_class"].items():
+        assert abs(res["per_class"][cid]["pq"] - row["pq"]) < TOL
+    # the same files through the library's file-based path: mIoU agrees with the in-process one
+    from pointseg.metrics import evaluate_panoptic
+
+    files = evaluate_panoptic(str(root / "gt" / "panoptic.json"), str(root / "gt" / "panoptic"),
+                              str(pred_root / "panoptic.json"), str(pred_root / "panoptic"), CATS, progress=False)
+    assert abs(files["miou"]["miou"] - res["miou"]) < TOL
+
+
+def test_failed_images_listed_with_reasons_and_scored_as_false_negatives(toy):
+    root, data, _ = toy
+    res, gen = _score_toy(root, data)
+    assert res["num_images"] == 5
+    assert sorted(res["failed"]) == [3, 4, 5]
+    assert "boom on image 3" in res["failed"][3] and res["failed"][3].startswith("generate[canned]")
+    assert res["failed"][4].startswith("input: ImageDecodeError") and "0004.png" in res["failed"][4]
+    assert "[7]" in res["failed"][5] and res["failed"][5].startswith("label:")
+    # thing_a: TP g1 (IoU 1), TP g2 (0.6); FN on images 3 and 5; FP on image 2 -> PQ = 1.6 / (2 + 1/2 + 2/2)
+    assert res["per_class"][1]["tp"] == 2 and res["per_class"][1]["fn"] == 2 and res["per_class"][1]["fp"] == 1
+    assert abs(res["per_class"][1]["pq"] - 1.6 / 3.5) < TOL
+    # thing_b: FN on image 2 and on image 4 (missing file), the crowd-covering p3 no FP
+    assert (res["per_class"][2]["tp"], res["per_class"][2]["fp"], res["per_class"][2]["fn"]) == (0, 0, 2)
+    # the point outside the image was dropped before the generator saw it (3 valid of 4)
+    assert gen.points_seen[1] == 3
+
+
+def test_per_image_pq_and_mean_best_iou_by_hand(toy):
+    root, data, _ = toy
+    res, _ = _score_toy(root, data)
+    per = res["per_image"]
+    # image 2: thing_b FN (0), thing_a FP (0), road TP with IoU 1 -> (0 + 0 + 1) / 3
+    assert abs(per[2]["pq"] - 1 / 3) < TOL
+    assert per[3]["pq"] == 0.0 and per[4]["pq"] == 0.0
+    # plain IoU, VOID counts: g1 16/20, g2 12/20; image 2: 1 (any class); failed images 0; the crowd is no object
+    assert abs(per[1]["mean_best_iou"] - 0.7) < TOL
+    assert per[2]["mean_best_iou"] == 1.0 and per[3]["mean_best_iou"] == 0.0
+    assert abs(res["mean_best_iou"] - 2.4 / 6) < TOL and res["num_objects"] == 6
+
+
+def test_mask_ap_equals_pycocotools(toy):
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    root, data, _ = toy
+    res, _ = _score_toy(root, data)
+
+    def enc(m):
+        r = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+        r["counts"] = r["counts"].decode("ascii")
+        return r
+
+    images, anns, dets = [], [], []
+    for image_id, (g, gi, p, pi) in data.items():
+        images.append({"id": image_id, "height": H, "width": W})
+        for s in gi:
+            if CATS[s["category_id"]].isthing:
+                m = g == s["id"]
+                anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": s["category_id"],
+                             "iscrowd": int(s.get("iscrowd", 0)), "segmentation": enc(m), "area": int(m.sum()),
+                             "bbox": list(mask_utils.toBbox(enc(m)))})
+        if image_id in (3, 4, 5):  # failed: no detection, its objects stay unmatched
+            continue
+        for s in pi:
+            if CATS[s["category_id"]].isthing:
+                dets.append({"image_id": image_id, "category_id": s["category_id"], "score": 1.0,
+                             "segmentation": enc(p == s["id"])})
+    with contextlib.redirect_stdout(io.StringIO()):
+        cg = COCO()
+        cg.dataset = {"images": images, "annotations": anns,
+                      "categories": [{"id": c.id, "name": c.name} for c in CATS.values() if c.isthing]}
+        cg.createIndex()
+        ev = COCOeval(cg, cg.loadRes(dets), iouType="segm")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    for key, ref in zip(("mask_ap", "mask_ap50", "mask_ap75"), ev.stats[:3]):
+        assert abs(res[key] - max(float(ref), 0.0)) < TOL, (key, res[key], ref)
+    assert res["mask_ap50"] > 0  # the toy has true positives at IoU 0.5
+
+
+def test_batched_calls_reach_the_generator_and_a_failure_is_isolated(toy):
+    root, data, _ = toy
+    _, gen = _score_toy(root, data, batch_size=8)
+    # images 1, 2, 3, 5 decode (4 is missing): one call of 4 fails on image 3, then one call per image
+    assert gen.calls == [4, 1, 1, 1, 1]
+    res, gen = _score_toy(root, data, batch_size=2)
+    # chunks (1, 2), (3, 4: missing), (5): a failing single call is not retried
+    assert gen.calls == [2, 1, 1] and sorted(res["failed"]) == [3, 4, 5]
+
+
+def test_label_rows_keeps_order_and_flags_rows_without_valid_points(toy):
+    root, data, rows = toy
+    bad = dict(rows[0], points=json.dumps([{"x": -5.0, "y": 1.0, "segment": 1, "category_id": 1}]))
+    out = list(label_rows(Canned(None, CATS, data), [bad] + rows[1:], batch_size=3, progress=False))
+    assert [int(r["image_id"]) for r, _, _ in out] == [1, 2, 3, 4, 5]
+    assert out[0][1] is None and "no valid points" in out[0][2]
+    assert out[1][1] is not None and out[1][2] == ""
+
+
+def test_split_rows_sorted_halves():
+    rows = [{"image_id": i} for i in (9, 2, 7, 4, 5)]
+    assert [r["image_id"] for r in split_rows(rows, "choose")] == [2, 4]
+    assert [r["image_id"] for r in split_rows(rows, "report")] == [5, 7, 9]
+    assert [r["image_id"] for r in split_rows(rows, "all")] == [2, 4, 5, 7, 9]
+    with pytest.raises(ValueError, match="split"):
+        split_rows(rows, "test")
+
+
+def test_evaluate_generator_on_prepared_synthetic_matches_per_image_loop(tmp_path):
+    """The one-call path equals labelling each prepared image by hand and scoring with PQEvaluator."""
+    from pointseg.config import DatasetConfig, PointsConfig, SyntheticDataConfig
+    from pointseg.data.images import read_image
+    from pointseg.data.points import validate_points
+    from pointseg.data.prepare import prepare_inputs, read_index
+    from pointseg.data.record import Points
+    from pointseg.generators import build_generator
+    from pointseg.metrics import PQEvaluator
+
+    out = str(tmp_path)
+    cats, _ = prepare_inputs(DatasetConfig(synthetic=SyntheticDataConfig(num_images=4, height=48, width=48)),
+                             PointsConfig(), out)
+    gen = build_generator("psps", {}, cats)
+    res = evaluate_generator(gen, out, split="report", batch_size=3, progress=False)
+    gt = GroundTruth(out)
+    ev = PQEvaluator(cats)
+    for r in sorted(read_index(join(out, "index", "index.parquet")), key=lambda r: r["image_id"])[2:]:
+        image = read_image(r["file_name"])
+        pts, _ = validate_points(Points.from_list(json.loads(r["points"])), 48, 48, cats)
+        lab = gen.generate(image, pts)
+        ev.process(*gt.load(r["image_id"]), lab.id_map, lab.segments_info)
+    ref = ev.evaluate()
+    assert res["num_images"] == 2 and not res["failed"]
+    for k in ("pq", "pq_th", "pq_st", "sq", "rq"):
+        assert abs(res[k] - ref[k]) < TOL
+
+
+# ------------------------------------------------------------------ the harness with a trainable generator
+
+
+class TinyStage1Config(EngineConfig):
+    steps: int = 3
+    batch_size: int = 2
+
+
+class TinyStage1(Trainable):
+    """A 3->1 linear map trained to score the colour under each click: enough to exercise the engine."""
+
+    name = "tiny_stage1"
+    Config = TinyStage1Config
+    seen_ids: list[int] = []
+    contexts: list[dict] = []
+
+    def build(self, pretrained=True):
+        TinyStage1.contexts.append(self.context)
+        return torch.nn.Linear(3, 1)
+
+    def collate(self, train=True):
+        def make_batch(records):
+            TinyStage1.seen_ids.extend(r.image_id for r in records)
+            cols = [torch.as_tensor(r.image[r.points.pixels(r.height, r.width)[:, 0],
+                                             r.points.pixels(r.height, r.width)[:, 1]], dtype=torch.float32)
+                    for r in records]
+            return {"colour": torch.cat(cols) / 255}
+
+        return IndexCollate(self.categories, make_batch)
+
+    def loss(self, model, batch, step):
+        return {"loss": (model(batch["colour"]) - 1).pow(2).mean()}
+
+
+class TinyConfig(TrainableGeneratorConfig):
+    fill: str = "first"
+
+
+class TinyTrainable(TrainableGenerator):
+    """Every pixel to the first point's segment; needs its stage-1 net (loaded from the checkpoint)."""
+
+    name = "tiny_trainable"
+    Config = TinyConfig
+    stage1 = TinyStage1
+
+    def generate(self, image, points):
+        assert self.net is not None
+        groups = seed_groups(points, self.categories)
+        return assemble(np.zeros(image.shape[:2], np.int64), groups)
+
+
+def test_harness_trains_stage1_on_all_rows_then_labels_and_reuses_everything(tmp_path):
+    import pseudo_label_quality as plq  # benchmarks/ on sys.path below
+
+    TinyStage1.seen_ids.clear()
+    TinyStage1.contexts.clear()
+    argv = ["--dataset", "synthetic", "--images", "4", "--size", "48", "--method", "test_evaluation:TinyTrainable",
+            "--set", "fill=first", "--train-set", "steps=4", "--baselines", "voronoi", "--workdir", str(tmp_path),
+            "--quiet", "--json", str(tmp_path / "r.json")]
+    res = plq.main(argv)
+    proto = res["protocols"]["native"]
+    assert sorted(set(TinyStage1.seen_ids)) == [0, 1, 2, 3]  # all rows, though only 2 are scored
+    assert TinyStage1.contexts[0]["generator"].fill == "first"
+    assert proto["stage1"]["steps"] == 4
+    assert Path(proto["stage1"]["checkpoint"], "meta.json").exists()
+    assert set(proto["rows"]) == {"test_evaluation:TinyTrainable", "voronoi"}
+    r = proto["rows"]["test_evaluation:TinyTrainable"]
+    assert r["num_images"] == 2 and not r["failed"]  # the report half of 4
+    assert sorted(r["per_image"]) == [2, 3]
+    assert json.loads((tmp_path / "r.json").read_text())["protocols"]["native"]["rows"]["voronoi"]["num_images"] == 2
+    # a rerun reuses the prepared data and the finished checkpoint (no new step)
+    marker = Path(proto["data"]) / "prepared.json"
+    stamp = marker.stat().st_mtime_ns
+    TinyStage1.seen_ids.clear()
+    res2 = plq.main(argv)
+    assert marker.stat().st_mtime_ns == stamp
+    assert res2["protocols"]["native"]["stage1"]["start_step"] == 4 and TinyStage1.seen_ids == []
+
+
+def test_harness_fails_clearly_without_the_shared_data(tmp_path):
+    import pseudo_label_quality as plq
+
+    with pytest.raises(SystemExit, match="coco-mini not found at .*--data-root"):
+        plq.main(["--dataset", "coco-mini", "--data-root", str(tmp_path / "nowhere"), "--workdir", str(tmp_path)])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _benchmarks_on_path():
+    import sys
+
+    path = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, path)
+    yield
+    sys.path.remove(path)
+
+
+def test_harness_k_error_equals_the_point2mask_ablation(tmp_path):
+    """``--k-error`` reuses the ablation's oracle: same k err and PQ on the same synthetic images and points."""
+    import point2mask_ablation as abl
+    import pseudo_label_quality as plq
+
+    res = plq.main(["--dataset", "synthetic", "--images", "3", "--size", "64", "--split", "all", "--method",
+                    "point2mask", "--k-error", "--baselines", "", "--workdir", str(tmp_path), "--quiet"])
+    ours = res["protocols"]["native"]["rows"]["point2mask"]
+    cats, records, _ = abl.load_dataset("synthetic", 3, 0, size=64)
+    ref = abl.score("point2mask", {}, cats, records)
+    assert ours["k_err_problems"] > 0
+    assert abs(ours["k_err"] - ref["k_err"]) < 1e-12
+    assert abs(ours["pq"] - ref["pq"]) < TOL
+
+
+@pytest.mark.parametrize("ids", [[0, 3, 7], [5], [0, 2**22 - 1], [0, 2**22, 256**3 - 1], [-1, 4]])
+def test_unique_ids_equals_numpy_unique(ids):
+    from pointseg.data.panoptic_format import unique_ids
+
+    rng = np.random.default_rng(len(ids))
+    a = rng.choice(np.asarray(ids, np.int64), size=(13, 17)).astype(np.int32)
+    u, inv = unique_ids(a)
+    ref_u, ref_inv = np.unique(a, return_inverse=True)
+    assert u.tolist() == ref_u.tolist() and inv.shape == a.shape
+    assert (inv.ravel() == ref_inv.ravel()).all() and (u[inv] == a).all()
