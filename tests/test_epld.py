@@ -135,7 +135,8 @@ def _toy_batch(n_images=2, size=64, lab=True):
 
 
 @pytest.mark.parametrize("knobs", [{}, {"query_feature": "learned", "class_embedding": False, "cls_loss": False},
-                                   {"query_feature": "sine", "erosion": False, "decoder_blocks": 2}])
+                                   {"query_feature": "sine", "erosion": False, "decoder_blocks": 2},
+                                   {"mask_stride": 4}])
 def test_network_shapes_and_padding(knobs):
     cfg = EPLDTrainConfig(**TINY, **knobs)
     net = EPLDNet(cfg, sorted(CATS), pretrained=False)
@@ -144,8 +145,9 @@ def test_network_shapes_and_padding(knobs):
     assert batch["lab"].shape == (2, 3, 16, 16) and [len(p) for p in batch["point_yx"]] == [3, 1]
     out = net(batch["image"], batch["point_masks"], batch["instance_valid"], batch["instance_class"])
     assert len(out["mask_logits"]) == cfg.layers
+    side = cfg.input_size // cfg.mask_stride
     for m in out["mask_logits"]:
-        assert m.shape == (2, 3, 8, 8) and torch.isfinite(m).all()
+        assert m.shape == (2, 3, side, side) and torch.isfinite(m).all()
         assert (m[1, 1:] == MASKED_LOGIT).all()  # padded slots never win
     if cfg.cls_loss:
         assert [c.shape for c in out["class_logits"]] == [(2, 3, 3)] * cfg.layers
@@ -193,8 +195,8 @@ def test_losses_on_uniform_predictions_are_log_n():
     for key in ("partial", "color", "self"):
         assert float(terms[key].detach()) == pytest.approx(cfg.layers * math.log(3), rel=1e-5), key
     # L_cls at logit 0: per instance sum_c FL = 0.25 * 0.25 * log 2 + 2 * 0.75 * 0.25 * log 2
-    assert float(terms["cls"]) == pytest.approx(cfg.layers * (0.0625 + 0.375) * math.log(2), rel=1e-5)
-    assert float(terms["loss"]) == pytest.approx(sum(float(terms[k]) for k in ("partial", "color", "self", "cls")))
+    assert float(terms["cls"].detach()) == pytest.approx(cfg.layers * (0.0625 + 0.375) * math.log(2), rel=1e-5)
+    assert float(terms["loss"].detach()) == pytest.approx(sum(float(terms[k].detach()) for k in ("partial", "color", "self", "cls")))
     terms["loss"].backward()
     assert torch.isfinite(zeros.grad).all() and zeros.grad.abs().sum() > 0
 
@@ -343,6 +345,9 @@ def test_batched_call_equals_single_calls_and_bad_images_are_named():
         rc = pts.pixels(*img.shape[:2])  # restore_points: every click labels its own pixel
         seg_of = {s["source_segment"]: s["id"] for s in lab.segments_info}
         assert all(lab.id_map[r, c] == seg_of[s] for (r, c), s in zip(rc, pts.segment.tolist()))
+
+    pic = gen.explain(images[0], points[0])  # image | M^1..M^L | uncertainty, 256 px on the long side
+    assert pic.dtype == np.uint8 and pic.shape[1] == (cfg.layers + 2) * 256 and pic.shape[2] == 3
 
     with pytest.raises(ValueError, match=r"image 1 of the batch: .*category_id 99"):
         gen(images[:2], [points[0], Points([[3, 3]], [1], [99])])

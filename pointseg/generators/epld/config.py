@@ -92,6 +92,9 @@ class EPLDTrainConfig(EngineConfig):
     layers: int = Field(6, ge=1, description="L, decoder layers of the distance branch (Table 4)")
     decoder_blocks: int = Field(
         1, ge=1, description="self+cross-attention blocks per decoder layer; M^l from all their attention logits")
+    mask_stride: Literal[8, 4] = Field(
+        8, description="resolution of M^l: 8, the F^1 grid of the paper; 4 adds a stride-4 pixel embedding whose "
+        "dot product with each query is added to the attention-map logits (Mask2Former's mask head)")
     query_feature: Literal["fuse", "learned", "sine"] = Field(
         "fuse", description="what the queries aggregate: F^fuse, E^learn or E^sin (Table 1)")
     query_position: bool = Field(

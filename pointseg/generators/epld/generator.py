@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import time
 
+import cv2
 import numpy as np
 import torch
 
@@ -36,6 +37,8 @@ from pointseg.generators.base import PseudoLabel, TrainableGenerator, assemble
 from pointseg.generators.epld.batch import network_batch
 from pointseg.generators.epld.config import EPLDConfig
 from pointseg.generators.epld.trainable import EPLDTrainable
+from pointseg.viz.maps import heatmap
+from pointseg.viz.overlay import _title, blend, colorize, draw_points
 
 __all__ = ["EPLDGenerator", "bilinear_matrix", "top2_assignment"]
 
@@ -122,19 +125,24 @@ class EPLDGenerator(TrainableGenerator):
             raise ValueError(f"image {index} of the batch: {problems[0]}{more}")
 
     @torch.no_grad()
+    def _forward(self, images: list[np.ndarray], points: list[Points]) -> tuple[dict, dict]:
+        """Checked inputs -> ``(network batch, network output)``: one forward pass for the whole batch."""
+        for i, (img, pts) in enumerate(zip(images, points)):
+            self._check(i, img, pts)
+        batch = network_batch(images, points, self.categories, self.channel_of, self.net.cfg.input_size)
+        device = self.config.device
+        out = self.net(batch["image"].to(device), batch["point_masks"].to(device), batch["instance_valid"].to(device),
+                       batch["instance_class"].to(device))
+        return batch, out
+
     def __call__(self, images: list[np.ndarray], points: list[Points]) -> list[PseudoLabel]:
         if len(images) != len(points):
             raise ValueError(f"{len(images)} images but {len(points)} point sets")
         if not images:
             return []
-        for i, (img, pts) in enumerate(zip(images, points)):
-            self._check(i, img, pts)
         t0 = time.perf_counter()
         size = self.net.cfg.input_size
-        batch = network_batch(images, points, self.categories, self.channel_of, size)
-        device = self.config.device
-        out = self.net(batch["image"].to(device), batch["point_masks"].to(device), batch["instance_valid"].to(device),
-                       batch["instance_class"].to(device))
+        batch, out = self._forward(images, points)
         logits = out["mask_logits"][self.layer_index].float().cpu()
         network_s = (time.perf_counter() - t0) / len(images)
         labels = []
@@ -154,6 +162,30 @@ class EPLDGenerator(TrainableGenerator):
                     "mean_uncertainty": float(uncertainty.mean()), "restored_point_pixels": restored}
             labels.append(assemble(assignment, groups, diag, uncertainty))
         return labels
+
+    def explain(self, image: np.ndarray, points: Points) -> np.ndarray:
+        """``image + points | M^1 .. M^L pseudo labels (Eq. 7) | uncertainty of the labelling layer``.
+
+        Table 4's story on one image: each decoder layer's argmax, the queries
+        re-aggregated from the previous one (Eq. 2-3).
+        """
+        batch, out = self._forward([image], [points])
+        groups = batch["groups"][0]
+        height, width = np.asarray(image).shape[:2]
+        f = 256 / max(height, width)
+        small = (max(1, round(height * f)), max(1, round(width * f)))
+        base = cv2.resize(np.asarray(image), small[::-1], interpolation=cv2.INTER_AREA)
+        pts = Points((points.xy + 0.5) * f - 0.5, points.segment, points.category_id)
+        tiles = [(draw_points(base, pts), "image + points")]
+        uncertainty = None
+        for li, logits in enumerate(out["mask_logits"]):
+            assignment, u = top2_assignment(logits[0, : len(groups)].float().cpu(), *small)
+            lab = assemble(assignment, groups)
+            tiles.append((blend(base, colorize(lab.id_map, lab.segments_info, self.categories)), f"M^{li + 1}"))
+            if li == self.layer_index:
+                uncertainty = u
+        tiles.append((heatmap(uncertainty, 0.0, 1.0), f"uncertainty (M^{self.layer_index + 1})"))
+        return np.concatenate([_title(t, s) for t, s in tiles], axis=1)
 
     @classmethod
     def summarize(cls, diagnostics: list[dict]) -> dict | None:

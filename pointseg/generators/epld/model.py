@@ -22,7 +22,11 @@ Decoder layer ``l`` (Fig. 3):
    per-head attention logits ``q . k / sqrt(d)`` are split by level, upsampled
    to ``H_1 x W_1`` and combined by a learned weight per (block, level, head)
    into one logit per query and pixel; ``M^l`` is their softmax over the
-   ``N`` instances, ``X^l = 1 - M^l`` (Eq. 6).
+   ``N`` instances, ``X^l = 1 - M^l`` (Eq. 6). With ``mask_stride: 4`` (our
+   extension) the logits are upsampled to stride 4 and the dot product of an
+   MLP of the updated query with a stride-4 pixel embedding (the backbone's
+   stride-4 map plus ``F^fuse``) is added; Eq. 2-3 still aggregate on the
+   ``F^fuse`` grid (the logits average-pooled to it).
 """
 
 from __future__ import annotations
@@ -190,15 +194,16 @@ class CrossAttention(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """Query self-attention, cross-attention and (when another block follows) a feed-forward layer."""
+    """Query self-attention, cross-attention and (``update``: when the updated query is read
+    afterwards) the attention's value path and a feed-forward layer."""
 
-    def __init__(self, dim: int, heads: int, ffn_dim: int, last: bool):
+    def __init__(self, dim: int, heads: int, ffn_dim: int, update: bool):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.self_norm = nn.LayerNorm(dim)
-        self.cross = CrossAttention(dim, heads, update=not last)
-        self.ffn = None if last else nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(inplace=True), nn.Linear(ffn_dim, dim))
-        self.ffn_norm = None if last else nn.LayerNorm(dim)
+        self.cross = CrossAttention(dim, heads, update=update)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(inplace=True), nn.Linear(ffn_dim, dim)) if update else None
+        self.ffn_norm = nn.LayerNorm(dim) if update else None
 
     def forward(self, query, query_pos, memory, memory_pos, padding):
         qk = query + query_pos
@@ -210,18 +215,27 @@ class DecoderBlock(nn.Module):
 
 
 class DistanceLayer(nn.Module):
-    """One decoder layer of the distance branch: enhanced queries -> ``M^l`` logits (B, N, H_1, W_1)."""
+    """One decoder layer of the distance branch: enhanced queries -> ``M^l`` logits (B, N, h, w).
 
-    def __init__(self, dim: int, heads: int, ffn_dim: int, blocks: int, num_levels: int):
+    The logits are the weighted attention maps (upsampled to ``out_size``);
+    with a ``pixel_embedding`` (B, D, h, w) (``mask_stride: 4``) the dot
+    product of an MLP of the updated query with it is added, Mask2Former's
+    mask head, which carries the stride-4 detail the attention maps lack.
+    """
+
+    def __init__(self, dim: int, heads: int, ffn_dim: int, blocks: int, num_levels: int, pixel_embedding: bool = False):
         super().__init__()
-        self.blocks = nn.ModuleList(DecoderBlock(dim, heads, ffn_dim, last=i == blocks - 1) for i in range(blocks))
+        self.blocks = nn.ModuleList(
+            DecoderBlock(dim, heads, ffn_dim, update=i < blocks - 1 or pixel_embedding) for i in range(blocks))
         # one weight per (block, level, head) attention map, as Panoptic SegFormer's 1x1 over stacked maps
         self.map_weight = nn.Parameter(torch.full((blocks, num_levels, heads), 1.0 / (blocks * num_levels)))
         self.map_bias = nn.Parameter(torch.zeros(()))
+        self.mask_embed = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, dim)) if pixel_embedding else None
 
-    def forward(self, query, query_pos, memory, memory_pos, padding, level_shapes, out_size) -> torch.Tensor:
+    def forward(self, query, query_pos, memory, memory_pos, padding, level_shapes, out_size,
+                pixel_embedding: torch.Tensor | None = None) -> torch.Tensor:
         b, n, _ = query.shape
-        mask = query.new_zeros(b, n, *out_size) + self.map_bias
+        mask = query.new_zeros(b, n, *level_shapes[0]) + self.map_bias
         for bi, block in enumerate(self.blocks):
             query, logits = block(query, query_pos, memory, memory_pos, padding)
             start = 0
@@ -230,10 +244,29 @@ class DistanceLayer(nn.Module):
                 start += h * w
                 # the weighted sum over heads commutes with the (linear) upsampling: sum first
                 summed = torch.einsum("bhnt,h->bnt", part, self.map_weight[bi, li]).reshape(b, n, h, w)
-                if (h, w) != tuple(out_size):
-                    summed = F.interpolate(summed, size=out_size, mode="bilinear", align_corners=False)
+                if (h, w) != tuple(level_shapes[0]):
+                    summed = F.interpolate(summed, size=level_shapes[0], mode="bilinear", align_corners=False)
                 mask = mask + summed
+        if tuple(out_size) != tuple(level_shapes[0]):
+            mask = F.interpolate(mask, size=out_size, mode="bilinear", align_corners=False)
+        if self.mask_embed is not None and pixel_embedding is not None:
+            mask = mask + torch.einsum("bnd,bdhw->bnhw", self.mask_embed(query), pixel_embedding)
         return mask
+
+
+class PixelEmbedding(nn.Module):
+    """Stride-4 pixel embedding (``mask_stride: 4``): the backbone's stride-4 map plus the
+    upsampled ``F^fuse``, a 3x3 conv and a 1x1 conv -> (B, D, S/4, S/4)."""
+
+    def __init__(self, in_channels: int, dim: int):
+        super().__init__()
+        self.lateral = nn.Conv2d(in_channels, dim, 1)
+        self.convs = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1, bias=False), _group_norm(dim), nn.ReLU(inplace=True),
+                                   nn.Conv2d(dim, dim, 1))
+
+    def forward(self, stride4: torch.Tensor, fuse: torch.Tensor) -> torch.Tensor:
+        up = F.interpolate(fuse, size=stride4.shape[-2:], mode="bilinear", align_corners=False)
+        return self.convs(self.lateral(stride4) + up)
 
 
 class EPLDNet(nn.Module):
@@ -246,7 +279,8 @@ class EPLDNet(nn.Module):
     * instance_valid : (B, N) bool; instance_class : (B, N) long class index in [0, C);
     * features : optional precomputed :meth:`backbone_features` (a frozen backbone's cache).
 
-    Returns ``{"mask_logits": [L x (B, N, S/8, S/8)], "class_logits": [L x (B, N, C)] or None}``;
+    Returns ``{"mask_logits": [L x (B, N, S/m, S/m)], "class_logits": [L x (B, N, C)] or None}``
+    with ``m = mask_stride`` (8, or 4 with the stride-4 pixel embedding);
     padded instance slots have logit :data:`MASKED_LOGIT`. ``M^l`` is
     ``mask_logits[l].softmax(1)``.
     """
@@ -259,7 +293,12 @@ class EPLDNet(nn.Module):
         if num_classes < 1:
             raise ValueError("EPLDNet: the label space has no category")
         dim = cfg.hidden_dim
-        self.backbone, channels = build_timm_backbone(cfg.backbone, pretrained, out_indices=(2, 3, 4))
+        # strides 8/16/32 for F^1..F^3, and 4 for the pixel embedding of mask_stride 4
+        out_indices = (1, 2, 3, 4) if cfg.mask_stride == 4 else (2, 3, 4)
+        self.backbone, channels = build_timm_backbone(cfg.backbone, pretrained, out_indices=out_indices)
+        self.pixel_embedding = PixelEmbedding(channels[0], dim) if cfg.mask_stride == 4 else None
+        if cfg.mask_stride == 4:
+            channels = channels[1:]
         if cfg.freeze_backbone:
             self.backbone.requires_grad_(False)
         mean, std = normalization(cfg.backbone)
@@ -276,7 +315,8 @@ class EPLDNet(nn.Module):
             nn.init.constant_(self.classifier.bias, -math.log(99.0))
         self.class_embed = nn.Embedding(num_classes, dim) if cfg.class_embedding else None
         self.layers = nn.ModuleList(
-            DistanceLayer(dim, cfg.num_heads, cfg.ffn_dim, cfg.decoder_blocks, len(channels)) for _ in range(cfg.layers))
+            DistanceLayer(dim, cfg.num_heads, cfg.ffn_dim, cfg.decoder_blocks, len(channels), cfg.mask_stride == 4)
+            for _ in range(cfg.layers))
         self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
 
     def train(self, mode: bool = True) -> "EPLDNet":
@@ -286,7 +326,7 @@ class EPLDNet(nn.Module):
         return self
 
     def backbone_features(self, image: torch.Tensor) -> list[torch.Tensor]:
-        """Backbone maps at strides 8/16/32 of a (B, 3, S, S) image in [0, 1]."""
+        """Backbone maps at strides (4,) 8, 16, 32 of a (B, 3, S, S) image in [0, 1]."""
         if image.ndim != 4 or image.shape[1] != 3:
             raise ValueError(f"EPLDNet: image must be (B, 3, S, S) RGB in [0, 1], got {tuple(image.shape)}")
         return list(self.backbone((image - self.mean) / self.std))
@@ -299,11 +339,14 @@ class EPLDNet(nn.Module):
 
     def forward(self, image, point_masks, instance_valid, instance_class, features=None) -> dict:
         cfg = self.cfg
-        levels = self.neck(features if features is not None else self.backbone_features(image))
+        backbone = features if features is not None else self.backbone_features(image)
+        levels = self.neck(backbone[1:] if self.pixel_embedding is not None else backbone)
         fuse = self.fusion(levels)
-        out_size = tuple(fuse.shape[-2:])
-        if tuple(point_masks.shape[-2:]) != out_size:
+        grid = tuple(fuse.shape[-2:])
+        if tuple(point_masks.shape[-2:]) != grid:
             raise ValueError(f"EPLDNet: point_masks {tuple(point_masks.shape)} do not match F^fuse {tuple(fuse.shape)}")
+        pixel = self.pixel_embedding(backbone[0], fuse) if self.pixel_embedding is not None else None
+        out_size = tuple(pixel.shape[-2:]) if pixel is not None else grid
         level_shapes = [tuple(f.shape[-2:]) for f in levels]
         pos = [self._position(h, w, fuse.device) for h, w in level_shapes]
         memory = torch.cat([f.flatten(2).transpose(1, 2) for f in levels], 1)  # (B, T, D)
@@ -316,15 +359,18 @@ class EPLDNet(nn.Module):
         masks = point_masks
         mask_logits, class_logits = [], []
         for li, layer in enumerate(self.layers):
-            if li > 0:  # Eq. 2-3: aggregate from the previous layer's pseudo label
-                masks = aggregation_masks(mask_logits[-1], point_masks, instance_valid, cfg.erosion,
-                                          cfg.erosion_kernel, cfg.erosion_iters)
+            if li > 0:  # Eq. 2-3: aggregate from the previous layer's pseudo label, on the F^fuse grid
+                prev = mask_logits[-1]
+                if tuple(prev.shape[-2:]) != grid:
+                    prev = F.adaptive_avg_pool2d(prev, grid)
+                masks = aggregation_masks(prev, point_masks, instance_valid, cfg.erosion, cfg.erosion_kernel,
+                                          cfg.erosion_iters)
             query = masked_mean(source, masks)  # Eq. 1 / 3
             query_pos = masked_mean(pos[0][None], masks) if cfg.query_position else torch.zeros_like(query)
             if self.classifier is not None:
                 class_logits.append(self.classifier(query))  # Y^l, Eq. 4
             if self.class_embed is not None:
                 query = query + self.class_embed(instance_class)  # Eq. 5
-            logits = layer(query, query_pos, memory, memory_pos, padding, level_shapes, out_size)
+            logits = layer(query, query_pos, memory, memory_pos, padding, level_shapes, out_size, pixel)
             mask_logits.append(logits.masked_fill(padding[:, :, None, None], MASKED_LOGIT))
         return {"mask_logits": mask_logits, "class_logits": class_logits or None}
