@@ -359,6 +359,12 @@ def test_batched_call_equals_single_calls_and_bad_images_are_named():
         EPLDGenerator({}, {**CATS, 5: Category(5, "new", True)}, net=net)
     with pytest.raises(ValueError, match="layer=4"):
         EPLDGenerator({"layer": 4}, CATS, net=net)
+    # labelling above the training size: a finer M^l from the same weights
+    big = EPLDGenerator({"input_size": 128}, CATS, net=net)(images[:1], points[:1])[0]
+    assert big.id_map.shape == images[0].shape[:2] and big.diagnostics["input_size"] == 128
+    learned = EPLDNet(EPLDTrainConfig(**TINY, query_feature="learned"), sorted(CATS), pretrained=False)
+    with pytest.raises(ValueError, match="query_feature=learned"):
+        EPLDGenerator({"input_size": 128}, CATS, net=learned)
 
 
 def test_registered_and_config_validated():
@@ -366,6 +372,8 @@ def test_registered_and_config_validated():
     assert EPLDGenerator.trains(EPLDConfig()) and not EPLDGenerator.trains(EPLDConfig(checkpoint="x"))
     with pytest.raises(ValueError, match="restore_pointz"):
         EPLDConfig(restore_pointz=True)
+    with pytest.raises(ValueError, match="input_size=100"):
+        EPLDConfig(input_size=100)
 
 
 def test_distance_branch_learns_a_two_colour_toy(tmp_path):

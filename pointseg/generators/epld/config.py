@@ -36,15 +36,27 @@ __all__ = ["EPLDConfig", "EPLDTrainConfig"]
 class EPLDConfig(TrainableGeneratorConfig):
     """Labelling with a trained EPLD distance branch (``checkpoint``, ``device`` from the base).
 
-    The network runs at the checkpoint's square ``input_size``; each image is
-    resized to it and the chosen layer's ``M^l`` logits are resized back to
-    the image (bilinear) before Eq. 7.
+    The network runs at the checkpoint's square ``input_size`` (or
+    ``input_size`` here); each image is resized to it and the chosen layer's
+    ``M^l`` logits are resized back to the image (bilinear) before Eq. 7.
     """
+
+    input_size: int | None = Field(
+        None, ge=32, description="square network input for labelling (a multiple of 32); null: the training "
+        "input_size. Larger gives finer M^l (the network is convolutional + attention with normalised sine positions; "
+        "not with query_feature=learned)")
 
     layer: int = Field(-1, description="decoder layer whose M^l labels (Eq. 7): 1..L, or -1 for the last, M^L")
     restore_points: bool = Field(
         False, description="give each click's pixel back to its instance after Eq. 7 (counted in diagnostics); "
         "false: Eq. 7 alone, as in the paper")
+
+
+    @model_validator(mode="after")
+    def _multiple_of_32(self) -> "EPLDConfig":
+        if self.input_size is not None and self.input_size % 32:
+            raise ValueError(f"input_size={self.input_size}: must be a multiple of 32 (strides 8/16/32)")
+        return self
 
 
 class EPLDTrainConfig(EngineConfig):

@@ -104,6 +104,10 @@ class EPLDGenerator(TrainableGenerator):
         if not (layer == -1 or 1 <= layer <= layers):
             raise ValueError(f"layer={layer}: the checkpoint has {layers} decoder layers (1..{layers}, or -1 for the last)")
         self.layer_index = layers - 1 if layer == -1 else layer - 1
+        self.input_size = self.config.input_size or self.net.cfg.input_size
+        if self.input_size != self.net.cfg.input_size and self.net.cfg.query_feature == "learned":
+            raise ValueError(f"input_size={self.input_size}: a network with query_feature=learned (E^learn of "
+                             f"{self.net.cfg.input_size // 8}^2 cells) labels at its training size only")
         self.channel_of = {c: i for i, c in enumerate(self.net.category_ids)}
         missing = sorted(set(categories) - set(self.channel_of))
         if missing:
@@ -129,7 +133,7 @@ class EPLDGenerator(TrainableGenerator):
         """Checked inputs -> ``(network batch, network output)``: one forward pass for the whole batch."""
         for i, (img, pts) in enumerate(zip(images, points)):
             self._check(i, img, pts)
-        batch = network_batch(images, points, self.categories, self.channel_of, self.net.cfg.input_size)
+        batch = network_batch(images, points, self.categories, self.channel_of, self.input_size)
         device = self.config.device
         out = self.net(batch["image"].to(device), batch["point_masks"].to(device), batch["instance_valid"].to(device),
                        batch["instance_class"].to(device))
@@ -141,7 +145,7 @@ class EPLDGenerator(TrainableGenerator):
         if not images:
             return []
         t0 = time.perf_counter()
-        size = self.net.cfg.input_size
+        size = self.input_size
         batch, out = self._forward(images, points)
         logits = out["mask_logits"][self.layer_index].float().cpu()
         network_s = (time.perf_counter() - t0) / len(images)
