@@ -24,6 +24,7 @@ from pointseg.generators.epld.model import (
     MASKED_LOGIT,
     EPLDNet,
     aggregation_masks,
+    click_distance,
     erode,
     masked_mean,
     sine_position_embedding,
@@ -82,6 +83,18 @@ def test_query_aggregation_matches_a_hand_computation_on_6x6():
     assert np.array_equal(m0[0, 0].numpy() == 1, label == 0) and m0[0, 2].sum() == 0
 
 
+def test_click_distance_by_hand():
+    # clicks of instance 0 in cells (0, 0) and (3, 3) of a 4x4 grid, read on an 8x8 grid; unit: the image side
+    points = torch.zeros(1, 2, 4, 4)
+    points[0, 0, 0, 0] = points[0, 0, 3, 3] = 1
+    d = click_distance(points, (8, 8))
+    assert d.shape == (1, 2, 8, 8)
+    assert float(d[0, 0, 0, 0]) == pytest.approx(math.hypot(0.0625, 0.0625))  # centre 1/16 vs 1/8
+    assert float(d[0, 0, 0, 7]) == pytest.approx(math.hypot(0.0625, 0.8125))  # nearer to neither: the min
+    assert float(d[0, 0, 7, 7]) == pytest.approx(math.hypot(0.0625, 0.0625))
+    assert (d[0, 1] == 0).all()  # an instance without a point gets no prior
+
+
 def test_erode_matches_opencv():
     rng = np.random.default_rng(0)
     masks = (rng.random((4, 13, 11)) < 0.8).astype(np.uint8)
@@ -136,7 +149,7 @@ def _toy_batch(n_images=2, size=64, lab=True):
 
 @pytest.mark.parametrize("knobs", [{}, {"query_feature": "learned", "class_embedding": False, "cls_loss": False},
                                    {"query_feature": "sine", "erosion": False, "decoder_blocks": 2},
-                                   {"mask_stride": 4}])
+                                   {"mask_stride": 4, "spatial_prior": True}])
 def test_network_shapes_and_padding(knobs):
     cfg = EPLDTrainConfig(**TINY, **knobs)
     net = EPLDNet(cfg, sorted(CATS), pretrained=False)
@@ -330,10 +343,27 @@ def test_bilinear_resize_and_banded_top2_match_interpolate(monkeypatch):
     assert (a1 == 0).all() and (u1 == 0).all()
 
 
+def test_keep_clicked_components_by_hand():
+    # thing 0 wins columns 0 and 4 of a 5x5 grid (two parts), its click in column 0; thing 1 wins the middle;
+    # stuff 2 wins nothing but its own far corner cell in a part without its click
+    logits = torch.zeros(3, 5, 5)
+    logits[0, :, [0, 4]] = 5.0
+    logits[1, :, 1:4] = 5.0
+    logits[1, :, 4] = 2.0  # thing 1 is next best on column 4
+    logits[2, 4, 4] = 9.0
+    cells = np.array([[2, 0], [2, 2], [0, 2]])
+    new, moved = epld_generator.keep_clicked_components(logits, cells, np.array([0, 1, 2]),
+                                                        np.array([True, True, False]))
+    label = new.argmax(0).numpy()
+    assert (label[:, 0] == 0).all() and (label[:, 1:4] == 1).all()
+    assert (label[:4, 4] == 1).all() and label[4, 4] == 2  # thing 0's stray part moved; stuff untouched
+    assert moved == 4
+
+
 def test_batched_call_equals_single_calls_and_bad_images_are_named():
     cfg = EPLDTrainConfig(**TINY)
     net = EPLDNet(cfg, sorted(CATS), pretrained=False).eval()
-    gen = EPLDGenerator({"restore_points": True}, CATS, net=net)
+    gen = EPLDGenerator({"restore_points": True, "connected_things": True}, CATS, net=net)
     _, images, points = _toy_batch()
     images.append(np.full((31, 64, 3), 200, np.uint8))
     points.append(Points([[1, 1], [60, 28]], [8, 9], [2, 2]))

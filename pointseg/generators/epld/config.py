@@ -47,6 +47,9 @@ class EPLDConfig(TrainableGeneratorConfig):
         "not with query_feature=learned)")
 
     layer: int = Field(-1, description="decoder layer whose M^l labels (Eq. 7): 1..L, or -1 for the last, M^L")
+    connected_things: bool = Field(
+        False, description="our extension: drop the parts of a thing's mask not connected to its clicks (they go "
+        "to their next-best instance), on M^l's grid; false: Eq. 7 alone")
     restore_points: bool = Field(
         False, description="give each click's pixel back to its instance after Eq. 7 (counted in diagnostics); "
         "false: Eq. 7 alone, as in the paper")
@@ -112,6 +115,10 @@ class EPLDTrainConfig(EngineConfig):
     query_position: bool = Field(
         True, description="add the aggregated sine position of the query's pixels to it (our substitute for the "
         "position the paper's deformable-attention neck mixes into F)")
+    spatial_prior: bool = Field(
+        False, description="our extension: subtract s_l * (distance to the instance's nearest click) from every thing "
+        "instance's M^l logits, s_l >= 0 learnt per layer (a learnt Voronoi prior; stuff instances get none)")
+    spatial_prior_init: float = Field(5.0, gt=0, description="initial s_l (distance unit: the image side)")
     class_embedding: bool = Field(True, description="E^cls: Q^ = Q + E^cls[class] (Eq. 5, Table 2)")
     cls_loss: bool = Field(True, description="L_cls: focal loss on an FC classifier of Q (Eq. 4, Table 2)")
     erosion: bool = Field(True, description="erode the previous layer's masks before aggregation (Eq. 2)")

@@ -44,6 +44,7 @@ __all__ = [
     "EPLDNet",
     "MASKED_LOGIT",
     "aggregation_masks",
+    "click_distance",
     "erode",
     "masked_mean",
     "sine_position_embedding",
@@ -102,6 +103,27 @@ def masked_mean(feature: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     else:
         summed = torch.einsum("bnhw,bdhw->bnd", masks, feature)
     return summed / z[..., None]
+
+
+def click_distance(point_masks: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+    """Euclidean distance from every cell of an ``out_size`` grid to each instance's nearest labelled cell.
+
+    Distances are in units of the image side (cell centres at ``(i + 0.5) / h``
+    on both grids), so they do not depend on the grid. point_masks : (B, N, h', w')
+    ``P^01``. Returns (B, N, h, w) float; 0 for an instance without a point.
+    """
+    b, n, hp, wp = point_masks.shape
+    h, w = out_size
+    idx = point_masks.nonzero()  # (K, 4): image, instance, row, col
+    dev = point_masks.device
+    ys = (torch.arange(h, device=dev) + 0.5) / h
+    xs = (torch.arange(w, device=dev) + 0.5) / w
+    py = (idx[:, 2] + 0.5) / hp
+    px = (idx[:, 3] + 0.5) / wp
+    d = ((ys[None, :, None] - py[:, None, None]) ** 2 + (xs[None, None, :] - px[:, None, None]) ** 2).sqrt()
+    out = torch.full((b * n, h * w), math.inf, device=dev)
+    out.scatter_reduce_(0, (idx[:, 0] * n + idx[:, 1])[:, None].expand(-1, h * w), d.flatten(1), "amin")
+    return torch.nan_to_num(out, posinf=0.0).view(b, n, h, w)
 
 
 def sine_position_embedding(height: int, width: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -285,13 +307,19 @@ class EPLDNet(nn.Module):
     ``mask_logits[l].softmax(1)``.
     """
 
-    def __init__(self, cfg: EPLDTrainConfig, category_ids: list[int], pretrained: bool = True):
+    def __init__(self, cfg: EPLDTrainConfig, category_ids: list[int], pretrained: bool = True,
+                 thing_ids: list[int] | None = None):
         super().__init__()
         self.cfg = cfg
         self.category_ids = [int(c) for c in category_ids]
         num_classes = len(self.category_ids)
         if num_classes < 1:
             raise ValueError("EPLDNet: the label space has no category")
+        things = set(self.category_ids if thing_ids is None else (int(c) for c in thing_ids))
+        self.register_buffer("class_isthing", torch.tensor([c in things for c in self.category_ids]), persistent=False)
+        if cfg.spatial_prior:  # softplus^-1(init) per layer: the learnt strength of the click-distance prior
+            init = math.log(math.expm1(cfg.spatial_prior_init))
+            self.spatial_strength = nn.Parameter(torch.full((cfg.layers,), init))
         dim = cfg.hidden_dim
         # strides 8/16/32 for F^1..F^3, and 4 for the pixel embedding of mask_stride 4
         out_indices = (1, 2, 3, 4) if cfg.mask_stride == 4 else (2, 3, 4)
@@ -357,6 +385,10 @@ class EPLDNet(nn.Module):
             source = source[None]
         padding = ~instance_valid
         masks = point_masks
+        prior = None
+        if cfg.spatial_prior:  # things only: stuff (and the VOC background) may be anywhere
+            isthing = self.class_isthing[instance_class] & instance_valid
+            prior = click_distance(point_masks, out_size) * isthing[:, :, None, None].to(fuse.dtype)
         mask_logits, class_logits = [], []
         for li, layer in enumerate(self.layers):
             if li > 0:  # Eq. 2-3: aggregate from the previous layer's pseudo label, on the F^fuse grid
@@ -372,5 +404,7 @@ class EPLDNet(nn.Module):
             if self.class_embed is not None:
                 query = query + self.class_embed(instance_class)  # Eq. 5
             logits = layer(query, query_pos, memory, memory_pos, padding, level_shapes, out_size, pixel)
+            if prior is not None:
+                logits = logits - F.softplus(self.spatial_strength[li]) * prior
             mask_logits.append(logits.masked_fill(padding[:, :, None, None], MASKED_LOGIT))
         return {"mask_logits": mask_logits, "class_logits": class_logits or None}

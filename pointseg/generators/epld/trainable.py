@@ -47,7 +47,8 @@ class EPLDTrainable(Trainable):
         self._features: dict[tuple[int, bool], list[torch.Tensor]] = {}
 
     def build(self, pretrained: bool = True) -> EPLDNet:
-        return EPLDNet(self.config, self.category_ids, pretrained=pretrained and self.config.pretrained)
+        return EPLDNet(self.config, self.category_ids, pretrained=pretrained and self.config.pretrained,
+                       thing_ids=[c for c in self.category_ids if self.categories[c].isthing])
 
     def optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         cfg = self.config
