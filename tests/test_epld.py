@@ -149,7 +149,7 @@ def _toy_batch(n_images=2, size=64, lab=True):
 
 @pytest.mark.parametrize("knobs", [{}, {"query_feature": "learned", "class_embedding": False, "cls_loss": False},
                                    {"query_feature": "sine", "erosion": False, "decoder_blocks": 2},
-                                   {"mask_stride": 4, "spatial_prior": True}])
+                                   {"mask_stride": 4, "spatial_prior": 10.0}])
 def test_network_shapes_and_padding(knobs):
     cfg = EPLDTrainConfig(**TINY, **knobs)
     net = EPLDNet(cfg, sorted(CATS), pretrained=False)
@@ -170,6 +170,19 @@ def test_network_shapes_and_padding(knobs):
     again = net(batch["image"], batch["point_masks"], batch["instance_valid"], batch["instance_class"],
                 features=net.backbone_features(batch["image"]))
     torch.testing.assert_close(again["mask_logits"][-1], out["mask_logits"][-1])
+
+
+def test_spatial_prior_lowers_thing_logits_by_the_click_distance():
+    batch, _, _ = _toy_batch(n_images=1)  # instances: thing 1, thing 2, stuff 7
+    things = [c for c in CATS if CATS[c].isthing]
+    with_prior = EPLDNet(EPLDTrainConfig(**TINY, spatial_prior=10.0), sorted(CATS), False, things).eval()
+    plain = EPLDNet(EPLDTrainConfig(**TINY), sorted(CATS), False, things).eval()
+    plain.load_state_dict(with_prior.state_dict())
+    args = (batch["image"], batch["point_masks"], batch["instance_valid"], batch["instance_class"])
+    diff = with_prior(*args)["mask_logits"][0] - plain(*args)["mask_logits"][0]  # layer 1: same queries
+    d = click_distance(batch["point_masks"], (8, 8))
+    torch.testing.assert_close(diff[0, :2], -10.0 * d[0, :2], atol=1e-4, rtol=1e-4)
+    assert diff[0, 2].abs().max() < 1e-4  # stuff: no prior
 
 
 def test_frozen_backbone_stays_frozen_in_train_mode():

@@ -115,10 +115,10 @@ class EPLDTrainConfig(EngineConfig):
     query_position: bool = Field(
         True, description="add the aggregated sine position of the query's pixels to it (our substitute for the "
         "position the paper's deformable-attention neck mixes into F)")
-    spatial_prior: bool = Field(
-        False, description="our extension: subtract s_l * (distance to the instance's nearest click) from every thing "
-        "instance's M^l logits, s_l >= 0 learnt per layer (a learnt Voronoi prior; stuff instances get none)")
-    spatial_prior_init: float = Field(5.0, gt=0, description="initial s_l (distance unit: the image side)")
+    spatial_prior: float = Field(
+        0.0, ge=0, description="our extension: subtract spatial_prior * (distance to the instance's nearest click, in "
+        "image sides) from every thing instance's M^l logits: a fixed Voronoi prior the learnt logits override where "
+        "the image says so; stuff instances get none. 0: off (the paper)")
     class_embedding: bool = Field(True, description="E^cls: Q^ = Q + E^cls[class] (Eq. 5, Table 2)")
     cls_loss: bool = Field(True, description="L_cls: focal loss on an FC classifier of Q (Eq. 4, Table 2)")
     erosion: bool = Field(True, description="erode the previous layer's masks before aggregation (Eq. 2)")

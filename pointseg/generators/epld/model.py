@@ -317,9 +317,6 @@ class EPLDNet(nn.Module):
             raise ValueError("EPLDNet: the label space has no category")
         things = set(self.category_ids if thing_ids is None else (int(c) for c in thing_ids))
         self.register_buffer("class_isthing", torch.tensor([c in things for c in self.category_ids]), persistent=False)
-        if cfg.spatial_prior:  # softplus^-1(init) per layer: the learnt strength of the click-distance prior
-            init = math.log(math.expm1(cfg.spatial_prior_init))
-            self.spatial_strength = nn.Parameter(torch.full((cfg.layers,), init))
         dim = cfg.hidden_dim
         # strides 8/16/32 for F^1..F^3, and 4 for the pixel embedding of mask_stride 4
         out_indices = (1, 2, 3, 4) if cfg.mask_stride == 4 else (2, 3, 4)
@@ -386,9 +383,9 @@ class EPLDNet(nn.Module):
         padding = ~instance_valid
         masks = point_masks
         prior = None
-        if cfg.spatial_prior:  # things only: stuff (and the VOC background) may be anywhere
+        if cfg.spatial_prior > 0:  # things only: stuff (and the VOC background) may be anywhere
             isthing = self.class_isthing[instance_class] & instance_valid
-            prior = click_distance(point_masks, out_size) * isthing[:, :, None, None].to(fuse.dtype)
+            prior = cfg.spatial_prior * click_distance(point_masks, out_size) * isthing[:, :, None, None].to(fuse.dtype)
         mask_logits, class_logits = [], []
         for li, layer in enumerate(self.layers):
             if li > 0:  # Eq. 2-3: aggregate from the previous layer's pseudo label, on the F^fuse grid
@@ -405,6 +402,6 @@ class EPLDNet(nn.Module):
                 query = query + self.class_embed(instance_class)  # Eq. 5
             logits = layer(query, query_pos, memory, memory_pos, padding, level_shapes, out_size, pixel)
             if prior is not None:
-                logits = logits - F.softplus(self.spatial_strength[li]) * prior
+                logits = logits - prior
             mask_logits.append(logits.masked_fill(padding[:, :, None, None], MASKED_LOGIT))
         return {"mask_logits": mask_logits, "class_logits": class_logits or None}
