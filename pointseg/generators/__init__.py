@@ -35,6 +35,7 @@ _METHODS = {
     "extreme_polygon": "pointseg.generators.extreme_baselines:ExtremePolygonGenerator",
     "grabcut": "pointseg.generators.extreme_baselines:GrabCutGenerator",
     "p2seg": "pointseg.generators.p2seg:P2SegGenerator",
+    "epld": "pointseg.generators.epld:EPLDGenerator",
 }
 
 

@@ -10,6 +10,7 @@ and the high-level boundary map ``P^b_high`` from one point per segment
 Functions
 ---------
 partial_cross_entropy  ``L_partial``: cross-entropy at the labelled points only (Appendix B).
+lab_affinity           the LAB-similar neighbour pairs of ``L_sem^LAB`` (Eq. 12-13), once per image batch.
 local_affinity_loss    ``L_sem^LAB``: same-label probability of LAB-similar 8-neighbours (Eq. 12-13).
 grid_mst               minimum spanning tree of the 4-connected pixel grid, RGB edge lengths.
 tree_filter            ``sum_j S_ij x_j / sum_j S_ij`` over the MST, O(N) (Eq. 14).
@@ -40,6 +41,7 @@ __all__ = [
     "Point2MaskLossConfig",
     "SpanningTree",
     "partial_cross_entropy",
+    "lab_affinity",
     "local_affinity_loss",
     "grid_mst",
     "tree_filter",
@@ -150,12 +152,38 @@ def _pair_slices(h: int, w: int, dy: int, dx: int):
     return (..., ys_a, xs_a), (..., ys_b, xs_b)
 
 
+def lab_affinity(lab: torch.Tensor, tau: float = 0.3, theta1: float = 2.0,
+                 dilation: int = 2) -> list[tuple[tuple, tuple, torch.Tensor]]:
+    """The neighbour pairs of ``L_sem^LAB`` that pass the threshold (Eq. 12-13), once per image batch.
+
+    For each unordered 8-neighbour offset at spacing ``dilation`` (pairs
+    leaving the image dropped): the slices ``(a, c)`` that select the pixels
+    ``p`` and ``p + offset`` of a ``(..., H, W)`` tensor, and
+    ``keep = 1[exp(-||r_p - r_{p+offset}||_2 / theta_1) >= tau]`` (B, H', W')
+    float. It depends on the image only, so a loss over several predictions of
+    one image (e.g. every decoder layer) computes it once.
+
+    lab : (B, 3, H, W) float, L*a*b* in real units (L in [0, 100]).
+    """
+    h, w = lab.shape[-2:]
+    out = []
+    for dy, dx in _HALF_NEIGHBOURS_8:
+        dy, dx = dy * dilation, dx * dilation
+        if dy >= h or abs(dx) >= w:
+            continue
+        a, c = _pair_slices(h, w, dy, dx)
+        similarity = torch.exp(-torch.linalg.vector_norm(lab[a] - lab[c], dim=1) / theta1)  # Eq. 12
+        out.append((a, c, (similarity >= tau).to(lab.dtype)))
+    return out
+
+
 def local_affinity_loss(
     probs: torch.Tensor,
-    lab: torch.Tensor,
+    lab: torch.Tensor | None = None,
     tau: float = 0.3,
     theta1: float = 2.0,
     dilation: int = 2,
+    affinity: list | None = None,
 ) -> torch.Tensor:
     """Local LAB affinity loss ``L_sem^LAB`` (Point2Mask Appendix B, Eq. 12-13; BoxInst).
 
@@ -175,25 +203,24 @@ def local_affinity_loss(
     ----------
     probs : (B, C, H, W) float, softmax probabilities ``P^s``.
     lab : (B, 3, H, W) float, L*a*b* in real units (L in [0, 100]).
+    affinity : instead of ``lab``, ``tau``, ``theta1``, ``dilation``: the pairs
+        from :func:`lab_affinity` of the same images.
 
     Returns
     -------
     loss : scalar tensor (0 if no pair passes the threshold).
     """
-    if probs.ndim != 4 or lab.shape != (probs.shape[0], 3, *probs.shape[2:]):
-        raise ValueError(f"local_affinity_loss: probs {tuple(probs.shape)} and lab {tuple(lab.shape)} disagree")
-    b, _, h, w = probs.shape
+    if affinity is None:
+        if probs.ndim != 4 or lab is None or lab.shape != (probs.shape[0], 3, *probs.shape[2:]):
+            shape = None if lab is None else tuple(lab.shape)
+            raise ValueError(f"local_affinity_loss: probs {tuple(probs.shape)} and lab {shape} disagree")
+        affinity = lab_affinity(lab, tau, theta1, dilation)
+    b = probs.shape[0]
     log_p = torch.log(probs.clamp_min(1e-12))
-    lab = lab.to(probs.dtype)
     total = probs.new_zeros(b)
     count = probs.new_zeros(b)
-    for dy, dx in _HALF_NEIGHBOURS_8:
-        dy, dx = dy * dilation, dx * dilation
-        if dy >= h or abs(dx) >= w:
-            continue
-        a, c = _pair_slices(h, w, dy, dx)
-        similarity = torch.exp(-torch.linalg.vector_norm(lab[a] - lab[c], dim=1) / theta1)  # Eq. 12
-        keep = (similarity >= tau).to(probs.dtype)  # (B, h', w')
+    for a, c, keep in affinity:
+        keep = keep.to(probs.dtype)  # (B, h', w')
         log_same = torch.logsumexp(log_p[a] + log_p[c], dim=1)  # log sum_c P_i^c P_j^c
         total = total - (log_same * keep).sum(dim=(1, 2))
         count = count + keep.sum(dim=(1, 2))

@@ -1,0 +1,258 @@
+"""EPLD pseudo labels: the trained distance branch's ``M^l``, argmax over instances (Eq. 6-7).
+
+One network pass labels a whole batch: every image is resized to the
+checkpoint's ``input_size``, the batch runs through the network once, and each
+image's ``M^l`` logits (``(N_b, S/8, S/8)``, its own instances only) are
+resized back to its ``H x W`` (bilinear) before the softmax over instances:
+
+    M^l = softmax_n(logits),   X^l = 1 - M^l  (Eq. 6),   label(i) = argmax_n M^l_n(i)  (Eq. 7)
+
+Uncertainty (:attr:`PseudoLabel.uncertainty`), per pixel, from the same ``M^l``::
+
+    u(i) = 1 - (M_(1)(i) - M_(2)(i))
+
+where ``M_(1) >= M_(2)`` are the two largest instance probabilities at ``i``
+(``M_(2) = 0`` for an image with one instance): 0 where one instance takes
+all the probability, 1 where the two best tie. It needs no ground truth.
+
+Bad input raises ``ValueError`` naming the image's position in the batch
+and the problem (a point outside the image or not finite, a category outside
+the label space or outside the network's classes, an image without points);
+nothing is labelled for that call, so a caller can label the other images
+alone. A 1-pixel segment's click is an ordinary instance (its query is its
+point's feature; Eq. 2 keeps the point after erosion).
+"""
+
+from __future__ import annotations
+
+import time
+
+import cv2
+import numpy as np
+import torch
+
+from pointseg.data.points import validate_points
+from pointseg.data.record import Category, Points
+from pointseg.generators.base import PseudoLabel, TrainableGenerator, assemble
+from pointseg.generators.psps import scaled_points
+from pointseg.generators.epld.batch import network_batch
+from pointseg.generators.epld.model import MASKED_LOGIT
+from pointseg.generators.epld.config import EPLDConfig
+from pointseg.generators.epld.trainable import EPLDTrainable
+from pointseg.viz.maps import heatmap
+from pointseg.viz.overlay import _title, blend, colorize, draw_points
+
+__all__ = ["EPLDGenerator", "bilinear_matrix", "keep_clicked_components", "top2_assignment"]
+
+#: Output rows resized at once when mapping ``M^l`` back to an image (bounds memory on large images).
+ROW_BAND = 256
+
+
+def bilinear_matrix(out_size: int, in_size: int) -> torch.Tensor:
+    """``A`` (out, in) with ``A @ x`` = 1-D bilinear resize of ``x``, ``align_corners=False``.
+
+    Output pixel ``o`` samples input coordinate ``c = (o + 0.5) in / out - 0.5``,
+    clamped to ``[0, in - 1]``, between its two neighbours (the rule of
+    ``torch.nn.functional.interpolate``). Applied on rows and columns it is the
+    2-D bilinear resize, and a band of output rows needs only a band of ``A``.
+    """
+    c = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * in_size / out_size - 0.5).clamp(0, in_size - 1)
+    lo = c.floor().long()
+    hi = (lo + 1).clamp(max=in_size - 1)
+    frac = (c - lo).float()
+    a = torch.zeros(out_size, in_size)
+    rows = torch.arange(out_size)
+    a[rows, lo] += 1 - frac
+    a[rows, hi] += frac
+    return a
+
+
+def keep_clicked_components(logits: torch.Tensor, cells: np.ndarray, point_instance: np.ndarray,
+                            isthing: np.ndarray, rounds: int = 3) -> tuple[torch.Tensor, int]:
+    """Thing masks connected to their clicks: an extension, not in EPLD (``connected_things``).
+
+    A learned distance has no notion of contiguity, so ``argmax_n M`` can give
+    a thing disconnected fragments far from its click. Here, on the logits'
+    own grid: every connected part (8-connectivity) of a thing's argmax mask
+    that holds none of its clicks gets that thing's logit set to
+    :data:`MASKED_LOGIT` (the pixels go to their next-best instance), repeated
+    ``rounds`` times (a freed part can create new fragments). Stuff masks may
+    be disconnected and are left alone.
+
+    logits : (N, h, w); cells : (P, 2) int ``(row, col)`` of the points on that
+    grid; point_instance : (P,) instance of each point; isthing : (N,) bool.
+    Returns the new logits and the number of grid cells taken from a thing.
+    """
+    logits = logits.clone()
+    moved = 0
+    for _ in range(rounds):
+        label = logits.argmax(0).numpy()
+        changed = False
+        for n in np.flatnonzero(isthing):
+            mask = (label == n).astype(np.uint8)
+            if not mask.any():
+                continue
+            _, comp = cv2.connectedComponents(mask, connectivity=8)
+            own = cells[point_instance == n]
+            keep = set(comp[own[:, 0], own[:, 1]].tolist()) - {0}
+            stray = (comp > 0) & ~np.isin(comp, list(keep))
+            if stray.any():
+                logits[n][torch.from_numpy(stray)] = MASKED_LOGIT
+                moved += int(stray.sum())
+                changed = True
+        if not changed:
+            break
+    return logits, moved
+
+
+def top2_assignment(logits: torch.Tensor, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Eq. 7 and the uncertainty at ``height x width`` from one image's ``(N, h, w)`` logits.
+
+    The logits are resized bilinearly (:func:`bilinear_matrix`, in bands of
+    :data:`ROW_BAND` rows), then ``M = softmax_n``; returns ``argmax_n M``
+    (H, W) int64 and ``1 - (M_(1) - M_(2))`` (H, W) float32.
+    """
+    n, h, w = logits.shape
+    ay, ax = bilinear_matrix(height, h), bilinear_matrix(width, w)
+    cols = logits.float() @ ax.T  # (N, h, W)
+    assignment = np.empty((height, width), np.int64)
+    uncertainty = np.empty((height, width), np.float32)
+    for r0 in range(0, height, ROW_BAND):
+        band = torch.einsum("yh,nhw->nyw", ay[r0 : r0 + ROW_BAND], cols).softmax(0)
+        if n == 1:
+            top = torch.cat([band, torch.zeros_like(band)])
+            idx = torch.zeros_like(band[0], dtype=torch.long)[None]
+        else:
+            top, idx = band.topk(2, dim=0)
+        assignment[r0 : r0 + ROW_BAND] = idx[0].numpy()
+        uncertainty[r0 : r0 + ROW_BAND] = (1.0 - (top[0] - top[1])).clamp(0, 1).numpy()
+    return assignment, uncertainty
+
+
+class EPLDGenerator(TrainableGenerator):
+    """EPLD pseudo labels from a trained distance branch (module docstring)."""
+
+    name = "epld"
+    Config = EPLDConfig
+    stage1 = EPLDTrainable
+
+    def __init__(self, config, categories: dict[int, Category], net=None):
+        super().__init__(config, categories, net=net)
+        self.net.eval()
+        layers = self.net.cfg.layers
+        layer = self.config.layer
+        if not (layer == -1 or 1 <= layer <= layers):
+            raise ValueError(f"layer={layer}: the checkpoint has {layers} decoder layers (1..{layers}, or -1 for the last)")
+        self.layer_index = layers - 1 if layer == -1 else layer - 1
+        self.input_size = self.config.input_size or self.net.cfg.input_size
+        if self.input_size != self.net.cfg.input_size and self.net.cfg.query_feature == "learned":
+            raise ValueError(f"input_size={self.input_size}: a network with query_feature=learned (E^learn of "
+                             f"{self.net.cfg.input_size // 8}^2 cells) labels at its training size only")
+        self.channel_of = {c: i for i, c in enumerate(self.net.category_ids)}
+        missing = sorted(set(categories) - set(self.channel_of))
+        if missing:
+            raise ValueError(f"checkpoint {self.config.checkpoint}: category id(s) {missing} are not among the "
+                             f"{len(self.channel_of)} classes the network was trained on")
+
+    def generate(self, image: np.ndarray, points: Points) -> PseudoLabel:
+        return self([image], [points])[0]
+
+    def _check(self, index: int, image: np.ndarray, points: Points) -> None:
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"image {index} of the batch: must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
+        if len(points) == 0:
+            raise ValueError(f"image {index} of the batch: image has no points")
+        _, problems = validate_points(points, image.shape[0], image.shape[1], self.categories)
+        if problems:
+            more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise ValueError(f"image {index} of the batch: {problems[0]}{more}")
+
+    @torch.no_grad()
+    def _forward(self, images: list[np.ndarray], points: list[Points]) -> tuple[dict, dict]:
+        """Checked inputs -> ``(network batch, network output)``: one forward pass for the whole batch."""
+        for i, (img, pts) in enumerate(zip(images, points)):
+            self._check(i, img, pts)
+        batch = network_batch(images, points, self.categories, self.channel_of, self.input_size)
+        device = self.config.device
+        out = self.net(batch["image"].to(device), batch["point_masks"].to(device), batch["instance_valid"].to(device),
+                       batch["instance_class"].to(device))
+        return batch, out
+
+    def __call__(self, images: list[np.ndarray], points: list[Points]) -> list[PseudoLabel]:
+        if len(images) != len(points):
+            raise ValueError(f"{len(images)} images but {len(points)} point sets")
+        if not images:
+            return []
+        t0 = time.perf_counter()
+        size = self.input_size
+        batch, out = self._forward(images, points)
+        logits = out["mask_logits"][self.layer_index].float().cpu()
+        network_s = (time.perf_counter() - t0) / len(images)
+        labels = []
+        for b, (img, pts, groups) in enumerate(zip(images, points, batch["groups"])):
+            height, width = np.asarray(img).shape[:2]
+            own = logits[b, : len(groups)]
+            moved = 0
+            if self.config.connected_things:
+                instance = np.empty(len(pts), np.int64)
+                for n, g in enumerate(groups):
+                    instance[g.point_index] = n
+                own, moved = keep_clicked_components(own, scaled_points(pts, height, width, *own.shape[-2:]), instance,
+                                                     np.array([g.isthing for g in groups]))
+            assignment, uncertainty = top2_assignment(own, height, width)
+            restored = 0
+            if self.config.restore_points:
+                rc = pts.pixels(height, width)
+                for n, g in enumerate(groups):
+                    at = rc[g.point_index]
+                    wrong = assignment[at[:, 0], at[:, 1]] != n
+                    restored += int(wrong.sum())
+                    assignment[at[wrong, 0], at[wrong, 1]] = n
+            diag = {"instances": len(groups), "layer": self.layer_index + 1, "input_size": size,
+                    "batch_size": len(images), "network_seconds": network_s,
+                    "mean_uncertainty": float(uncertainty.mean()), "restored_point_pixels": restored,
+                    "fragment_cells_moved": moved}
+            labels.append(assemble(assignment, groups, diag, uncertainty))
+        return labels
+
+    def explain(self, image: np.ndarray, points: Points) -> np.ndarray:
+        """``image + points | M^1 .. M^L pseudo labels (Eq. 7) | uncertainty of the labelling layer``.
+
+        Table 4's story on one image: each decoder layer's argmax, the queries
+        re-aggregated from the previous one (Eq. 2-3).
+        """
+        batch, out = self._forward([image], [points])
+        groups = batch["groups"][0]
+        height, width = np.asarray(image).shape[:2]
+        f = 256 / max(height, width)
+        small = (max(1, round(height * f)), max(1, round(width * f)))
+        base = cv2.resize(np.asarray(image), small[::-1], interpolation=cv2.INTER_AREA)
+        pts = Points((points.xy + 0.5) * f - 0.5, points.segment, points.category_id)
+        tiles = [(draw_points(base, pts), "image + points")]
+        uncertainty = None
+        for li, logits in enumerate(out["mask_logits"]):
+            assignment, u = top2_assignment(logits[0, : len(groups)].float().cpu(), *small)
+            lab = assemble(assignment, groups)
+            tiles.append((blend(base, colorize(lab.id_map, lab.segments_info, self.categories)), f"M^{li + 1}"))
+            if li == self.layer_index:
+                uncertainty = u
+        tiles.append((heatmap(uncertainty, 0.0, 1.0), f"uncertainty (M^{self.layer_index + 1})"))
+        return np.concatenate([_title(t, s) for t, s in tiles], axis=1)
+
+    @classmethod
+    def summarize(cls, diagnostics: list[dict]) -> dict | None:
+        rows = [d for d in diagnostics if "mean_uncertainty" in d]
+        if not rows:
+            return None
+        return {
+            "title": "EPLD distance branch",
+            "summary": {
+                "images": len(rows),
+                "mean_instances": float(np.mean([d["instances"] for d in rows])),
+                "mean_uncertainty": float(np.mean([d["mean_uncertainty"] for d in rows])),
+                "restored_point_pixels": int(sum(d.get("restored_point_pixels", 0) for d in rows)),
+                "network_seconds_per_image": float(np.mean([d["network_seconds"] for d in rows])),
+            },
+            "table": [],
+        }

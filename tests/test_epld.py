@@ -1,0 +1,440 @@
+"""EPLD: query aggregation (Eq. 1-3) by hand, the focal loss against torchvision, the losses on tiny
+inputs, bad inputs, the network's shapes, a fit_plain -> load_trained round trip and the batched generator."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from pointseg.data.images import encode_png
+from pointseg.data.record import Category, Points
+from pointseg.generators import GENERATORS, build_generator
+from pointseg.generators.epld import EPLDConfig, EPLDGenerator, EPLDTrainable, EPLDTrainConfig
+from pointseg.generators.epld import generator as epld_generator
+from pointseg.generators.epld.batch import network_batch
+from pointseg.generators.epld.losses import class_focal_loss, distance_loss, sigmoid_focal_loss
+from pointseg.generators.epld.model import (
+    MASKED_LOGIT,
+    EPLDNet,
+    aggregation_masks,
+    click_distance,
+    erode,
+    masked_mean,
+    sine_position_embedding,
+)
+from pointseg.train.engine import fit_plain, load_trained
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+CATS = {1: Category(1, "disc", True), 2: Category(2, "box", True), 7: Category(7, "sky", False)}
+#: A CPU-tiny network: random backbone (no weight file read), 64 px, D = 16.
+TINY = dict(pretrained=False, input_size=64, hidden_dim=16, num_heads=2, ffn_dim=16, layers=3, loss_stride=4,
+            batch_size=2, steps=2, report_every=1, checkpoint_every=1)
+
+
+# ----------------------------------------------------------------------------- Eq. 1-3 by hand
+
+
+def test_query_aggregation_matches_a_hand_computation_on_6x6():
+    # F^fuse with channel 0 = column index, channel 1 = row index.
+    rows, cols = np.mgrid[0:6, 0:6]
+    feature = torch.tensor(np.stack([cols, rows]), dtype=torch.float32)[None]  # (1, 2, 6, 6)
+    # previous layer's pseudo label: instance 0 = columns 0-3, instance 1 = columns 4-5;
+    # a padded third slot has the largest logit everywhere and must be ignored (instance_valid)
+    label = np.where(cols < 4, 0, 1)
+    logits = torch.tensor(np.stack([(label == 0) * 5.0, (label == 1) * 5.0, np.full((6, 6), 9.0)]),
+                          dtype=torch.float32)[None]
+    valid = torch.tensor([[True, True, False]])
+    points = torch.zeros(1, 3, 6, 6)
+    points[0, 0, 2, 3] = 1  # instance 0's click at row 2, col 3 (on its border: eroded away)
+    points[0, 1, 0, 4] = 1  # instance 1's click at row 0, col 4
+
+    # Eq. 1 (first layer): the mean over the point mask is the feature at the click
+    q1 = masked_mean(feature, points)
+    assert q1[0, 0].tolist() == [3.0, 2.0] and q1[0, 1].tolist() == [4.0, 0.0]
+
+    # one 3x3 erosion (the image border does not erode): instance 0 keeps columns 0-2,
+    # instance 1 keeps column 5; Eq. 2 puts the clicks back
+    m = aggregation_masks(logits, points, valid, erosion=True, kernel=3, iters=1)
+    expect0 = (cols <= 2) | ((rows == 2) & (cols == 3))
+    expect1 = (cols == 5) | ((rows == 0) & (cols == 4))
+    assert np.array_equal(m[0, 0].numpy() == 1, expect0) and np.array_equal(m[0, 1].numpy() == 1, expect1)
+    q = masked_mean(feature, m)  # Eq. 3
+    assert q[0, 0].tolist() == pytest.approx([21 / 19, 47 / 19])  # (6 (0+1+2) + 3) / 19, (3 * 15 + 2) / 19
+    assert q[0, 1].tolist() == pytest.approx([34 / 7, 15 / 7])  # (6 * 5 + 4) / 7, 15 / 7
+
+    # the paper's three erosions: instance 0 shrinks to column 0, instance 1 vanishes and is
+    # only its click again (Eq. 2's point restoration)
+    m3 = aggregation_masks(logits, points, valid, erosion=True, kernel=3, iters=3)
+    assert np.array_equal(m3[0, 0].numpy() == 1, (cols == 0) | ((rows == 2) & (cols == 3)))
+    assert np.array_equal(m3[0, 1].numpy() == 1, (rows == 0) & (cols == 4))
+    q3 = masked_mean(feature, m3)
+    assert q3[0, 0].tolist() == pytest.approx([3 / 7, 17 / 7]) and q3[0, 1].tolist() == [4.0, 0.0]
+
+    # erosion off: the one-hot argmax itself (plus the clicks, already inside)
+    m0 = aggregation_masks(logits, points, valid, erosion=False)
+    assert np.array_equal(m0[0, 0].numpy() == 1, label == 0) and m0[0, 2].sum() == 0
+
+
+def test_click_distance_by_hand():
+    # clicks of instance 0 in cells (0, 0) and (3, 3) of a 4x4 grid, read on an 8x8 grid; unit: the image side
+    points = torch.zeros(1, 2, 4, 4)
+    points[0, 0, 0, 0] = points[0, 0, 3, 3] = 1
+    d = click_distance(points, (8, 8))
+    assert d.shape == (1, 2, 8, 8)
+    assert float(d[0, 0, 0, 0]) == pytest.approx(math.hypot(0.0625, 0.0625))  # centre 1/16 vs 1/8
+    assert float(d[0, 0, 0, 7]) == pytest.approx(math.hypot(0.0625, 0.8125))  # nearer to neither: the min
+    assert float(d[0, 0, 7, 7]) == pytest.approx(math.hypot(0.0625, 0.0625))
+    assert (d[0, 1] == 0).all()  # an instance without a point gets no prior
+
+
+def test_erode_matches_opencv():
+    rng = np.random.default_rng(0)
+    masks = (rng.random((4, 13, 11)) < 0.8).astype(np.uint8)
+    for kernel, iters in ((3, 1), (3, 3), (5, 2)):
+        ours = erode(torch.from_numpy(masks).float(), kernel, iters).numpy().astype(np.uint8)
+        theirs = np.stack([cv2.erode(m, np.ones((kernel, kernel), np.uint8), iterations=iters) for m in masks])
+        assert np.array_equal(ours, theirs), (kernel, iters)
+
+
+# ----------------------------------------------------------------------------- Eq. 4
+
+
+def test_focal_loss_matches_torchvision():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 5, generator=gen) * 4
+    targets = (torch.rand(7, 5, generator=gen) < 0.3).float()
+    for alpha, gamma in ((0.25, 2.0), (0.5, 0.0), (-1.0, 1.5)):
+        ours = sigmoid_focal_loss(logits, targets, alpha, gamma)
+        ref = torchvision.ops.sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="none")
+        torch.testing.assert_close(ours, ref)
+    # Eq. 4: summed over the classes, averaged over the image's valid instances, then over images
+    klass = torch.tensor([[0, 3, 1], [4, 0, 0]])
+    valid = torch.tensor([[True, True, True], [True, False, False]])
+    cl = torch.randn(2, 3, 5, generator=gen)
+    ref = torchvision.ops.sigmoid_focal_loss(cl, F.one_hot(klass, 5).float(), reduction="none").sum(-1)
+    expect = (ref[0].mean() + ref[1, 0]) / 2
+    torch.testing.assert_close(class_focal_loss(cl, klass, valid), expect)
+
+
+# ----------------------------------------------------------------------------- network
+
+
+def test_sine_position_embedding():
+    e = sine_position_embedding(5, 7, 16)
+    assert e.shape == (16, 5, 7) and e.abs().max() <= 1.0
+    flat = e.flatten(1).T  # every pixel has its own code
+    assert torch.cdist(flat, flat).add(torch.eye(35) * 9).min() > 1e-3
+    with pytest.raises(ValueError, match="multiple of 4"):
+        sine_position_embedding(4, 4, 6)
+
+
+def _toy_batch(n_images=2, size=64, lab=True):
+    """Two coloured toy images with 3 and 1 instances, at other sizes than the network's."""
+    images = [np.zeros((48, 80, 3), np.uint8), np.full((70, 50, 3), 90, np.uint8)]
+    images[0][:, 40:] = (200, 30, 30)
+    images[0][30:, :20] = (30, 200, 30)
+    points = [Points([[10, 10], [60, 20], [5, 40]], [1, 2, 3], [1, 2, 7]), Points([[25, 35]], [4], [7])]
+    channel_of = {c: i for i, c in enumerate(sorted(CATS))}
+    return network_batch(images[:n_images], points[:n_images], CATS, channel_of, size, loss_stride=4,
+                         lab=lab), images, points
+
+
+@pytest.mark.parametrize("knobs", [{}, {"query_feature": "learned", "class_embedding": False, "cls_loss": False},
+                                   {"query_feature": "sine", "erosion": False, "decoder_blocks": 2},
+                                   {"mask_stride": 4, "spatial_prior": 10.0}])
+def test_network_shapes_and_padding(knobs):
+    cfg = EPLDTrainConfig(**TINY, **knobs)
+    net = EPLDNet(cfg, sorted(CATS), pretrained=False)
+    batch, _, _ = _toy_batch()
+    assert batch["point_masks"].shape == (2, 3, 8, 8) and batch["instance_valid"].tolist() == [[True] * 3, [True, False, False]]
+    assert batch["lab"].shape == (2, 3, 16, 16) and [len(p) for p in batch["point_yx"]] == [3, 1]
+    out = net(batch["image"], batch["point_masks"], batch["instance_valid"], batch["instance_class"])
+    assert len(out["mask_logits"]) == cfg.layers
+    side = cfg.input_size // cfg.mask_stride
+    for m in out["mask_logits"]:
+        assert m.shape == (2, 3, side, side) and torch.isfinite(m).all()
+        assert (m[1, 1:] == MASKED_LOGIT).all()  # padded slots never win
+    if cfg.cls_loss:
+        assert [c.shape for c in out["class_logits"]] == [(2, 3, 3)] * cfg.layers
+    else:
+        assert out["class_logits"] is None
+    # a precomputed backbone output (the frozen-backbone cache) gives the same result
+    again = net(batch["image"], batch["point_masks"], batch["instance_valid"], batch["instance_class"],
+                features=net.backbone_features(batch["image"]))
+    torch.testing.assert_close(again["mask_logits"][-1], out["mask_logits"][-1])
+
+
+def test_spatial_prior_lowers_thing_logits_by_the_click_distance():
+    batch, _, _ = _toy_batch(n_images=1)  # instances: thing 1, thing 2, stuff 7
+    things = [c for c in CATS if CATS[c].isthing]
+    with_prior = EPLDNet(EPLDTrainConfig(**TINY, spatial_prior=10.0), sorted(CATS), False, things).eval()
+    plain = EPLDNet(EPLDTrainConfig(**TINY), sorted(CATS), False, things).eval()
+    plain.load_state_dict(with_prior.state_dict())
+    args = (batch["image"], batch["point_masks"], batch["instance_valid"], batch["instance_class"])
+    diff = with_prior(*args)["mask_logits"][0] - plain(*args)["mask_logits"][0]  # layer 1: same queries
+    d = click_distance(batch["point_masks"], (8, 8))
+    torch.testing.assert_close(diff[0, :2], -10.0 * d[0, :2], atol=1e-4, rtol=1e-4)
+    assert diff[0, 2].abs().max() < 1e-4  # stuff: no prior
+
+
+def test_frozen_backbone_stays_frozen_in_train_mode():
+    net = EPLDNet(EPLDTrainConfig(**TINY), sorted(CATS), pretrained=False).train()
+    assert not net.backbone.training and net.fusion.training
+    assert not any(p.requires_grad for p in net.backbone.parameters())
+    net = EPLDNet(EPLDTrainConfig(**{**TINY, "freeze_backbone": False}), sorted(CATS), pretrained=False).train()
+    assert net.backbone.training and all(p.requires_grad for p in net.backbone.parameters())
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ValueError, match="input_size=100"):
+        EPLDTrainConfig(input_size=100)
+    with pytest.raises(ValueError, match="num_heads"):
+        EPLDTrainConfig(hidden_dim=18, num_heads=4)
+    with pytest.raises(ValueError, match="erosion_kernel"):
+        EPLDTrainConfig(erosion_kernel=2)
+    with pytest.raises(ValueError, match="layerz"):
+        EPLDTrainConfig(layerz=3)
+    with pytest.raises(ValueError, match="stage-1 network"):
+        EPLDGenerator({}, CATS)
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def test_losses_on_uniform_predictions_are_log_n():
+    """Zero logits: M is uniform over the N valid instances, so L_partial, L_col and L_self are log N per layer."""
+    cfg = EPLDTrainConfig(**TINY)
+    batch, _, _ = _toy_batch(n_images=1)  # one image, N = 3
+    batch["lab"] = torch.zeros_like(batch["lab"])  # one colour: every neighbour pair passes tau
+    zeros = torch.zeros(1, 3, 8, 8, requires_grad=True)
+    cls = torch.zeros(1, 3, 3, requires_grad=True)
+    out = {"mask_logits": [zeros] * cfg.layers, "class_logits": [cls] * cfg.layers}
+    terms = distance_loss(out, batch, cfg)
+    for key in ("partial", "color", "self"):
+        assert float(terms[key].detach()) == pytest.approx(cfg.layers * math.log(3), rel=1e-5), key
+    # L_cls at logit 0: per instance sum_c FL = 0.25 * 0.25 * log 2 + 2 * 0.75 * 0.25 * log 2
+    assert float(terms["cls"].detach()) == pytest.approx(cfg.layers * (0.0625 + 0.375) * math.log(2), rel=1e-5)
+    assert float(terms["loss"].detach()) == pytest.approx(sum(float(terms[k].detach()) for k in ("partial", "color", "self", "cls")))
+    terms["loss"].backward()
+    assert torch.isfinite(zeros.grad).all() and zeros.grad.abs().sum() > 0
+
+    # the Table 5 switches remove their terms; self-training waits for self_training_start
+    off = EPLDTrainConfig(**TINY, color_prior=False, self_training=False)
+    t = distance_loss(out, batch, off)
+    assert float(t["color"]) == 0 and float(t["self"]) == 0 and float(t["partial"]) > 0
+    late = EPLDTrainConfig(**TINY, self_training_start=10)
+    assert float(distance_loss(out, batch, late, step=9)["self"]) == 0
+    assert float(distance_loss(out, batch, late, step=10)["self"]) > 0
+
+
+def test_partial_loss_vanishes_on_a_confident_correct_prediction():
+    cfg = EPLDTrainConfig(**TINY, color_prior=False, self_training=False, cls_loss=False)
+    batch, _, _ = _toy_batch(n_images=1)
+    grid = cfg.input_size // cfg.loss_stride
+    logits = torch.zeros(1, 3, grid, grid)
+    for (r, c), n in zip(batch["point_yx"][0].tolist(), batch["point_instance"][0].tolist()):
+        logits[0, n, r, c] = 30.0
+    terms = distance_loss({"mask_logits": [logits], "class_logits": None}, batch, cfg)
+    assert float(terms["partial"]) < 1e-6
+
+
+def test_bad_inputs_never_give_a_nan_loss():
+    """One instance (softmax over one channel), two instances clicked in one cell, a constant image,
+    a 1-pixel segment's click on the image corner: every term finite, with a gradient."""
+    cfg = EPLDTrainConfig(**TINY)
+    net = EPLDNet(cfg, sorted(CATS), pretrained=False)
+    channel_of = {c: i for i, c in enumerate(sorted(CATS))}
+    images = [np.full((20, 20, 3), 128, np.uint8), np.zeros((33, 17, 3), np.uint8), np.zeros((64, 64, 3), np.uint8)]
+    points = [Points([[5, 5]], [1], [1]),
+              Points([[3.0, 3.0], [3.2, 3.1]], [1, 2], [1, 2]),
+              Points([[63, 63], [10, 10]], [1, 2], [1, 7])]
+    batch = network_batch(images, points, CATS, channel_of, cfg.input_size, cfg.loss_stride, lab=True)
+    out = net(batch["image"], batch["point_masks"], batch["instance_valid"], batch["instance_class"])
+    terms = distance_loss(out, batch, cfg)
+    assert all(torch.isfinite(v) for v in terms.values()), terms
+    terms["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+
+# ----------------------------------------------------------------------------- stage 1 through the engine
+
+
+def _index_rows(tmp_path, n=4, bad=False):
+    """Index rows of toy images written as PNG: two coloured halves, a thing click on each, a stuff click."""
+    rows = []
+    for i in range(n):
+        img = np.zeros((40 + 4 * i, 56, 3), np.uint8)
+        img[:, :28] = (200, 40 + 20 * i, 30)
+        img[:, 28:] = (30, 40, 200)
+        img[:8] = (120, 170, 230)
+        path = tmp_path / f"{i}.png"
+        path.write_bytes(encode_png(img))
+        pts = [{"x": 10.0, "y": 25.0, "segment": 1, "category_id": 1},
+               {"x": 45.0, "y": 25.0, "segment": 2, "category_id": 2},
+               {"x": 30.0, "y": 2.0, "segment": 3, "category_id": 7}]
+        rows.append({"image_id": i, "file_name": str(path), "height": img.shape[0], "width": 56, "points": json.dumps(pts)})
+    if bad:
+        # only a click of a class outside the label space: skipped and counted, never a NaN
+        rows.append({**rows[0], "image_id": 90, "points": json.dumps([{"x": 3, "y": 3, "segment": 1, "category_id": 99}])})
+        # a 1-pixel segment (one click on the corner) beside a large one
+        rows.append({**rows[1], "image_id": 91, "points": json.dumps(
+            [{"x": 55, "y": 0, "segment": 5, "category_id": 1}, {"x": 20, "y": 20, "segment": 6, "category_id": 7}])})
+    return rows
+
+
+def test_fit_plain_save_load_round_trip_and_valid_labels(tmp_path):
+    rows = _index_rows(tmp_path, bad=True)
+    ck = str(tmp_path / "ck")
+    trainable = EPLDTrainable({**TINY, "steps": 3}, CATS)
+    result = fit_plain(trainable, rows, ck)
+    assert result["step"] == 3 and math.isfinite(result["loss"])
+    assert result["skipped_rows"] >= 1 and "ValueError" in result["skip_reasons"]
+    net, meta = load_trained(ck, EPLDTrainable)
+    assert meta["trainable"] == "epld" and meta["config"]["layers"] == 3 and net.category_ids == sorted(CATS)
+    assert len(trainable._features) > 0  # the frozen backbone's features were cached
+
+    gen = build_generator("epld", {"checkpoint": ck}, CATS)
+    images = [cv2.cvtColor(cv2.imread(r["file_name"]), cv2.COLOR_BGR2RGB) for r in rows[:3]]
+    points = [Points.from_list(json.loads(r["points"])) for r in rows[:3]]
+    labels = gen(images, points)
+    # the same weights in memory give the same labels
+    again = EPLDGenerator({}, CATS, net=net)(images, points)
+    for lab, lab2, img, pts in zip(labels, again, images, points):
+        assert np.array_equal(lab.id_map, lab2.id_map)
+        assert lab.id_map.shape == img.shape[:2] and lab.id_map.dtype == np.int32
+        ids = {s["id"] for s in lab.segments_info}
+        assert set(np.unique(lab.id_map)) <= ids and 0 not in np.unique(lab.id_map)  # Eq. 7 labels every pixel
+        assert sum(s["area"] for s in lab.segments_info) == lab.id_map.size
+        assert {s["category_id"] for s in lab.segments_info} <= set(pts.category_id.tolist())
+        assert lab.uncertainty.shape == img.shape[:2] and 0 <= lab.uncertainty.min() <= lab.uncertainty.max() <= 1
+        assert lab.diagnostics["layer"] == 3 and lab.diagnostics["instances"] == 3
+    assert EPLDGenerator.summarize([lab.diagnostics for lab in labels])["summary"]["images"] == 3
+
+
+def test_a_nan_loss_stops_training_naming_step_and_images(tmp_path, monkeypatch):
+    from pointseg.generators.epld import trainable as epld_trainable
+
+    real = epld_trainable.distance_loss
+
+    def nan_at_step_one(outputs, batch, cfg, step=0):
+        terms = real(outputs, batch, cfg, step)
+        if step == 1:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(epld_trainable, "distance_loss", nan_at_step_one)
+    with pytest.raises(FloatingPointError, match=r"at step 1 .*batch image ids \[\d+, \d+\]"):
+        fit_plain(EPLDTrainable({**TINY, "steps": 3}, CATS), _index_rows(tmp_path), str(tmp_path / "ck"))
+
+
+# ----------------------------------------------------------------------------- the generator
+
+
+def test_bilinear_resize_and_banded_top2_match_interpolate(monkeypatch):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 6, 5, generator=gen)
+    for out_h, out_w in ((13, 7), (6, 5), (3, 2)):
+        ref = F.interpolate(x[None], size=(out_h, out_w), mode="bilinear", align_corners=False)[0]
+        ours = torch.einsum("yh,nhw,xw->nyx", epld_generator.bilinear_matrix(out_h, 6), x,
+                            epld_generator.bilinear_matrix(out_w, 5))
+        torch.testing.assert_close(ours, ref)
+    monkeypatch.setattr(epld_generator, "ROW_BAND", 4)  # several bands
+    ref = F.interpolate(x[None], size=(13, 7), mode="bilinear", align_corners=False)[0].softmax(0)
+    top = ref.topk(2, 0).values
+    assignment, uncertainty = epld_generator.top2_assignment(x, 13, 7)
+    assert np.array_equal(assignment, ref.argmax(0).numpy())
+    np.testing.assert_allclose(uncertainty, (1 - (top[0] - top[1])).numpy(), atol=1e-6)
+    a1, u1 = epld_generator.top2_assignment(x[:1], 13, 7)  # one instance: all its, certain
+    assert (a1 == 0).all() and (u1 == 0).all()
+
+
+def test_keep_clicked_components_by_hand():
+    # thing 0 wins columns 0 and 4 of a 5x5 grid (two parts), its click in column 0; thing 1 wins the middle;
+    # stuff 2 wins nothing but its own far corner cell in a part without its click
+    logits = torch.zeros(3, 5, 5)
+    logits[0, :, [0, 4]] = 5.0
+    logits[1, :, 1:4] = 5.0
+    logits[1, :, 4] = 2.0  # thing 1 is next best on column 4
+    logits[2, 4, 4] = 9.0
+    cells = np.array([[2, 0], [2, 2], [0, 2]])
+    new, moved = epld_generator.keep_clicked_components(logits, cells, np.array([0, 1, 2]),
+                                                        np.array([True, True, False]))
+    label = new.argmax(0).numpy()
+    assert (label[:, 0] == 0).all() and (label[:, 1:4] == 1).all()
+    assert (label[:4, 4] == 1).all() and label[4, 4] == 2  # thing 0's stray part moved; stuff untouched
+    assert moved == 4
+
+
+def test_batched_call_equals_single_calls_and_bad_images_are_named():
+    cfg = EPLDTrainConfig(**TINY)
+    net = EPLDNet(cfg, sorted(CATS), pretrained=False).eval()
+    gen = EPLDGenerator({"restore_points": True, "connected_things": True}, CATS, net=net)
+    _, images, points = _toy_batch()
+    images.append(np.full((31, 64, 3), 200, np.uint8))
+    points.append(Points([[1, 1], [60, 28]], [8, 9], [2, 2]))
+    batched = gen(images, points)
+    for img, pts, lab in zip(images, points, batched):
+        single = gen([img], [pts])[0]
+        assert (single.id_map == lab.id_map).mean() > 0.999
+        np.testing.assert_allclose(single.uncertainty, lab.uncertainty, atol=1e-4)
+        rc = pts.pixels(*img.shape[:2])  # restore_points: every click labels its own pixel
+        seg_of = {s["source_segment"]: s["id"] for s in lab.segments_info}
+        assert all(lab.id_map[r, c] == seg_of[s] for (r, c), s in zip(rc, pts.segment.tolist()))
+
+    pic = gen.explain(images[0], points[0])  # image | M^1..M^L | uncertainty, 256 px on the long side
+    assert pic.dtype == np.uint8 and pic.shape[1] == (cfg.layers + 2) * 256 and pic.shape[2] == 3
+
+    with pytest.raises(ValueError, match=r"image 1 of the batch: .*category_id 99"):
+        gen(images[:2], [points[0], Points([[3, 3]], [1], [99])])
+    with pytest.raises(ValueError, match=r"image 0 of the batch: .*outside"):
+        gen(images[:1], [Points([[500, 3]], [1], [1])])
+    with pytest.raises(ValueError, match="no points"):
+        gen(images[:1], [Points.empty()])
+    with pytest.raises(ValueError, match=r"category id\(s\) \[5\] .* not among"):
+        EPLDGenerator({}, {**CATS, 5: Category(5, "new", True)}, net=net)
+    with pytest.raises(ValueError, match="layer=4"):
+        EPLDGenerator({"layer": 4}, CATS, net=net)
+    # labelling above the training size: a finer M^l from the same weights
+    big = EPLDGenerator({"input_size": 128}, CATS, net=net)(images[:1], points[:1])[0]
+    assert big.id_map.shape == images[0].shape[:2] and big.diagnostics["input_size"] == 128
+    learned = EPLDNet(EPLDTrainConfig(**TINY, query_feature="learned"), sorted(CATS), pretrained=False)
+    with pytest.raises(ValueError, match="query_feature=learned"):
+        EPLDGenerator({"input_size": 128}, CATS, net=learned)
+
+
+def test_registered_and_config_validated():
+    assert GENERATORS["epld"] is EPLDGenerator and EPLDGenerator.stage1 is EPLDTrainable
+    assert EPLDGenerator.trains(EPLDConfig()) and not EPLDGenerator.trains(EPLDConfig(checkpoint="x"))
+    with pytest.raises(ValueError, match="restore_pointz"):
+        EPLDConfig(restore_pointz=True)
+    with pytest.raises(ValueError, match="input_size=100"):
+        EPLDConfig(input_size=100)
+
+
+def test_distance_branch_learns_a_two_colour_toy(tmp_path):
+    """40 steps on four toy images: the last layer splits the coloured halves and the sky strip
+    (an untrained network gets about a quarter of the pixels right)."""
+    rows = _index_rows(tmp_path)
+    ck = str(tmp_path / "ck")
+    fit_plain(EPLDTrainable({**TINY, "steps": 40, "lr": 3e-3, "checkpoint_every": 40, "report_every": 20}, CATS), rows, ck)
+
+    def accuracy(gen):
+        img = cv2.cvtColor(cv2.imread(rows[0]["file_name"]), cv2.COLOR_BGR2RGB)
+        lab = gen([img], [Points.from_list(json.loads(rows[0]["points"]))])[0]
+        seg_of = {s["category_id"]: s["id"] for s in lab.segments_info}
+        truth = np.full(img.shape[:2], seg_of.get(2, -1))
+        truth[:, :28] = seg_of.get(1, -1)
+        truth[:8] = seg_of.get(7, -1)
+        return (lab.id_map == truth).mean()
+
+    untrained = accuracy(EPLDGenerator({}, CATS, net=EPLDTrainable(TINY, CATS).build(pretrained=False)))
+    trained = accuracy(EPLDGenerator({"checkpoint": ck}, CATS))
+    assert trained > 0.8 and trained > untrained + 0.3, (trained, untrained)
