@@ -9,7 +9,7 @@ lengths over all paths from ``s`` to ``p`` (Point2Mask Eq. 3)::
 
 computed with Dijkstra's algorithm. This is the *one* shortest-path code in
 pointseg: PSPS (each pixel takes the label of the point with the minimum
-traversing distance), the Point2Mask transport costs and P2Seg all call it.
+traversing distance), the Point2Mask transport costs and P2Seg (through its PSPS semantic source) all use it.
 
 Edge lengths are stored as a dense ``(8, H, W)`` array ``cost`` where
 ``cost[d, y, x]`` is the length of the edge from ``(y, x)`` to

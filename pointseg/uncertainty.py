@@ -11,9 +11,11 @@ score                    equation (per pixel ``p``)                     generato
 :func:`distance_ratio`   ``u = D_1 / D_2 = 1 - (D_2 - D_1) / D_2``      PSPS, Voronoi (nearest
                          (one minus the relative gap between the         source by a distance)
                          nearest and second-nearest label's distance)
-:func:`cost_gap`         the same on a cost volume ``C[i, p]``: best    Point2Mask (supplier costs)
+:func:`cost_gap`         the same on a cost volume ``C[i, p]``: best    (supplier costs)
                          and second-best supplier cost
-:func:`transport_entropy`  ``u = -sum_i q_i log q_i / log N``,          Point2Mask (transport plan)
+:func:`assigned_cost_ratio`  ``min(1, C[a(p), p] / min_{i!=a} C[i, p])``   Point2Mask (default: the
+                         for the supplier ``a(p)`` the pixel was given  group costs of Eq. 3)
+:func:`transport_entropy`  ``u = -sum_i q_i log q_i / log N``,          (a transport plan)
                          ``q_i = T[i, p] / sum_j T[j, p]``
 :func:`margin_uncertainty`  ``u = 1 - (P_(1) - P_(2))``, top-two mask   EPLD, P2Seg, EXITS
                          probabilities
@@ -47,6 +49,7 @@ __all__ = [
     "SUGGESTION_RADIUS",
     "SUGGESTION_SEPARATION",
     "UNCERTAIN_THRESHOLD",
+    "assigned_cost_ratio",
     "cost_gap",
     "distance_ratio",
     "image_summary",
@@ -134,6 +137,41 @@ def cost_gap(costs: np.ndarray, axis: int = 0) -> np.ndarray:
         return np.zeros(c.shape[1:], np.float32)
     two = np.partition(c, 1, axis=0)[:2]
     return distance_ratio(two[0], two[1])
+
+
+def assigned_cost_ratio(costs: np.ndarray, assignment: np.ndarray) -> np.ndarray:
+    """Uncertainty of an assignment that may differ from the cheapest supplier (Point2Mask).
+
+    For a cost volume ``C[i, p] >= 0`` (``G`` suppliers) and the supplier
+    ``a(p)`` each pixel was given::
+
+        u(p) = min(1, C[a(p), p] / min_{i != a(p)} C[i, p])
+
+    Where ``a(p)`` is the cheapest supplier this is :func:`cost_gap`'s
+    ``C_(1) / C_(2)``; where optimal transport moved ``p`` away from its cheapest
+    supplier the ratio exceeds 1 and ``u = 1``: the cost itself disagrees with
+    the label. One supplier: 0. Pixels with ``a(p) < 0`` (unlabelled): 1.
+
+    Returns (H, W) float32 in [0, 1].
+    """
+    c = np.asarray(costs, np.float64)
+    a = np.asarray(assignment)
+    if c.ndim != 3 or a.shape != c.shape[1:]:
+        raise ValueError(f"costs {c.shape} must be (G, H, W) and assignment {a.shape} (H, W)")
+    if np.isnan(c).any() or (c < 0).any():
+        raise ValueError("costs must be >= 0 and not NaN")
+    if c.shape[0] == 1:
+        return np.where(a >= 0, 0.0, 1.0).astype(np.float32)
+    idx = np.clip(a, 0, c.shape[0] - 1)
+    own = np.take_along_axis(c, idx[None], 0)[0]
+    others = c.copy()
+    np.put_along_axis(others, idx[None], np.inf, 0)
+    rival = others.min(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        u = np.where(rival > 0, own / np.where(rival > 0, rival, 1.0), 1.0)  # rival cost 0: a tie at best
+    u = np.where(np.isinf(rival), 0.0, u)
+    u = np.where(a >= 0, np.clip(u, 0.0, 1.0), 1.0)
+    return u.astype(np.float32)
 
 
 def transport_entropy(plan: np.ndarray, axis: int = 0) -> np.ndarray:

@@ -10,9 +10,11 @@ from scipy.stats import entropy
 
 from pointseg.data.record import Category, Points
 from pointseg.generators import build_generator, seed_groups
+from pointseg.generators.point2mask.costs import group_costs
 from pointseg.generators.psps import low_level_maps
 from pointseg.geodesic import edge_costs, to_csgraph
 from pointseg.uncertainty import (
+    assigned_cost_ratio,
     cost_gap,
     distance_ratio,
     image_summary,
@@ -45,6 +47,43 @@ def test_cost_gap_is_the_ratio_of_the_two_smallest_costs():
     np.testing.assert_allclose(cost_gap(costs), [[2 / 4, 1 / 2]])
     np.testing.assert_allclose(cost_gap(np.moveaxis(costs, 0, -1), axis=-1), [[0.5, 0.5]])
     assert (cost_gap(costs[:1]) == 0).all()
+
+
+def test_assigned_cost_ratio_by_hand():
+    costs = np.array([[[4.0, 1.0, 3.0, 0.0]], [[2.0, 5.0, 3.0, 0.0]], [[8.0, 2.0, 6.0, 1.0]]])  # (G=3, 1, 4)
+    # cheapest given: C_(1)/C_(2); pixel 0 given the dearer group 0 (4 vs rival 2): 1; a tie; clicked pixel
+    u = assigned_cost_ratio(costs, np.array([[0, 0, 1, 0]]))
+    np.testing.assert_allclose(u, [[1.0, 1 / 2, 1.0, 1.0]])
+    u = assigned_cost_ratio(costs, np.array([[1, 0, 0, 0]]))
+    np.testing.assert_allclose(u, [[2 / 4, 1 / 2, 1.0, 1.0]])  # pixel 3: own 0, rival 0 -> tie
+    u = assigned_cost_ratio(costs, np.array([[1, 0, 2, -1]]))
+    np.testing.assert_allclose(u, [[0.5, 0.5, 1.0, 1.0]])  # 6/3 > 1 -> 1; unlabelled -> 1
+    # where the assignment is the argmin it is cost_gap
+    np.testing.assert_allclose(assigned_cost_ratio(costs[:, :, :3], costs[:, :, :3].argmin(0)),
+                               cost_gap(costs[:, :, :3]))
+    assert (assigned_cost_ratio(costs[:1], np.zeros((1, 4), int)) == 0).all()
+    with pytest.raises(ValueError, match="must be"):
+        assigned_cost_ratio(costs, np.zeros((2, 4), int))
+
+
+def test_point2mask_uncertainty_is_the_cost_ratio_of_its_assignment():
+    img, pts = scene()
+    cfg = {"downscale": 1.0, "assignment": "mincost"}
+    gen = build_generator("point2mask", cfg, CATS)
+    label = gen.generate(img, pts)
+    assert label.uncertainty is not None and label.uncertainty.shape == img.shape[:2]
+    rc = pts.pixels(*img.shape[:2])
+    assert (label.uncertainty[rc[:, 0], rc[:, 1]] == 0).all()
+    # MinCost: every pixel takes its cheapest group, so u = C_(1) / C_(2) of the group costs (Eq. 3),
+    # recomputed here from the maps and a scipy-free cost_gap
+    maps = gen.maps(img, img.shape[:2])
+    costs = group_costs(maps, rc, seed_groups(pts, CATS), 0.1, True, True, "class")
+    np.testing.assert_allclose(label.uncertainty, cost_gap(costs), atol=1e-6)
+    ot = build_generator("point2mask", {"downscale": 1.0}, CATS).generate(img, pts)
+    assert ot.uncertainty is not None and ot.diagnostics["uncertainty_mean"] == pytest.approx(
+        float(ot.uncertainty.mean()), rel=1e-5)
+    off = build_generator("point2mask", {"uncertainty": False}, CATS).generate(img, pts)
+    assert off.uncertainty is None
 
 
 def test_transport_entropy_equals_scipy_entropy_in_base_n():

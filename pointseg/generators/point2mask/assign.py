@@ -21,9 +21,10 @@ from pointseg.generators.point2mask.config import Point2MaskConfig
 from pointseg.generators.point2mask.costs import class_edge_costs, cost_key, group_costs
 from pointseg.generators.point2mask.maps import TransportMaps, finite_maps
 from pointseg.generators.point2mask.supply import supplier_units
-from pointseg.generators.psps import scaled_points, scaled_size, upsample_labels
+from pointseg.generators.psps import scaled_points, scaled_size, upsample_labels, upsample_map
 from pointseg.geodesic import geodesic_distance
 from pointseg.sinkhorn import transport
+from pointseg.uncertainty import assigned_cost_ratio
 
 
 @dataclass
@@ -52,7 +53,7 @@ def _raise_min_supply(k: np.ndarray, min_supply: int, c: _Counters) -> np.ndarra
 
 
 def point2mask_assignment(maps: TransportMaps, sources: np.ndarray, groups: list[SeedGroup],
-                          cfg: Point2MaskConfig) -> tuple[np.ndarray, dict]:
+                          cfg: Point2MaskConfig, costs_out: list | None = None) -> tuple[np.ndarray, dict]:
     """Segment index per pixel of the working grid, and the diagnostics.
 
     maps : the image's :class:`TransportMaps` at ``(h, w)``; sources : (P, 2)
@@ -61,7 +62,9 @@ def point2mask_assignment(maps: TransportMaps, sources: np.ndarray, groups: list
 
     Returns ``assignment`` (h, w) int64 (index into ``groups``) and a JSON-able
     dict of diagnostics (module docstring). Things / stuff rule, supplier units
-    and fallbacks: see the module docstring.
+    and fallbacks: see the module docstring. ``costs_out``: a list that
+    receives the (G, h, w) group cost volume of Eq. 3 (unreachable pixels at
+    the finite fallback cost), for the uncertainty map.
     """
     counters = _Counters()
     maps, counters.nonfinite_map_pixels = finite_maps(maps)
@@ -102,6 +105,8 @@ def point2mask_assignment(maps: TransportMaps, sources: np.ndarray, groups: list
                 counters.seed_pixels_restored += int(wrong.sum())
                 assignment[rc[wrong, 0], rc[wrong, 1]] = gi
     diag = _diagnostics(counters, cfg)
+    if costs_out is not None:
+        costs_out.append(costs)
     return assignment, diag
 
 
@@ -220,6 +225,10 @@ def label_image(image: np.ndarray, points: Points, cfg: Point2MaskConfig, catego
                 f"{tuple(sources[0].tolist())}: the segments cannot be told apart"
             )
     maps = make_maps(image, (h, w), sorted({g.category_id for g in groups}))
-    assignment, diag = point2mask_assignment(maps, sources, groups, cfg)
+    costs: list = []
+    assignment, diag = point2mask_assignment(maps, sources, groups, cfg, costs_out=costs)
+    uncertainty = None
+    if cfg.uncertainty:
+        uncertainty = upsample_map(assigned_cost_ratio(costs[0], assignment), height, width)
     diag.update({"fullres_retry": fullres_retry, "scaled_size": [h, w], "seconds": time.perf_counter() - t0})
-    return assemble(upsample_labels(assignment, height, width), groups, diag)
+    return assemble(upsample_labels(assignment, height, width), groups, diag, uncertainty)

@@ -50,6 +50,9 @@ class Point2MaskConfig(TrainableGeneratorConfig):
     semantic_classes: Literal["present", "all"] = Field(
         "present", description="learned P^s: softmax over the classes among the image's points (image-level labels, "
         "the authors' code masks P^s with them) or over all classes")
+    uncertainty: bool = Field(
+        True, description="per-pixel uncertainty of the label (pointseg.uncertainty.assigned_cost_ratio of the "
+        "group costs, Eq. 3): the review page's worst-first order and next-click suggestions")
 
     @field_validator("solver")
     @classmethod
