@@ -177,7 +177,8 @@ def sweep_fingerprint(tcfg: TuneConfig, base: PipelineConfig) -> dict:
     out = {"method": tcfg.method, "space": tcfg.space, "objective": tcfg.objective, "metric": tcfg.metric,
            "mode": tcfg.mode, "num_samples": tcfg.num_samples, "subset": tcfg.subset,
            "dataset": base.dataset.model_dump(mode="json"), "points": base.points.model_dump(mode="json"),
-           "base_params": base.generator.params.model_dump(mode="json") if base.generator.method == tcfg.method else {}}
+           "base_params": base.generator.params.model_dump(mode="json") if base.generator.method == tcfg.method else {},
+           "base_train": base.generator.train.model_dump(mode="json") if base.generator.train is not None else None}
     if tcfg.objective == "stage2":  # the trials train from this config and the ASHA settings
         out.update(train=base.train.model_dump(mode="json"), scheduler=tcfg.scheduler,
                    asha=tcfg.asha.model_dump(mode="json"))

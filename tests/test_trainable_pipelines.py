@@ -37,3 +37,17 @@ def test_exits_from_extreme_points(ray_local, tmp_path):
                  {"steps": 2, "warmup_steps": 1, "crop_size": 64, "max_objects_per_step": 4},
                  baselines=("box",))
     assert set(report["baselines"]) == {"box"} and report["method_summary"] is not None
+
+
+@pytest.mark.slow
+def test_epld_from_p1_points(ray_local, tmp_path):
+    report = run(tmp_path, "epld", "p1",
+                 {"steps": 2, "input_size": 64, "hidden_dim": 16, "layers": 2, "mask_stride": 8})
+    assert report["method_summary"] is not None
+
+
+@pytest.mark.slow
+def test_p2seg_from_p1_points(ray_local, tmp_path):
+    report = run(tmp_path, "p2seg", "p1", {"steps": 2, "image_size": 64, "affinity_grid": 8, "width": 16},
+                 params={"rounds": 1})
+    assert report["method_summary"] is not None
