@@ -253,7 +253,8 @@ def test_sweep_table_best_config_and_resume_errored(ray_local, tmp_path):
     best_key = max(direct, key=direct.get)
     best_cfg = load_config(PipelineConfig, str(tune_dir / "best_config.yaml"))
     assert best_cfg.generator.method == "psps"
-    assert best_cfg.generator.params.model_dump() == {"beta": best_key[0], "downscale": best_key[1], "blur_sigma": 0.0}
+    assert best_cfg.generator.params.model_dump() == {"beta": best_key[0], "downscale": best_key[1], "blur_sigma": 0.0,
+                                                      "uncertainty": True}
     assert best_cfg.dataset == base.dataset and best_cfg.points == base.points
 
     # A changed space must not silently resume the old sweep.
