@@ -438,3 +438,36 @@ def test_distance_branch_learns_a_two_colour_toy(tmp_path):
     untrained = accuracy(EPLDGenerator({}, CATS, net=EPLDTrainable(TINY, CATS).build(pretrained=False)))
     trained = accuracy(EPLDGenerator({"checkpoint": ck}, CATS))
     assert trained > 0.8 and trained > untrained + 0.3, (trained, untrained)
+
+
+def test_geodesic_thing_split_keeps_stuff_and_gives_foreground_to_the_geodesically_nearest_thing():
+    from scipy.sparse.csgraph import dijkstra
+
+    from pointseg.generators.base import seed_groups
+    from pointseg.generators.psps import low_level_maps
+    from pointseg.geodesic import edge_costs, to_csgraph
+
+    rng = np.random.default_rng(0)
+    img = np.full((16, 20, 3), 200, np.uint8)
+    img[:, 10:] = (30, 30, 220)  # two colours: the geodesic cost is high across the border
+    img = np.clip(img.astype(int) + rng.integers(-5, 6, img.shape), 0, 255).astype(np.uint8)
+    pts = Points([[3.0, 8.0], [15.0, 8.0], [10.0, 1.0]], [1, 2, 7], [1, 1, 7])  # two discs, sky
+    groups = seed_groups(pts, CATS)
+    thing = [n for n, g in enumerate(groups) if g.isthing]
+    stuff = [n for n, g in enumerate(groups) if not g.isthing][0]
+    assignment = np.full((16, 20), thing[0], np.int64)  # the network gave all foreground to one thing
+    assignment[:3] = stuff
+    before = assignment.copy()
+    changed = epld_generator.geodesic_thing_split(img, pts, groups, assignment, beta=0.1, downscale=1.0)
+    # oracle: scipy Dijkstra from each thing's click on the same PSPS edge costs
+    lab, boundary = low_level_maps(img, (16, 20), 0.5)
+    graph = to_csgraph(edge_costs(lab, boundary, beta=0.1))
+    rc = pts.pixels(16, 20)
+    d = np.stack([dijkstra(graph, indices=rc[groups[n].point_index[0], 0] * 20 + rc[groups[n].point_index[0], 1],
+                           min_only=True).reshape(16, 20) for n in thing])
+    expect = np.array(thing)[d.argmin(0)]
+    fg = before != stuff
+    np.testing.assert_array_equal(assignment[~fg], before[~fg])  # stuff untouched
+    np.testing.assert_array_equal(assignment[fg], expect[fg])
+    assert changed == int((before[fg] != expect[fg]).sum()) > 0
+    assert (assignment[fg][:, None] == np.array(thing)).any(1).all()

@@ -53,6 +53,12 @@ class EPLDConfig(TrainableGeneratorConfig):
     restore_points: bool = Field(
         False, description="give each click's pixel back to its instance after Eq. 7 (counted in diagnostics); "
         "false: Eq. 7 alone, as in the paper")
+    thing_split: Literal["network", "geodesic"] = Field(
+        "network", description="our extension: 'network' splits the foreground among things by Eq. 7 (the paper); "
+        "'geodesic' keeps EPLD's foreground / stuff decision and gives every foreground pixel to the thing whose "
+        "clicks are nearest in PSPS's geodesic cost (LAB colour + split_beta * Sobel boundary)")
+    split_beta: float = Field(0.1, ge=0, description="thing_split geodesic: boundary weight of the edge cost (PSPS beta)")
+    split_downscale: float = Field(0.5, gt=0, le=1, description="thing_split geodesic: working fraction of the size")
 
 
     @model_validator(mode="after")

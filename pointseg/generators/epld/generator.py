@@ -34,7 +34,8 @@ import torch
 from pointseg.data.points import validate_points
 from pointseg.data.record import Category, Points
 from pointseg.generators.base import PseudoLabel, TrainableGenerator, assemble
-from pointseg.generators.psps import scaled_points
+from pointseg.generators.psps import low_level_maps, scaled_points, scaled_size, upsample_labels
+from pointseg.geodesic import edge_costs, nearest_source
 from pointseg.generators.epld.batch import network_batch
 from pointseg.generators.epld.model import MASKED_LOGIT
 from pointseg.generators.epld.config import EPLDConfig
@@ -42,10 +43,39 @@ from pointseg.generators.epld.trainable import EPLDTrainable
 from pointseg.viz.maps import heatmap
 from pointseg.viz.overlay import _title, blend, colorize, draw_points
 
-__all__ = ["EPLDGenerator", "bilinear_matrix", "keep_clicked_components", "top2_assignment"]
+__all__ = ["EPLDGenerator", "bilinear_matrix", "geodesic_thing_split", "keep_clicked_components", "top2_assignment"]
 
 #: Output rows resized at once when mapping ``M^l`` back to an image (bounds memory on large images).
 ROW_BAND = 256
+
+
+def geodesic_thing_split(image: np.ndarray, points: Points, groups, assignment: np.ndarray, beta: float,
+                         downscale: float) -> int:
+    """``thing_split: geodesic`` (our extension): EPLD decides foreground, a geodesic splits it among things.
+
+    ``assignment`` (H, W) int, index into ``groups`` (Eq. 7's label), is
+    changed in place: every pixel whose label is a thing goes to the thing
+    whose clicks are nearest in PSPS's geodesic cost (:mod:`pointseg.geodesic`,
+    LAB colour + ``beta`` * Sobel boundary at ``downscale`` of the size). Stuff
+    pixels keep EPLD's label. Returns the number of pixels whose thing changed.
+    """
+    things = [n for n, g in enumerate(groups) if g.isthing]
+    if len(things) < 2:
+        return 0
+    height, width = assignment.shape
+    h, w = scaled_size(height, width, downscale)
+    lab, boundary = low_level_maps(np.asarray(image), (h, w), 0.5)
+    cost = edge_costs(lab, boundary, beta=beta)
+    index = np.concatenate([groups[n].point_index for n in things])
+    owner = np.concatenate([np.full(len(groups[n].point_index), n) for n in things])
+    _, label = nearest_source(cost, scaled_points(points, height, width, h, w)[index], labels=owner)
+    nearest = upsample_labels(label, height, width)
+    isthing = np.zeros(len(groups), bool)
+    isthing[things] = True
+    fg = isthing[assignment]
+    changed = fg & (assignment != nearest)
+    assignment[fg] = nearest[fg]
+    return int(changed.sum())
 
 
 def bilinear_matrix(out_size: int, in_size: int) -> torch.Tensor:
@@ -201,6 +231,10 @@ class EPLDGenerator(TrainableGenerator):
                 own, moved = keep_clicked_components(own, scaled_points(pts, height, width, *own.shape[-2:]), instance,
                                                      np.array([g.isthing for g in groups]))
             assignment, uncertainty = top2_assignment(own, height, width)
+            split = 0
+            if self.config.thing_split == "geodesic":
+                split = geodesic_thing_split(img, pts, groups, assignment, self.config.split_beta,
+                                             self.config.split_downscale)
             restored = 0
             if self.config.restore_points:
                 rc = pts.pixels(height, width)
@@ -212,7 +246,7 @@ class EPLDGenerator(TrainableGenerator):
             diag = {"instances": len(groups), "layer": self.layer_index + 1, "input_size": size,
                     "batch_size": len(images), "network_seconds": network_s,
                     "mean_uncertainty": float(uncertainty.mean()), "restored_point_pixels": restored,
-                    "fragment_cells_moved": moved}
+                    "fragment_cells_moved": moved, "geodesic_split_pixels": split}
             labels.append(assemble(assignment, groups, diag, uncertainty))
         return labels
 
