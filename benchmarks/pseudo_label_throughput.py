@@ -17,9 +17,10 @@ alike; the median of the repeats is printed.
   last (start-up excluded), and the **fixed cost** separately: from an
   initialised Ray to the first labelled batch (actor start-up, imports, first
   batch);
-* **peak memory**: the peak, over the run, of the PSS summed over this process
-  and all its descendants (the local Ray cluster is among them), sampled every
-  0.1 s.
+* **peak memory**: the peak, over one extra run of each path (sampling
+  ``/proc/*/smaps`` costs CPU, so timed runs are never sampled), of the PSS
+  summed over this process and all its descendants (the local Ray cluster is
+  among them), sampled every 0.1 s.
 
 Ray Data's own per-operator stats (``ds.stats()``) of the last Ray run are
 printed at the end (``--stats``). The load average is printed beside the
@@ -158,21 +159,27 @@ def main() -> None:
     fixed: dict[str, list[float]] = {}
     peaks: dict[str, int] = {}
     stats: list = []
+    # Timed runs are never sampled: reading /proc/*/smaps of every Ray process ten times a second costs
+    # a good part of a core and the driver's GIL, which a 2-core box cannot spare while 2 actors run.
     for rep in range(args.repeats):
         times.setdefault("generator loop", []).append(args.images / generator_loop(cfg, categories, rows))
-        shards = str(work / f"loop{rep}")
-        with PeakPSS() as mem:
-            times.setdefault("operator loop", []).append(args.images / operator_loop(cfg, categories, rows, shards,
-                                                                                     args.batch_size))
-        peaks["operator loop"] = max(peaks.get("operator loop", 0), mem.peak)
+        times.setdefault("operator loop", []).append(
+            args.images / operator_loop(cfg, categories, rows, str(work / f"loop{rep}"), args.batch_size))
         for n in args.actors:
             name = f"ray data, {n} actor{'s' if n > 1 else ''}"
-            with PeakPSS() as mem:
-                r = ray_run(cfg, categories, rows, str(work / f"ray{n}_{rep}"), n, args.batch_size,
-                            stats if rep == args.repeats - 1 else None)
-            peaks[name] = max(peaks.get(name, 0), mem.peak)
+            r = ray_run(cfg, categories, rows, str(work / f"ray{n}_{rep}"), n, args.batch_size,
+                        stats if rep == args.repeats - 1 else None)
             times.setdefault(name, []).append(r["after_first"] / r["steady"])
             fixed.setdefault(name, []).append(r["fixed"])
+    # Peak memory: one more run of each path, sampled (not timed).
+    with PeakPSS() as mem:
+        operator_loop(cfg, categories, rows, str(work / "loop_mem"), args.batch_size)
+    peaks["operator loop"] = mem.peak
+    for n in args.actors:
+        name = f"ray data, {n} actor{'s' if n > 1 else ''}"
+        with PeakPSS() as mem:
+            ray_run(cfg, categories, rows, str(work / f"ray{n}_mem"), n, args.batch_size)
+        peaks[name] = mem.peak
     load = os.getloadavg()
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"\n{args.method} on {args.images} synthetic images of {args.size}x{args.size}, batch {args.batch_size}, "
