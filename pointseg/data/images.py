@@ -34,6 +34,7 @@ import io
 import re
 import warnings
 
+import cv2
 import fsspec
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
@@ -317,3 +318,11 @@ def _check_rgb(rgb: np.ndarray) -> np.ndarray:
         raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got shape {rgb.shape} dtype {rgb.dtype}")
     return np.ascontiguousarray(rgb)
 
+
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+    """``(H, W, C)`` -> ``(size, size, C)`` with area interpolation (the image itself, made C-contiguous,
+    when it already has that size): the square network input of EPLD, P2Seg and Point2Mask's MapNet."""
+    image = np.asarray(image)
+    if image.shape[:2] == (size, size):
+        return np.ascontiguousarray(image)
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)

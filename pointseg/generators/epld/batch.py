@@ -10,10 +10,10 @@ one per thing object, one per stuff class of the image.
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 import torch
 
+from pointseg.data.images import resize_square as square
 from pointseg.data.record import Category, Points
 from pointseg.generators.base import SeedGroup, seed_groups
 from pointseg.generators.psps import scaled_points
@@ -30,7 +30,7 @@ def resize_square(image: np.ndarray, size: int, flip: bool = False) -> np.ndarra
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
-    out = image if image.shape[:2] == (size, size) else cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+    out = square(image, size)
     return np.ascontiguousarray(out[:, ::-1] if flip else out)
 
 
@@ -95,7 +95,7 @@ def network_batch(images: list[np.ndarray], points: list[Points], categories: di
             point_yx.append(torch.from_numpy(_cells(pts, height, width, grid, flip)))
             point_instance.append(torch.from_numpy(instance))
             if lab:
-                small = resized[-1] if grid == size else cv2.resize(resized[-1], (grid, grid), interpolation=cv2.INTER_AREA)
+                small = square(resized[-1], grid)
                 labs.append(torch.from_numpy(np.moveaxis(rgb_to_lab(small), -1, 0).copy()))
     out = {
         "image": torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).float().div(255.0),

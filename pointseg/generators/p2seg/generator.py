@@ -42,11 +42,11 @@ from __future__ import annotations
 
 import time
 
-import cv2
 import numpy as np
 import torch
 from scipy import ndimage
 
+from pointseg.data.images import resize_square
 from pointseg.data.record import Points
 from pointseg.generators.base import PseudoLabel, TrainableGenerator, assemble
 from pointseg.generators import build_generator
@@ -150,8 +150,7 @@ class P2SegGenerator(TrainableGenerator):
     @torch.no_grad()
     def _forward(self, images: list[np.ndarray]) -> dict[str, torch.Tensor]:
         s = self.image_size
-        x = np.stack([cv2.resize(im, (s, s), interpolation=cv2.INTER_AREA) if im.shape[:2] != (s, s) else im
-                      for im in images])
+        x = np.stack([resize_square(im, s) for im in images])
         x = torch.from_numpy(x).permute(0, 3, 1, 2).float().div(255.0).to(self.config.device)
         self.net.eval()
         return {k: v.float().cpu() for k, v in self.net(x).items()}

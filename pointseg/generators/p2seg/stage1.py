@@ -33,11 +33,11 @@ import copy
 import logging
 from collections import Counter
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pointseg.data.images import resize_square
 from pointseg.data.record import ImageRecord
 from pointseg.generators import build_generator
 from pointseg.generators.p2seg.config import P2SegConfig, P2SegTrainConfig
@@ -64,12 +64,6 @@ log = logging.getLogger("pointseg.train")
 def round_of(step: int, steps: int, rounds: int) -> int:
     """The distillation round of (0-based) ``step`` when ``steps`` are cut into ``rounds + 1`` parts."""
     return min(rounds, step * (rounds + 1) // max(steps, 1))
-
-
-def _resize(image: np.ndarray, size: int) -> np.ndarray:
-    if image.shape[:2] == (size, size):
-        return np.ascontiguousarray(image)
-    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
 
 
 class P2SegTrainable(Trainable):
@@ -127,7 +121,7 @@ class P2SegTrainable(Trainable):
     def _prepare(self, record: ImageRecord) -> tuple[np.ndarray, ThingLayout, tuple, dict | None]:
         """One record -> (input image, thing layout, (box, min_area), round-0 targets or None)."""
         s = self.config.image_size
-        image = _resize(record.image, s)
+        image = resize_square(record.image, s)
         points = scale_points(record.points, record.height, record.width, s, s)
         epoch = self._collate.epoch if self._collate is not None else 0
         if self.config.hflip and np.random.default_rng([self.config.seed, epoch, record.image_id]).random() < 0.5:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from pointseg.data.images import resize_square
 from pointseg.generators.psps import low_level_maps
 
 @dataclass
@@ -115,8 +116,7 @@ def net_maps(net, images: list[np.ndarray], size: int | None, device: str = "cpu
     """
     if not images:
         return []
-    inputs = [cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA) if size and im.shape[:2] != (size, size) else im
-              for im in images]
+    inputs = [resize_square(im, size) if size else im for im in images]
     x = torch.from_numpy(np.ascontiguousarray(np.stack(inputs))).permute(0, 3, 1, 2).float().div(255).to(device)
     was = net.training
     net.eval()

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 from functools import partial
 
-import cv2
 import numpy as np
 import torch
 
+from pointseg.data.images import resize_square
 from pointseg.data.record import ImageRecord, Points
 from pointseg.generators.point2mask.assign import label_image
 from pointseg.generators.point2mask.config import Point2MaskConfig, Point2MaskTrainConfig
@@ -41,7 +41,7 @@ _LOADING_KEYS = ("maps", "checkpoint", "device", "input_max_side")
 def resize_record(record: ImageRecord, size: int) -> tuple[np.ndarray, Points]:
     """Image resized to ``size x size`` uint8 and its points scaled onto it."""
     h, w = record.image.shape[:2]
-    img = cv2.resize(record.image, (size, size), interpolation=cv2.INTER_AREA) if (h, w) != (size, size) else record.image
+    img = resize_square(record.image, size)
     pts = record.points
     xy = (pts.xy + 0.5) * np.array([size / w, size / h]) - 0.5
     return np.ascontiguousarray(img), Points(xy, pts.segment, pts.category_id)
