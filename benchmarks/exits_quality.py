@@ -171,6 +171,11 @@ def retrieval_pr(checkpoint: str, cats, rows, gt, records, alphas: list[int]) ->
     return out
 
 
+def f1(precision: float, recall: float) -> float:
+    """Harmonic mean of precision and recall (0 when both are 0)."""
+    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -221,12 +226,14 @@ def main() -> None:
     results["methods"] = table
     if args.retrieval:
         pr = retrieval_pr(checkpoint, cats, rows, gt, records, [int(a) for a in args.alphas.split(",")])
-        print("\n| alpha | FG precision | FG recall | BG precision | BG recall | objects | nothing retrieved |")
-        print("|---|---|---|---|---|---|---|")
+        print("\n| alpha | FG precision | FG recall | FG F1 | BG precision | BG recall | BG F1 | objects | "
+              "nothing retrieved |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in pr:
             print(f"| {r['alpha']} | {100 * r['fg_precision']:.1f} | {100 * r['fg_recall']:.1f} | "
-                  f"{100 * r['bg_precision']:.1f} | {100 * r['bg_recall']:.1f} | {r['objects']} | "
-                  f"{r['nothing_retrieved']} |")
+                  f"{100 * f1(r['fg_precision'], r['fg_recall']):.1f} | {100 * r['bg_precision']:.1f} | "
+                  f"{100 * r['bg_recall']:.1f} | {100 * f1(r['bg_precision'], r['bg_recall']):.1f} | "
+                  f"{r['objects']} | {r['nothing_retrieved']} |")
         results["retrieval"] = pr
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=float))

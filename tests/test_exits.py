@@ -20,7 +20,7 @@ from pointseg.generators.exits.retrieval import (
     retrieve_points,
     transition_matrix,
 )
-from pointseg.generators.exits.stage1 import object_batch
+from pointseg.generators.exits.stage1 import box_masks, object_batch
 from pointseg.train.engine import fit_plain, load_trained
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -241,6 +241,12 @@ def test_object_batch_crops_every_object_and_flips_consistently():
             assert torch.equal(flipped["crops"][k], b["crops"][k])
     jittered = object_batch([rec], CATS, cfg.model_copy(update={"crop_jitter": 0.2}), epoch=0, train=True)
     assert not torch.allclose(jittered["boxes"], b["boxes"])  # the box moves inside the crop
+    # each side's margin (fraction of the box) is drawn from [0.15, 0.15 + 0.2]: never below the labelling
+    # margin, so every side keeps cells outside the box (P_BG)
+    x0, y0, x1, y1 = jittered["boxes"].double().unbind(1)
+    margins = torch.stack([x0 / (x1 - x0), y0 / (y1 - y0), (32 - x1) / (x1 - x0), (32 - y1) / (y1 - y0)])
+    assert margins.min() >= 0.15 - 1e-4 and margins.max() <= 0.35 + 1e-4
+    assert margins.max() > 0.2
 
 
 @pytest.mark.parametrize("similarity", ["vit_attention", "feature_cosine"])
@@ -264,6 +270,28 @@ def test_stage1_fit_save_load_and_label(tmp_path, similarity):
     assert a.diagnostics["objects"] == 2 and a.diagnostics["labelled"] == 2
     # resume: a finished run reloads and reports the same step
     assert fit_plain(ExitsStage1(cfg, CATS), rows, str(tmp_path / "ck"))["step"] == 4
+
+
+def test_mil_always_adds_the_mil_term_for_objects_with_retrieved_points():
+    """Eq. 8 with ``mil: fallback`` (the paper) drops MIL where points were retrieved; ``always`` keeps it."""
+    recs = [ImageRecord(i, 64, 64, image=_scene(i)[0], points=_scene(i)[1]) for i in range(2)]
+    base = {**TINY, "similarity": "feature_cosine", "tau_reference_nodes": None, "tau_fg": 0.0, "tau_bg": 0.0,
+            "point_dropout": 0.0}
+    terms = {}
+    for mode in ("fallback", "always"):
+        trainable = ExitsStage1({**base, "mil": mode}, CATS)
+        torch.manual_seed(0)
+        net = trainable.build().eval()
+        trainable.start(net)
+        batch = object_batch(recs, CATS, trainable.config, epoch=0, train=False)
+        terms[mode] = trainable.loss(net, batch, step=5)
+    assert float(terms["fallback"]["mil_fallback"]) == 0.0  # tau 0: every object retrieves some cell
+    assert float(terms["always"]["mil_fallback"]) == 1.0
+    cfg = trainable.config
+    logits, _ = net(batch["crops"], "generator_trunk")
+    box = box_masks(batch["boxes"], cfg.grid * cfg.upsample, cfg.crop_size)
+    expected = cfg.lambda_mil * mil_loss(torch.sigmoid(logits), box).mean()
+    assert torch.allclose(terms["always"]["point"] - terms["fallback"]["point"], expected, atol=1e-5)
 
 
 def test_stage1_ema_teacher_moves_toward_the_student(tmp_path):

@@ -58,9 +58,12 @@ def crop_objects(image: np.ndarray, objects: list[ExtremeObject], cfg: ExitsTrai
                  rng: np.random.Generator | None = None) -> dict:
     """The crops of one image's objects and their geometry in crop coordinates.
 
-    ``rng`` (training) jitters each side's margin by ``crop_jitter``, so the
-    box does not sit at one fixed place in every crop (else a network learns
-    the box from the position alone). Returns ``crops`` (K, 3, S, S) float in
+    ``rng`` (training) draws each side's margin from ``crop_margin + U(0,
+    crop_jitter)``, so the box does not sit at one fixed place in every crop
+    (else a network learns the box from the position alone). The draw is
+    one-sided: a margin below ``crop_margin`` (the labelling margin) can leave
+    a side with no cell outside the box, so no ``P_BG`` there, and with the
+    retrieved points the point loss then rewards filling the whole crop. Returns ``crops`` (K, 3, S, S) float in
     [0, 1], ``windows`` (K, 4) image
     edge coordinates, and (crop coordinates, float32 tensors) ``extremes``
     (K, 4, 2) pixel centres of top/left/bottom/right, ``boxes`` (K, 4) and
@@ -70,8 +73,8 @@ def crop_objects(image: np.ndarray, objects: list[ExtremeObject], cfg: ExitsTrai
     S = cfg.crop_size
     boxes = np.array([o.box for o in objects], np.float64).reshape(-1, 4)
     margin = cfg.crop_margin
-    if rng is not None and cfg.crop_jitter > 0:  # each side's margin drawn around crop_margin
-        margin = np.clip(margin + rng.uniform(-cfg.crop_jitter, cfg.crop_jitter, (len(objects), 4)), 0, None)
+    if rng is not None and cfg.crop_jitter > 0:  # each side's margin drawn from [crop_margin, + crop_jitter]
+        margin = margin + rng.uniform(0.0, cfg.crop_jitter, (len(objects), 4))
     windows = crop_windows(boxes, margin)
     tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255
     crops = crop_images(tensor, windows, S)
@@ -237,6 +240,8 @@ class ExitsStage1(Trainable):
         if not cfg.use_retrieved_points:
             fg_hat, bg_hat = torch.zeros_like(fg_hat), torch.zeros_like(bg_hat)
         retrieved_any = (fg_hat | bg_hat).any(1)
+        if cfg.mil == "always":  # not the paper's Eq. 8 (config note): MIL for every object
+            retrieved_any = torch.zeros_like(retrieved_any)
         g = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + int(step))
         fg_kept = point_dropout(fg_hat, cfg.point_dropout, g)
         bg_kept = point_dropout(bg_hat, cfg.point_dropout, g)
