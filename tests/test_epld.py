@@ -381,6 +381,10 @@ def test_batched_call_equals_single_calls_and_bad_images_are_named():
     images.append(np.full((31, 64, 3), 200, np.uint8))
     points.append(Points([[1, 1], [60, 28]], [8, 9], [2, 2]))
     batched = gen(images, points)
+    for chunk in (1, 8):  # backbone passes of 1 or all images: the same labels as the default (2 on a CPU)
+        knobs = {"restore_points": True, "connected_things": True, "backbone_chunk": chunk}
+        for lab, other in zip(batched, EPLDGenerator(knobs, CATS, net=net)(images, points)):
+            assert (lab.id_map == other.id_map).mean() > 0.999
     for img, pts, lab in zip(images, points, batched):
         single = gen([img], [pts])[0]
         assert (single.id_map == lab.id_map).mean() > 0.999
@@ -471,3 +475,40 @@ def test_geodesic_thing_split_keeps_stuff_and_gives_foreground_to_the_geodesical
     np.testing.assert_array_equal(assignment[fg], expect[fg])
     assert changed == int((before[fg] != expect[fg]).sum()) > 0
     assert (assignment[fg][:, None] == np.array(thing)).any(1).all()
+
+
+def test_learned_geodesic_split_pays_the_learned_distance_of_every_pixel_entered():
+    from scipy.sparse.csgraph import dijkstra
+
+    from pointseg.generators.base import seed_groups
+    from pointseg.generators.psps import low_level_maps
+    from pointseg.geodesic import edge_costs, to_csgraph
+
+    rng = np.random.default_rng(1)
+    img = np.clip(150 + rng.integers(-5, 6, (12, 16, 3)), 0, 255).astype(np.uint8)  # flat colour
+    pts = Points([[2.0, 6.0], [13.0, 6.0], [8.0, 0.0]], [1, 2, 7], [1, 1, 7])
+    groups = seed_groups(pts, CATS)
+    thing = [n for n, g in enumerate(groups) if g.isthing]
+    # the network: thing 0 owns the left 12 columns, thing 1 the right 4 (the plain geodesic splits in the middle)
+    logits = torch.full((len(groups), 12, 16), -4.0)
+    logits[thing[0], :, :12] = 4.0
+    logits[thing[1], :, 12:] = 4.0
+    start = np.full((12, 16), thing[0], np.int64)
+    plain, learned = start.copy(), start.copy()
+    epld_generator.geodesic_thing_split(img, pts, groups, plain, beta=0.1, downscale=1.0)
+    epld_generator.geodesic_thing_split(img, pts, groups, learned, 0.1, 1.0, logits, gamma=0.0)
+    np.testing.assert_array_equal(learned, plain)  # gamma 0 is the plain geodesic
+    learned = start.copy()
+    epld_generator.geodesic_thing_split(img, pts, groups, learned, 0.1, 1.0, logits, gamma=5.0)
+    # oracle: scipy Dijkstra on the PSPS edge costs plus gamma * (1 - M_n) of the entered pixel
+    lab, boundary = low_level_maps(img, (12, 16), 0.5)
+    cost = edge_costs(lab, boundary, beta=0.1)
+    m = logits.softmax(0).numpy()
+    rc = pts.pixels(12, 16)
+    d = np.stack([dijkstra(to_csgraph(epld_generator.learned_step_costs(cost, 1 - m[n], 5.0)),
+                           indices=rc[groups[n].point_index[0], 0] * 16 + rc[groups[n].point_index[0], 1],
+                           min_only=True).reshape(12, 16) for n in thing])
+    np.testing.assert_array_equal(learned, np.array(thing)[d.argmin(0)])
+    # by hand: entering a pixel of the other thing costs 5 * (1 - M) ~ 5 more, so the split follows the network
+    assert (learned[:, :11] == thing[0]).all() and (learned[:, 13:] == thing[1]).all()
+    assert (plain[:, :6] == thing[0]).all() and (plain[:, 10:] == thing[1]).all()

@@ -46,6 +46,10 @@ class EPLDConfig(TrainableGeneratorConfig):
         "input_size. Larger gives finer M^l (the network is convolutional + attention with normalised sine positions; "
         "not with query_feature=learned)")
 
+    backbone_chunk: int | None = Field(
+        None, ge=1, description="images per backbone pass when labelling a batch (the decoder still sees the whole "
+        "batch); null: 2 on a CPU, where a whole batch of 256 px maps falls out of the cache and runs slower per "
+        "image (benchmarks/epld_speed.py), the whole batch on a GPU")
     layer: int = Field(-1, description="decoder layer whose M^l labels (Eq. 7): 1..L, or -1 for the last, M^L")
     connected_things: bool = Field(
         False, description="our extension: drop the parts of a thing's mask not connected to its clicks (they go "
@@ -53,10 +57,14 @@ class EPLDConfig(TrainableGeneratorConfig):
     restore_points: bool = Field(
         False, description="give each click's pixel back to its instance after Eq. 7 (counted in diagnostics); "
         "false: Eq. 7 alone, as in the paper")
-    thing_split: Literal["network", "geodesic"] = Field(
+    thing_split: Literal["network", "geodesic", "learned_geodesic"] = Field(
         "network", description="our extension: 'network' splits the foreground among things by Eq. 7 (the paper); "
         "'geodesic' keeps EPLD's foreground / stuff decision and gives every foreground pixel to the thing whose "
-        "clicks are nearest in PSPS's geodesic cost (LAB colour + split_beta * Sobel boundary)")
+        "clicks are nearest in PSPS's geodesic cost (LAB colour + split_beta * Sobel boundary); "
+        "'learned_geodesic' adds split_gamma * X_n (Eq. 6, the learned distance to thing n) to every step "
+        "of thing n's paths")
+    split_gamma: float = Field(1.0, ge=0, description="thing_split learned_geodesic: weight of X_n = 1 - M_n per "
+                               "step (0: the plain geodesic)")
     split_beta: float = Field(0.1, ge=0, description="thing_split geodesic: boundary weight of the edge cost (PSPS beta)")
     split_downscale: float = Field(0.5, gt=0, le=1, description="thing_split geodesic: working fraction of the size")
 

@@ -35,7 +35,7 @@ from pointseg.data.points import validate_points
 from pointseg.data.record import Category, Points
 from pointseg.generators.base import PseudoLabel, TrainableGenerator, assemble
 from pointseg.generators.psps import low_level_maps, scaled_points, scaled_size, upsample_labels
-from pointseg.geodesic import edge_costs, nearest_source
+from pointseg.geodesic import NEIGHBOURS_8, edge_costs, geodesic_distance, nearest_source
 from pointseg.generators.epld.batch import network_batch
 from pointseg.generators.epld.model import MASKED_LOGIT
 from pointseg.generators.epld.config import EPLDConfig
@@ -49,15 +49,36 @@ __all__ = ["EPLDGenerator", "bilinear_matrix", "geodesic_thing_split", "keep_cli
 ROW_BAND = 256
 
 
+def learned_step_costs(cost: np.ndarray, distance: np.ndarray, gamma: float) -> np.ndarray:
+    """``cost[d, p] + gamma * X(p + d)``: every step onto a pixel also pays the learned distance there.
+
+    cost : (8, h, w) edge lengths (:mod:`pointseg.geodesic` layout); distance :
+    (h, w) ``X_n = 1 - M_n`` of one instance (Eq. 6). The result is directed
+    (a step pays for the pixel it enters); ``inf`` edges stay ``inf``.
+    """
+    h, w = distance.shape
+    padded = np.pad(distance, 1, mode="edge")
+    out = cost.copy()
+    for d, (dy, dx) in enumerate(NEIGHBOURS_8):
+        out[d] += gamma * padded[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
+    return out
+
+
 def geodesic_thing_split(image: np.ndarray, points: Points, groups, assignment: np.ndarray, beta: float,
-                         downscale: float) -> int:
-    """``thing_split: geodesic`` (our extension): EPLD decides foreground, a geodesic splits it among things.
+                         downscale: float, logits: torch.Tensor | None = None, gamma: float = 0.0) -> int:
+    """``thing_split: geodesic`` / ``learned_geodesic`` (our extensions): EPLD decides foreground, a geodesic
+    splits it among things.
 
     ``assignment`` (H, W) int, index into ``groups`` (Eq. 7's label), is
     changed in place: every pixel whose label is a thing goes to the thing
     whose clicks are nearest in PSPS's geodesic cost (:mod:`pointseg.geodesic`,
     LAB colour + ``beta`` * Sobel boundary at ``downscale`` of the size). Stuff
-    pixels keep EPLD's label. Returns the number of pixels whose thing changed.
+    pixels keep EPLD's label. With ``logits`` (N, h, w) and ``gamma > 0``
+    (``learned_geodesic``), thing ``n``'s paths also pay ``gamma * X_n`` (Eq. 6,
+    ``M_n`` the softmax over the image's instances on the working grid) for
+    every pixel they enter (:func:`learned_step_costs`), so a path that leaves
+    what the network calls ``n`` costs more: one Dijkstra per thing. Returns
+    the number of pixels whose thing changed.
     """
     things = [n for n, g in enumerate(groups) if g.isthing]
     if len(things) < 2:
@@ -66,9 +87,21 @@ def geodesic_thing_split(image: np.ndarray, points: Points, groups, assignment: 
     h, w = scaled_size(height, width, downscale)
     lab, boundary = low_level_maps(np.asarray(image), (h, w), 0.5)
     cost = edge_costs(lab, boundary, beta=beta)
-    index = np.concatenate([groups[n].point_index for n in things])
-    owner = np.concatenate([np.full(len(groups[n].point_index), n) for n in things])
-    _, label = nearest_source(cost, scaled_points(points, height, width, h, w)[index], labels=owner)
+    cells = scaled_points(points, height, width, h, w)
+    if logits is None or gamma == 0:
+        index = np.concatenate([groups[n].point_index for n in things])
+        owner = np.concatenate([np.full(len(groups[n].point_index), n) for n in things])
+        _, label = nearest_source(cost, cells[index], labels=owner)
+    else:
+        m = torch.nn.functional.interpolate(logits[None].float(), size=(h, w), mode="bilinear",
+                                            align_corners=False)[0].softmax(0).numpy()
+        best = np.full((h, w), np.inf)
+        label = np.zeros((h, w), np.int64)
+        for n in things:
+            dist = geodesic_distance(learned_step_costs(cost, 1.0 - m[n], gamma), cells[groups[n].point_index])
+            closer = dist.min(0) < best
+            best[closer] = dist.min(0)[closer]
+            label[closer] = n
     nearest = upsample_labels(label, height, width)
     isthing = np.zeros(len(groups), bool)
     isthing[things] = True
@@ -205,8 +238,12 @@ class EPLDGenerator(TrainableGenerator):
             self._check(i, img, pts)
         batch = network_batch(images, points, self.categories, self.channel_of, self.input_size)
         device = self.config.device
-        out = self.net(batch["image"].to(device), batch["point_masks"].to(device), batch["instance_valid"].to(device),
-                       batch["instance_class"].to(device))
+        image = batch["image"].to(device)
+        chunk = self.config.backbone_chunk or (2 if image.device.type == "cpu" else len(image))
+        parts = [self.net.backbone_features(image[i : i + chunk]) for i in range(0, len(image), chunk)]
+        features = [torch.cat(level) for level in zip(*parts)]
+        out = self.net(image, batch["point_masks"].to(device), batch["instance_valid"].to(device),
+                       batch["instance_class"].to(device), features=features)
         return batch, out
 
     def __call__(self, images: list[np.ndarray], points: list[Points]) -> list[PseudoLabel]:
@@ -232,9 +269,10 @@ class EPLDGenerator(TrainableGenerator):
                                                      np.array([g.isthing for g in groups]))
             assignment, uncertainty = top2_assignment(own, height, width)
             split = 0
-            if self.config.thing_split == "geodesic":
+            if self.config.thing_split != "network":
+                gamma = self.config.split_gamma if self.config.thing_split == "learned_geodesic" else 0.0
                 split = geodesic_thing_split(img, pts, groups, assignment, self.config.split_beta,
-                                             self.config.split_downscale)
+                                             self.config.split_downscale, own, gamma)
             restored = 0
             if self.config.restore_points:
                 rc = pts.pixels(height, width)
