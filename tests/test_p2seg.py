@@ -287,3 +287,37 @@ def test_summarize_counts_the_fallbacks_over_images():
     assert s["summary"]["background_fraction"] == {"mean": 0.375, "max": 0.5}
     assert [r["image_id"] for r in s["table"]] == [3, 7]
     assert P2SegGenerator.summarize([{"other": 1}]) is None
+
+
+def test_semantic_map_from_a_trained_epld_checkpoint(tmp_path):
+    """semantic_source: epld takes the stage-1 semantic map from a trained EPLD checkpoint (never trains one)."""
+    import json
+
+    from PIL import Image
+
+    from pointseg.generators.epld import EPLDTrainable
+    from pointseg.generators.p2seg.config import P2SegConfig
+    from pointseg.train.engine import fit_plain
+
+    with pytest.raises(Exception, match="training-free generator or a trained checkpoint"):
+        P2SegConfig.model_validate({"semantic_source": "epld"})
+    img = _toy_image()
+    pts = Points([[15, 15], [45, 35], [2, 46]], [1, 2, 3], [1, 2, 10])
+    Image.fromarray(img).save(tmp_path / "0.png")
+    rows = [{"image_id": 0, "file_name": str(tmp_path / "0.png"), "height": 48, "width": 64,
+             "points": json.dumps(pts.to_list())}]
+    tiny = dict(pretrained=False, input_size=64, hidden_dim=16, num_heads=2, ffn_dim=16, layers=2, batch_size=1,
+                steps=1, report_every=1, checkpoint_every=1)
+    fit_plain(EPLDTrainable(tiny, CATS), rows, str(tmp_path / "epld"))
+    params = {"use_network": False, "semantic_source": "epld",
+              "semantic_params": {"checkpoint": str(tmp_path / "epld"), "thing_split": "geodesic"}}
+    lab = build_generator("p2seg", params, CATS)([img], [pts])[0]
+    source = build_generator("epld", params["semantic_params"], CATS)([img], [pts])[0]
+    things = [s for s in lab.segments_info if s["isthing"]]
+    assert {s["category_id"] for s in things} == {1, 2}  # S2I: one instance per thing click
+    # Points First on EPLD's map: every pixel EPLD gives a thing is one of that class's instances
+    cls = {s["id"]: s["category_id"] for s in lab.segments_info}
+    src_cls = {s["id"]: s["category_id"] for s in source.segments_info}
+    pix_cls = np.vectorize(cls.get)(lab.id_map)
+    src_pix = np.vectorize(src_cls.get)(source.id_map)
+    assert (pix_cls[np.isin(src_pix, [1, 2])] == src_pix[np.isin(src_pix, [1, 2])]).mean() > 0.95

@@ -23,9 +23,10 @@ __all__ = ["P2SegConfig", "P2SegTrainConfig"]
 class P2SegConfig(TrainableGeneratorConfig):
     """How P2Seg labels (and what its stage-1 loss distils); every paper knob is a key."""
 
-    semantic_source: Literal["psps", "point2mask"] = Field(
-        "psps", description="training-free generator whose pseudo labels give the stage-1 semantic map "
-        "(the paper takes SAM's; a documented substitute)")
+    semantic_source: Literal["psps", "point2mask", "epld"] = Field(
+        "psps", description="generator whose pseudo labels give the stage-1 semantic map (the paper takes SAM's; a "
+        "documented substitute): training-free (psps, point2mask), or a trained one given its checkpoint in "
+        "semantic_params (epld: a distance branch trained on the same clicks)")
     semantic_params: dict[str, Any] = Field(
         default_factory=dict, description="params of semantic_source (point2mask: low-level maps only)")
     use_network: bool = Field(
@@ -70,10 +71,10 @@ class P2SegConfig(TrainableGeneratorConfig):
             cfg = source.Config.model_validate(self.semantic_params)
         except Exception as e:  # noqa: BLE001 - re-raised naming the key
             raise ValueError(f"semantic_params (for semantic_source={self.semantic_source}): {e}") from None
-        if issubclass(source, TrainableGenerator) and source.uses_net(cfg):
-            raise ValueError(f"semantic_params: the stage-1 semantic map must come from a training-free generator; "
-                             f"{self.semantic_source} with {self.semantic_params} needs a network (point2mask: "
-                             f"maps: lowlevel)")
+        if issubclass(source, TrainableGenerator) and source.trains(cfg):
+            raise ValueError(f"semantic_params: the stage-1 semantic map must come from a training-free generator "
+                             f"or a trained checkpoint; {self.semantic_source} with {self.semantic_params} needs "
+                             f"training (give semantic_params.checkpoint; point2mask: maps: lowlevel)")
         return self
 
 
