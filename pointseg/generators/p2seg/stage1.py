@@ -10,8 +10,9 @@
 
 * round 0 -- the labels come from S2I on the stage-1 semantic map, the pseudo
   labels of a training-free generator (``semantic_source``: PSPS or
-  Point2Mask on low-level maps) of the same points, standing in for the
-  paper's SAM masks. They are made in the collate, on the data side.
+  Point2Mask on low-level maps) or of a trained EPLD checkpoint, from the
+  same points, standing in for the paper's SAM masks. They are made in the
+  collate, on the data side.
 * round r >= 1 -- at the start of the round the network is frozen as a
   teacher (the previous stage); each batch's labels are then the teacher's
   outputs: its I2S semantic map ``Â^{∘β} * C`` (or ``argmax C`` without I2S)
