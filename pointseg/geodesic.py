@@ -20,6 +20,7 @@ blocks an edge; entries pointing outside the image are ignored.
 Functions
 ---------
 edge_costs        Point2Mask Eq. 2 edge lengths from a feature map and a boundary map.
+add_entry_costs   the same edges, each also paying a per-pixel cost of the pixel it enters.
 geodesic_distance one distance map per source, ``(N, H, W)``.
 nearest_source    one multi-source Dijkstra: min distance and the label of the
                   nearest source per pixel (PSPS assignment), ``(H, W)``.
@@ -47,6 +48,7 @@ from numba import njit, prange
 __all__ = [
     "NEIGHBOURS_8",
     "OPPOSITE_8",
+    "add_entry_costs",
     "edge_costs",
     "geodesic_distance",
     "nearest_source",
@@ -182,6 +184,26 @@ def edge_costs(
             length = length * diagonal_weight
         cost[d, ys, xs] = length
     return cost
+
+
+def add_entry_costs(cost: np.ndarray, node_cost: np.ndarray) -> np.ndarray:
+    """``cost[d, y, x] + node_cost[y + dy_d, x + dx_d]``: every step also pays for the pixel it enters.
+
+    cost : (8, H, W) edge lengths (the module's layout); node_cost : (H, W)
+    finite, ``>= 0``. Returns a new (directed) cost array; edges leaving the
+    image stay ``inf``.
+    """
+    node = np.asarray(node_cost, dtype=np.float64)
+    _, height, width = cost.shape
+    if node.shape != (height, width):
+        raise ValueError(f"node_cost must have shape {(height, width)} like cost, got {node.shape}")
+    if not np.isfinite(node).all() or (node < 0).any():
+        raise ValueError("node_cost must be finite and >= 0")
+    out = np.array(cost, dtype=np.float64, copy=True)
+    for d in range(8):
+        (ys, xs), (yt, xt) = _edge_slices(d, height, width)
+        out[d, ys, xs] += node[yt, xt]
+    return out
 
 
 def to_csgraph(cost: np.ndarray):

@@ -482,7 +482,7 @@ def test_learned_geodesic_split_pays_the_learned_distance_of_every_pixel_entered
 
     from pointseg.generators.base import seed_groups
     from pointseg.generators.psps import low_level_maps
-    from pointseg.geodesic import edge_costs, to_csgraph
+    from pointseg.geodesic import add_entry_costs, edge_costs, to_csgraph
 
     rng = np.random.default_rng(1)
     img = np.clip(150 + rng.integers(-5, 6, (12, 16, 3)), 0, 255).astype(np.uint8)  # flat colour
@@ -505,7 +505,7 @@ def test_learned_geodesic_split_pays_the_learned_distance_of_every_pixel_entered
     cost = edge_costs(lab, boundary, beta=0.1)
     m = logits.softmax(0).numpy()
     rc = pts.pixels(12, 16)
-    d = np.stack([dijkstra(to_csgraph(epld_generator.learned_step_costs(cost, 1 - m[n], 5.0)),
+    d = np.stack([dijkstra(to_csgraph(add_entry_costs(cost, 5.0 * (1 - m[n]))),
                            indices=rc[groups[n].point_index[0], 0] * 16 + rc[groups[n].point_index[0], 1],
                            min_only=True).reshape(12, 16) for n in thing])
     np.testing.assert_array_equal(learned, np.array(thing)[d.argmin(0)])

@@ -12,6 +12,7 @@ from scipy.sparse.csgraph import dijkstra
 from pointseg.geodesic import (
     NEIGHBOURS_8,
     OPPOSITE_8,
+    add_entry_costs,
     edge_costs,
     geodesic_distance,
     nearest_source,
@@ -471,3 +472,19 @@ def test_two_nearest_single_label_duplicate_pixel_and_no_sources():
     np.testing.assert_array_equal(dist[0], dist[1])
     dist, label = nearest_two_sources(cost, np.zeros((0, 2), int))
     assert np.isinf(dist).all() and (label == -1).all()
+
+
+def test_add_entry_costs_by_hand():
+    """On a 2 x 3 grid every in-image edge pays the node cost of the pixel it enters; out-of-image edges stay inf."""
+    cost = edge_costs(np.zeros((2, 3)))  # all in-image edges 0
+    node = np.array([[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]])
+    out = add_entry_costs(cost, node)
+    for d, (dy, dx) in enumerate(NEIGHBOURS_8):
+        for y in range(2):
+            for x in range(3):
+                ty, tx = y + dy, x + dx
+                expect = node[ty, tx] if 0 <= ty < 2 and 0 <= tx < 3 else np.inf
+                assert out[d, y, x] == expect
+    assert np.all(cost[np.isfinite(cost)] == 0)  # the input is not changed
+    with pytest.raises(ValueError, match="node_cost"):
+        add_entry_costs(cost, -node)

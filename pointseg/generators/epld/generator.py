@@ -35,7 +35,7 @@ from pointseg.data.points import validate_points
 from pointseg.data.record import Category, Points
 from pointseg.generators.base import PseudoLabel, TrainableGenerator, assemble
 from pointseg.generators.psps import low_level_maps, scaled_points, scaled_size, upsample_labels
-from pointseg.geodesic import NEIGHBOURS_8, edge_costs, geodesic_distance, nearest_source
+from pointseg.geodesic import add_entry_costs, edge_costs, geodesic_distance, nearest_source
 from pointseg.generators.epld.batch import network_batch
 from pointseg.generators.epld.model import MASKED_LOGIT
 from pointseg.generators.epld.config import EPLDConfig
@@ -47,21 +47,6 @@ __all__ = ["EPLDGenerator", "bilinear_matrix", "geodesic_thing_split", "keep_cli
 
 #: Output rows resized at once when mapping ``M^l`` back to an image (bounds memory on large images).
 ROW_BAND = 256
-
-
-def learned_step_costs(cost: np.ndarray, distance: np.ndarray, gamma: float) -> np.ndarray:
-    """``cost[d, p] + gamma * X(p + d)``: every step onto a pixel also pays the learned distance there.
-
-    cost : (8, h, w) edge lengths (:mod:`pointseg.geodesic` layout); distance :
-    (h, w) ``X_n = 1 - M_n`` of one instance (Eq. 6). The result is directed
-    (a step pays for the pixel it enters); ``inf`` edges stay ``inf``.
-    """
-    h, w = distance.shape
-    padded = np.pad(distance, 1, mode="edge")
-    out = cost.copy()
-    for d, (dy, dx) in enumerate(NEIGHBOURS_8):
-        out[d] += gamma * padded[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
-    return out
 
 
 def geodesic_thing_split(image: np.ndarray, points: Points, groups, assignment: np.ndarray, beta: float,
@@ -76,7 +61,7 @@ def geodesic_thing_split(image: np.ndarray, points: Points, groups, assignment: 
     pixels keep EPLD's label. With ``logits`` (N, h, w) and ``gamma > 0``
     (``learned_geodesic``), thing ``n``'s paths also pay ``gamma * X_n`` (Eq. 6,
     ``M_n`` the softmax over the image's instances on the working grid) for
-    every pixel they enter (:func:`learned_step_costs`), so a path that leaves
+    every pixel they enter (:func:`pointseg.geodesic.add_entry_costs`), so a path that leaves
     what the network calls ``n`` costs more: one Dijkstra per thing. Returns
     the number of pixels whose thing changed.
     """
@@ -98,9 +83,9 @@ def geodesic_thing_split(image: np.ndarray, points: Points, groups, assignment: 
         best = np.full((h, w), np.inf)
         label = np.zeros((h, w), np.int64)
         for n in things:
-            dist = geodesic_distance(learned_step_costs(cost, 1.0 - m[n], gamma), cells[groups[n].point_index])
-            closer = dist.min(0) < best
-            best[closer] = dist.min(0)[closer]
+            dist = geodesic_distance(add_entry_costs(cost, gamma * (1.0 - m[n])), cells[groups[n].point_index]).min(0)
+            closer = dist < best
+            best[closer] = dist[closer]
             label[closer] = n
     nearest = upsample_labels(label, height, width)
     isthing = np.zeros(len(groups), bool)
