@@ -16,6 +16,7 @@ from pointseg.generators.p2seg.i2s import affinity_targets, grid_labels, i2s_sem
 from pointseg.generators.p2seg.losses import i2s_loss, offset_loss, seg_loss
 from pointseg.generators.p2seg.s2i import class_components, nearest_point_split, offset_targets, s2i_instances
 from pointseg.generators.p2seg.stage1 import round_of
+from pointseg.generators.p2seg.targets import on_grid
 
 CATS = {1: Category(1, "cat", True), 2: Category(2, "dog", True), 10: Category(10, "background", False)}
 
@@ -160,6 +161,26 @@ def test_training_free_labels_and_an_image_without_thing_points():
     assert [s["category_id"] for s in stuff_only.segments_info] == [10]
     with pytest.raises(ValueError, match="batch image 1: image has no points"):
         gen([img, img], [pts, Points.empty()])
+
+
+def test_source_grid_by_hand_and_only_without_the_network():
+    sem = np.array([[0, 0, 0, 1, 1, 1],
+                    [0, 2, 0, 1, 1, 1],
+                    [3, 3, 3, 0, 0, 0],
+                    [3, 3, 3, 0, 0, 4]])
+    # cell centres: rows 1, 3 and columns 1, 4 -> cells [[2, 1], [3, 0]], each spread over its 2 x 3 block
+    np.testing.assert_array_equal(on_grid(sem, 2), [[2, 2, 2, 1, 1, 1], [2, 2, 2, 1, 1, 1],
+                                                    [3, 3, 3, 0, 0, 0], [3, 3, 3, 0, 0, 0]])
+    square = np.arange(25).reshape(5, 5)
+    np.testing.assert_array_equal(on_grid(square, 5), square)  # a grid as fine as the map changes nothing
+    with pytest.raises(Exception, match="set use_network: false"):
+        P2SegConfig.model_validate({"source_grid": 32})
+    img = _toy_image()
+    pts = Points([[15, 15], [45, 35], [2, 46]], [1, 2, 3], [1, 2, 10])
+    params = {"use_network": False, "semantic_params": {"downscale": 1.0}}
+    full = build_generator("p2seg", params, CATS)([img], [pts])[0]
+    coarse = build_generator("p2seg", {**params, "source_grid": 4}, CATS)([img], [pts])[0]
+    assert (coarse.id_map != full.id_map).any()  # a 4 x 4 view of the 48 x 64 map loses its edges
 
 
 # ----------------------------------------------------------------------------- I2S

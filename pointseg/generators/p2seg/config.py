@@ -32,6 +32,10 @@ class P2SegConfig(TrainableGeneratorConfig):
     use_network: bool = Field(
         True, description="label with the trained network (I2S + S2I); false: S2I on the stage-1 semantic map "
         "alone, training-free (Table 6 setting)")
+    source_grid: int | None = Field(
+        None, ge=1, description="training-free only (use_network: false): the stage-1 semantic map is seen on a "
+        "square grid of this side (the pixel at each cell's centre) before S2I: the ceiling of a network whose "
+        "class map has that grid (the default network's is image_size / 8 = 32); null: full resolution")
     beta: float = Field(2.0, ge=0, description="Hadamard power β of the affinity in S = Â^{∘β} * C (Sec. 3.2; not "
                         "given in the paper, chosen by configs/tune_p2seg.yaml)")
     rounds: int = Field(1, ge=0, description="distillation rounds: times stage 1 regenerates its labels from its own "
@@ -66,6 +70,9 @@ class P2SegConfig(TrainableGeneratorConfig):
 
     @model_validator(mode="after")
     def _semantic_source_params(self) -> "P2SegConfig":
+        if self.source_grid is not None and self.use_network:
+            raise ValueError("source_grid views the stage-1 semantic map of the training-free labelling: set "
+                             "use_network: false with it")
         source = generator_class(self.semantic_source)
         try:
             cfg = source.Config.model_validate(self.semantic_params)

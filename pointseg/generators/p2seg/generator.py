@@ -18,7 +18,9 @@ Per batch of images (``__call__`` runs the network on the whole batch,
    VOID. P2Seg is an instance method: stuff is not modelled beyond this.
 
 ``use_network: false`` is training-free: step 2 runs on the stage-1 semantic
-map itself (the labels of ``semantic_source`` on the original image).
+map itself (the labels of ``semantic_source`` on the original image), or, with
+``source_grid: g``, on that map seen on a g x g grid (:func:`~.targets.on_grid`):
+what a network whose class map has that grid could reach at best.
 
 **Uncertainty** (network only): ``1 - (p_1 - p_2)``, the margin between the two
 largest per-pixel mask probabilities, where the masks are background and each
@@ -53,7 +55,8 @@ from pointseg.generators import build_generator
 from pointseg.generators.p2seg.config import P2SegConfig
 from pointseg.generators.p2seg.s2i import s2i_instances
 from pointseg.generators.p2seg.stage1 import P2SegTrainable
-from pointseg.generators.p2seg.targets import ThingLayout, network_maps, semantic_from_label, thing_channels, thing_layout
+from pointseg.generators.p2seg.targets import (ThingLayout, network_maps, on_grid, semantic_from_label, thing_channels,
+                                              thing_layout)
 from pointseg.train.engine import categories_from_meta
 
 __all__ = ["P2SegGenerator", "instance_uncertainty"]
@@ -173,6 +176,8 @@ class P2SegGenerator(TrainableGenerator):
         if self._source is None:
             self._source = build_generator(self.config.semantic_source, self.config.semantic_params, self.categories)
         semantic = semantic_from_label(self._source.generate(image, points), self.channel_of)
+        if self.config.source_grid:
+            semantic = on_grid(semantic, self.config.source_grid)
         label = self._assemble(semantic, layout, None, image.shape[:2])
         label.diagnostics.update(seconds=time.perf_counter() - t0, background_fraction=float((semantic == 0).mean()))
         return label

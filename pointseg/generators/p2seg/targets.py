@@ -111,6 +111,20 @@ def semantic_from_label(label: PseudoLabel, channel_of: dict[int, int]) -> np.nd
     return lut[label.id_map]
 
 
+def on_grid(semantic: np.ndarray, grid: int) -> np.ndarray:
+    """``semantic`` (h, w) seen on a ``grid`` x ``grid`` square grid, back at (h, w).
+
+    Cell ``(i, j)`` takes the pixel at its centre, row ``floor((i + 0.5) h / grid)``
+    (columns alike), and pixel ``(y, x)`` takes cell ``(floor(y grid / h),
+    floor(x grid / w))``: what a map of that grid can express of ``semantic``.
+    """
+    h, w = semantic.shape
+    rows = ((np.arange(grid) + 0.5) * h / grid).astype(np.int64)
+    cols = ((np.arange(grid) + 0.5) * w / grid).astype(np.int64)
+    cells = semantic[np.ix_(rows, cols)]
+    return cells[np.ix_(np.arange(h) * grid // h, np.arange(w) * grid // w)]
+
+
 def s2i_targets(semantic: np.ndarray, layout: ThingLayout, priority: str, grid: int,
                 default_box: tuple[int, int], min_area: int, offsets: np.ndarray | None = None,
                 class_prob: np.ndarray | None = None, present: list[int] | None = None,
