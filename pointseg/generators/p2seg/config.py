@@ -69,10 +69,14 @@ class P2SegConfig(TrainableGeneratorConfig):
     net_batch: int = Field(8, ge=1, description="images per network forward when labelling a batch")
 
     @model_validator(mode="after")
-    def _semantic_source_params(self) -> "P2SegConfig":
+    def _source_grid_without_network(self) -> "P2SegConfig":
         if self.source_grid is not None and self.use_network:
             raise ValueError("source_grid views the stage-1 semantic map of the training-free labelling: set "
                              "use_network: false with it")
+        return self
+
+    @model_validator(mode="after")
+    def _semantic_source_params(self) -> "P2SegConfig":
         source = generator_class(self.semantic_source)
         try:
             cfg = source.Config.model_validate(self.semantic_params)
