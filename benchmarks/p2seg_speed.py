@@ -5,7 +5,9 @@ Prints, at 256 px and ``--batch`` images per step (default 4), on this CPU:
 * the whole stage-1 step of :class:`~pointseg.generators.p2seg.P2SegTrainable`
   (forward, the three losses, backward, AdamW), round 0 and round 1 (round 1
   adds the teacher's forward and S2I on its outputs), median seconds per step
-  and images per second;
+  and images per second; with ``--head-stride 4`` also the stride-4 network
+  (the paper's HRNet stride: a 64² class map) with its ``--grid`` (default
+  64) affinity, and its ratio to the default network;
 * the affinity head alone -- grid pooling of the embedding, ``Â`` over all cell
   pairs, ``L_I2S`` (Eq. 5), forward and backward -- for grids of 16², 32²
   (default) and 64² cells (64² = every stride-4 pixel of a 256-px input):
@@ -15,7 +17,7 @@ Prints, at 256 px and ``--batch`` images per step (default 4), on this CPU:
 * for scale, the size of the affinity over all pixel pairs of the input, as
   the authors' code forms it (not run).
 
-    OMP_NUM_THREADS=1 python benchmarks/p2seg_speed.py
+    OMP_NUM_THREADS=1 python benchmarks/p2seg_speed.py [--head-stride 4 [--grid 64]]
 """
 
 from __future__ import annotations
@@ -64,10 +66,13 @@ def _median_time(fn, repeats: int, warmup: int = 1) -> float:
     return float(np.median(times))
 
 
-def train_step(batch_size: int, repeats: int) -> None:
+def train_step(batch_size: int, repeats: int, head_stride: int = 8, grid: int = 32) -> dict[int, float]:
+    """Median seconds per stage-1 step, by round."""
     cats = {1: Category(1, "a", True), 2: Category(2, "b", True), 10: Category(10, "bg", False)}
+    seconds = {}
     for rnd in (0, 1):
-        trainable = P2SegTrainable({"image_size": SIZE, "batch_size": batch_size, "steps": 10},
+        trainable = P2SegTrainable({"image_size": SIZE, "batch_size": batch_size, "steps": 10,
+                                    "head_stride": head_stride, "affinity_grid": grid},
                                    cats, context={"generator": {"rounds": 1}})
         model = trainable.build()
         opt = trainable.optimizer(model)
@@ -82,8 +87,10 @@ def train_step(batch_size: int, repeats: int) -> None:
             loss.backward()
             opt.step()
 
-        s = _median_time(step, repeats)
-        print(f"stage-1 step, round {rnd}, batch {batch_size} x {SIZE}px: {s:.3f} s/step, {batch_size / s:.2f} images/s")
+        s = seconds[rnd] = _median_time(step, repeats)
+        print(f"stage-1 step, round {rnd}, batch {batch_size} x {SIZE}px, head stride {head_stride}, affinity grid "
+              f"{grid}²: {s:.3f} s/step, {batch_size / s:.2f} images/s")
+    return seconds
 
 
 def affinity_head(grid: int, batch_size: int, repeats: int) -> dict:
@@ -114,6 +121,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--head-stride", type=int, choices=(4, 8), default=8,
+                    help="4: also time the stride-4 network and print its ratio to the default (stride 8, grid 32)")
+    ap.add_argument("--grid", type=int, default=64, help="affinity grid of the stride-4 network")
     ap.add_argument("--one-grid", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -123,7 +133,11 @@ def main() -> None:
     if args.batch < 2:
         raise SystemExit("--batch must be above 1")
     print(f"torch threads: {torch.get_num_threads()}")
-    train_step(args.batch, args.repeats)
+    default = train_step(args.batch, args.repeats)
+    if args.head_stride == 4:
+        fine = train_step(args.batch, args.repeats, 4, args.grid)
+        for rnd in (0, 1):
+            print(f"  round {rnd}: the stride-4 step takes {fine[rnd] / default[rnd]:.2f}x the default's")
     print(f"affinity head (pool, Â, L_I2S; forward + backward), batch {args.batch} x {SIZE}px:")
     rows = []
     for grid in (16, 32, 64):

@@ -14,7 +14,7 @@ from pointseg.data.record import Points
 from pointseg.generators import build_generator
 from pointseg.generators.p2seg import P2SegGenerator, P2SegTrainable
 from pointseg.generators.p2seg.generator import instance_uncertainty
-from pointseg.generators.p2seg.targets import ThingLayout
+from pointseg.generators.p2seg.targets import ThingLayout, network_maps
 from pointseg.train.checkpoint import read_checkpoint
 from pointseg.train.engine import fit_plain, load_trained
 
@@ -136,3 +136,25 @@ def test_class_agnostic_map_keeps_the_points_classes(synthetic):
     img = np.random.default_rng(1).integers(0, 255, (40, 60, 3), dtype=np.uint8)
     label = gen([img], [Points([[10, 10], [50, 30]], [1, 2], things)])[0]
     assert sorted(s["category_id"] for s in label.segments_info if s["isthing"]) == sorted(things)
+
+
+def test_stride_4_heads_double_the_class_map_and_keep_offsets_in_image_pixels(synthetic):
+    cats, rows = synthetic
+    cfg = {**TRAIN, "head_stride": 4, "affinity_grid": 16}
+    trainable = P2SegTrainable(cfg, cats, context={"generator": PARAMS})
+    model = trainable.build(pretrained=False).eval()
+    out = model(torch.rand(2, 3, 64, 64))
+    assert out["class_logits"].shape[-2:] == (16, 16) and out["offsets"].shape[-2:] == (16, 16)
+    assert out["affinity_logits"].shape == (2, 256, 256)
+    terms = trainable.loss(model.train(), trainable.collate()(rows[:2]), 0)
+    assert np.isfinite(float(terms["loss"]))
+    # Offsets are in pixels of the 64-px input whatever the head stride: (4, 8) there is (2, 16) on a 32 x 128 image.
+    one = {"class_logits": torch.zeros(2, 16, 16), "offsets": torch.tensor([4.0, 8.0]).view(2, 1, 1).expand(2, 16, 16),
+           "affinity_logits": torch.zeros(256, 256)}
+    _, _, off = network_maps(one, [0, 1], 2.0, False, (32, 128), 64)
+    assert np.allclose(off[0], 2.0) and np.allclose(off[1], 16.0)
+    # The affinity grid may be as fine as the head's map, not finer.
+    with pytest.raises(ValueError, match="finer than the stride-8 map"):
+        P2SegTrainable.Config.model_validate({**TRAIN, "affinity_grid": 16})
+    with pytest.raises(ValueError, match="finer than the stride-4 map"):
+        P2SegTrainable.Config.model_validate({**cfg, "affinity_grid": 32})

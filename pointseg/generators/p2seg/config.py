@@ -35,7 +35,7 @@ class P2SegConfig(TrainableGeneratorConfig):
     source_grid: int | None = Field(
         None, ge=1, description="training-free only (use_network: false): the stage-1 semantic map is seen on a "
         "square grid of this side (the pixel at each cell's centre) before S2I: the ceiling of a network whose "
-        "class map has that grid (the default network's is image_size / 8 = 32); null: full resolution")
+        "class map has that grid (the default network's is image_size / head_stride = 32); null: full resolution")
     beta: float = Field(2.0, ge=0, description="Hadamard power β of the affinity in S = Â^{∘β} * C (Sec. 3.2; not "
                         "given in the paper, chosen by configs/tune_p2seg.yaml)")
     rounds: int = Field(1, ge=0, description="distillation rounds: times stage 1 regenerates its labels from its own "
@@ -111,7 +111,11 @@ class P2SegTrainConfig(EngineConfig):
     width: int = Field(64, ge=8, description="neck and head channels")
     embed_dim: int = Field(32, ge=1, description="affinity embedding channels")
     image_size: int = Field(256, ge=32, description="square input side (multiple of 8)")
-    affinity_grid: int = Field(32, ge=2, description="side of the affinity grid: N = grid² cells, N² pairs")
+    head_stride: Literal[4, 8] = Field(
+        8, description="output stride of the class, offset and embedding heads: 8, or 4 (the paper's HRNet): a "
+        "class map of twice the side (64² at image_size 256), about twice the step time")
+    affinity_grid: int = Field(32, ge=2, description="side of the affinity grid: N = grid² cells, N² pairs; "
+                               "with i2s the semantic map is on this grid")
     loss_stride: int = Field(4, ge=1, description="L_seg and L_off on the grid of this stride of the input")
     seg_weight: float = Field(1.0, ge=0, description="λ of L_seg (paper 1.0)")
     offset_weight: float = Field(0.01, ge=0, description="λ of L_off (paper 0.01)")
@@ -126,9 +130,9 @@ class P2SegTrainConfig(EngineConfig):
     def _geometry(self) -> "P2SegTrainConfig":
         if self.image_size % 8:
             raise ValueError(f"image_size must be a multiple of 8 (stride-8 heads), got {self.image_size}")
-        if self.affinity_grid > self.image_size // 8:
-            raise ValueError(f"affinity_grid={self.affinity_grid} is finer than the stride-8 map "
-                             f"({self.image_size // 8}) of image_size={self.image_size}")
+        if self.affinity_grid > self.image_size // self.head_stride:
+            raise ValueError(f"affinity_grid={self.affinity_grid} is finer than the stride-{self.head_stride} map "
+                             f"({self.image_size // self.head_stride}) of image_size={self.image_size}")
         if self.image_size % self.loss_stride:
             raise ValueError(f"loss_stride={self.loss_stride} must divide image_size={self.image_size}")
         return self

@@ -3,10 +3,11 @@
 The paper uses HRNet-48 with BESTIE's heads. This CPU-sized version:
 
 * backbone: timm ``tf_efficientnet_lite0`` with the offline ImageNet weights
-  (or ``mobilenetv2_100``), features at strides 8 / 16 / 32;
-* neck: 1x1 laterals to ``width`` channels, top-down sum to stride 8, a 3x3
-  conv + BN + ReLU;
-* three stride-8 heads (3x3 conv + BN + ReLU, then 1x1):
+  (or ``mobilenetv2_100``), features at strides 8 / 16 / 32 (and 4 with
+  ``stride=4``);
+* neck: 1x1 laterals to ``width`` channels, top-down sum to the head stride
+  (8, or 4: the output stride of the paper's HRNet), a 3x3 conv + BN + ReLU;
+* three heads at that stride (3x3 conv + BN + ReLU, then 1x1):
   ``class_logits`` (c + 1 channels, 0 = background);
   ``offsets`` (2 channels ``(dy, dx)``): the head predicts them as fractions of
   the input height / width and they are returned in input pixels (so the same
@@ -32,8 +33,8 @@ from pointseg.models.backbones import build_timm_backbone, normalization
 
 __all__ = ["P2SegNet"]
 
-#: Output stride of every head.
-STRIDE = 8
+#: Output strides a head can have: 8, or 4 (HRNet's, the paper's backbone) for a class map of twice the side.
+STRIDES = (4, 8)
 
 
 def _head(width: int, out: int) -> nn.Sequential:
@@ -42,7 +43,7 @@ def _head(width: int, out: int) -> nn.Sequential:
 
 
 class P2SegNet(nn.Module):
-    """Backbone + stride-8 FPN-lite + class / offset / embedding heads + grid affinity.
+    """Backbone + FPN-lite to stride 8 (or 4) + class / offset / embedding heads + grid affinity.
 
     Parameters
     ----------
@@ -50,22 +51,27 @@ class P2SegNet(nn.Module):
     backbone : ``"efficientnet_lite0"`` or ``"mobilenet_v2"``.
     pretrained : offline ImageNet weights (True), a local checkpoint path, or False.
     width : neck and head channels; embed_dim : affinity embedding channels;
-    affinity_grid : side of the affinity grid.
+    affinity_grid : side of the affinity grid; stride : output stride of the heads (``STRIDES``).
 
-    ``forward(x)`` takes ``(B, 3, H, W)`` RGB in ``[0, 1]`` and returns
-    ``class_logits`` (B, c+1, H/8, W/8), ``offsets`` (B, 2, H/8, W/8) in input
-    pixels, ``embedding`` (B, D, H/8, W/8) and ``affinity_logits`` (B, N, N).
+    ``forward(x)`` takes ``(B, 3, H, W)`` RGB in ``[0, 1]`` and returns, with
+    ``s = stride``, ``class_logits`` (B, c+1, H/s, W/s), ``offsets`` (B, 2, H/s,
+    W/s) in input pixels, ``embedding`` (B, D, H/s, W/s) and ``affinity_logits``
+    (B, N, N).
     """
 
     def __init__(self, num_classes: int, backbone: str = "efficientnet_lite0", pretrained: bool | str = True,
-                 width: int = 64, embed_dim: int = 32, affinity_grid: int = 32) -> None:
+                 width: int = 64, embed_dim: int = 32, affinity_grid: int = 32, stride: int = 8) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"P2SegNet: num_classes is c + 1 >= 2 (background and a thing class), got {num_classes}")
+        if stride not in STRIDES:
+            raise ValueError(f"P2SegNet: stride must be one of {STRIDES}, got {stride}")
         self.num_classes = num_classes
         self.affinity_grid = affinity_grid
         self.embed_dim = embed_dim
-        self.backbone, channels = build_timm_backbone(backbone, pretrained, out_indices=(2, 3, 4))
+        self.stride = stride
+        levels = (1, 2, 3, 4) if stride == 4 else (2, 3, 4)  # level i has stride 2 ** (i + 1)
+        self.backbone, channels = build_timm_backbone(backbone, pretrained, out_indices=levels)
         mean, std = normalization(backbone)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
@@ -77,7 +83,7 @@ class P2SegNet(nn.Module):
         self.embed_head = _head(width, embed_dim)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Stride-8 fused features (B, width, H/8, W/8)."""
+        """Fused features at the head stride ``s``: (B, width, H/s, W/s)."""
         levels = [lat(f) for lat, f in zip(self.lateral, self.backbone((x - self.mean) / self.std))]
         top = levels[-1]
         for f in reversed(levels[:-1]):

@@ -90,7 +90,7 @@ class P2SegTrainable(Trainable):
     def build(self, pretrained: bool = True) -> torch.nn.Module:
         cfg = self.config
         return P2SegNet(max(self.channel_of.values()) + 1, cfg.backbone, cfg.pretrained if pretrained else False,
-                        cfg.width, cfg.embed_dim, cfg.affinity_grid)
+                        cfg.width, cfg.embed_dim, cfg.affinity_grid, cfg.head_stride)
 
     def optimizer(self, model) -> torch.optim.Optimizer:
         """AdamW; the backbone at ``backbone_lr_scale`` of the learning rate (0: frozen, not optimised)."""
@@ -171,7 +171,7 @@ class P2SegTrainable(Trainable):
         targets = []
         for i, (layout, box) in enumerate(zip(batch["layouts"], batch["boxes"])):
             present = [0] + sorted({int(c) for c in layout.group_class})
-            prob, semantic, offsets = network_maps({k: v[i] for k, v in out.items()}, present, p.beta, p.i2s, (s, s),
+            prob, semantic, offsets = network_maps({k: v[i] for k, v in out.items()}, present, p.beta, p.i2s, (s, s), s,
                                                    p.foreground)
             t, _ = s2i_targets(semantic, layout, p.priority, self.config.affinity_grid, *box,
                                offsets=offsets if p.grouping == "offsets" else None,

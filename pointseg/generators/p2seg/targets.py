@@ -160,11 +160,13 @@ def s2i_targets(semantic: np.ndarray, layout: ThingLayout, priority: str, grid: 
 
 @torch.no_grad()
 def network_maps(out: dict[str, torch.Tensor], present: list[int], beta: float, i2s: bool,
-                 size: tuple[int, int], foreground: str = "argmax") -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+                 size: tuple[int, int], input_size: int,
+                 foreground: str = "argmax") -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """One image's semantic distribution, semantic map and offsets at ``size = (h, w)``.
 
     out : the network outputs of one image (no batch dimension): ``class_logits``
     (c+1, s, s), ``offsets`` (2, s, s) in input pixels, ``affinity_logits`` (N, N);
+    input_size : side of the square input the network saw (offsets are in its pixels);
     present : the channels allowed (background 0 and the classes of the image's
     points: the image-level cleaning of the authors' code).
 
@@ -195,8 +197,6 @@ def network_maps(out: dict[str, torch.Tensor], present: list[int], beta: float, 
         semantic = np.asarray(present, np.int64)[prob.argmax(0).cpu().numpy()]
     else:
         raise ValueError(f"foreground must be 'argmax' or 'mass', got {foreground!r}")
-    s_h, s_w = out["class_logits"].shape[-2:]
-    in_size = torch.tensor([s_h, s_w], dtype=torch.float32) * 8
-    scale = (torch.tensor(size, dtype=torch.float32) / in_size).view(2, 1, 1)
+    scale = (torch.tensor(size, dtype=torch.float32) / float(input_size)).view(2, 1, 1)
     off = F.interpolate(out["offsets"][None].float(), size=size, mode="bilinear", align_corners=False)[0]
     return prob, semantic, (off.cpu() * scale).numpy()
