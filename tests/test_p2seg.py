@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from pointseg.data.record import Category, Points
 from pointseg.generators import build_generator
 from pointseg.generators.p2seg import P2SegConfig
-from pointseg.generators.p2seg.i2s import affinity_targets, grid_labels, i2s_semantic
+from pointseg.generators.p2seg.i2s import affinity_targets, grid_labels, i2s_semantic, pixel_cell_affinity
 from pointseg.generators.p2seg.losses import i2s_loss, offset_loss, seg_loss
+from pointseg.generators.p2seg.network import P2SegNet
 from pointseg.generators.p2seg.s2i import class_components, nearest_point_split, offset_targets, s2i_instances
 from pointseg.generators.p2seg.stage1 import round_of
 from pointseg.generators.p2seg.targets import on_grid
@@ -233,6 +234,23 @@ def test_i2s_semantic_is_the_hadamard_power_times_c():
         np.testing.assert_allclose(got, want, rtol=1e-10)
     with pytest.raises(ValueError, match="beta"):
         i2s_semantic(torch.from_numpy(a), torch.from_numpy(c), -1.0)
+
+
+def test_pixel_cell_affinity_by_hand_and_equal_to_the_cell_pairs_on_the_grid():
+    # A 2-channel embedding on 4 x 4 pixels, grid 2: cell 0 is the top-left 2 x 2 block.
+    e = np.arange(32, dtype=np.float64).reshape(2, 4, 4) / 10
+    got = pixel_cell_affinity(torch.from_numpy(e), 2).numpy()
+    assert got.shape == (16, 4)
+    cells = np.array([[e[d, 2 * (j // 2):2 * (j // 2) + 2, 2 * (j % 2):2 * (j % 2) + 2].mean() for j in range(4)]
+                      for d in range(2)])
+    for i in range(16):
+        for j in range(4):
+            want = (e[0].ravel()[i] * cells[0, j] + e[1].ravel()[i] * cells[1, j]) / math.sqrt(2)
+            assert got[i, j] == pytest.approx(want, rel=1e-12)
+    # On the grid itself the rows are the cells: the network's cell-pair affinity.
+    net = P2SegNet(2, pretrained=False, width=8, embed_dim=4, affinity_grid=3)
+    emb = torch.randn(1, 4, 3, 3, dtype=torch.float64)
+    np.testing.assert_allclose(pixel_cell_affinity(emb[0], 3).numpy(), net.affinity(emb)[0].numpy(), rtol=1e-12)
 
 
 # ----------------------------------------------------------------------------- S2I losses

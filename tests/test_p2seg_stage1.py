@@ -12,7 +12,7 @@ from pointseg.config import DatasetConfig, PointsConfig
 from pointseg.data.prepare import prepare_inputs, read_index
 from pointseg.data.record import Points
 from pointseg.generators import build_generator
-from pointseg.generators.p2seg import P2SegGenerator, P2SegTrainable
+from pointseg.generators.p2seg import P2SegConfig, P2SegGenerator, P2SegTrainable
 from pointseg.generators.p2seg.generator import instance_uncertainty
 from pointseg.generators.p2seg.targets import ThingLayout, network_maps
 from pointseg.train.checkpoint import read_checkpoint
@@ -151,7 +151,7 @@ def test_stride_4_heads_double_the_class_map_and_keep_offsets_in_image_pixels(sy
     # Offsets are in pixels of the 64-px input whatever the head stride: (4, 8) there is (2, 16) on a 32 x 128 image.
     one = {"class_logits": torch.zeros(2, 16, 16), "offsets": torch.tensor([4.0, 8.0]).view(2, 1, 1).expand(2, 16, 16),
            "affinity_logits": torch.zeros(256, 256)}
-    _, _, off = network_maps(one, [0, 1], 2.0, False, (32, 128), 64)
+    _, _, off = network_maps(one, [0, 1], P2SegConfig(i2s=False), (32, 128), 64)
     assert np.allclose(off[0], 2.0) and np.allclose(off[1], 16.0)
     # The affinity grid may be as fine as the head's map, not finer.
     with pytest.raises(ValueError, match="finer than the stride-8 map"):

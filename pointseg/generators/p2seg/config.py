@@ -53,6 +53,10 @@ class P2SegConfig(TrainableGeneratorConfig):
         "argmax", description="network semantic map: argmax over background and the image's classes, or "
         "foreground wherever the classes together outweigh background")
     i2s: bool = Field(True, description="I2S on (Table 3): semantic map Â^{∘β} * C and L_I2S; off: argmax C, no L_I2S")
+    i2s_rows: Literal["grid", "pixels"] = Field(
+        "grid", description="rows of Â in the I2S semantic map: the affinity grid's cells (the trained cell-pair "
+        "affinity; S on the grid), or every pixel of the class map against the cells (each pixel's embedding "
+        "against the cells' pooled ones; S at the class map's resolution, closer to the paper's pixel-pair Â)")
     background_affinity: bool = Field(
         True, description="background cells are one more segment of A (affine to each other); false: every pair "
         "with background is a non-affinity pair")

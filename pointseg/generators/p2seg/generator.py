@@ -163,7 +163,7 @@ class P2SegGenerator(TrainableGenerator):
         t0 = time.perf_counter()
         h, w = image.shape[:2]
         present = [0] + sorted({int(c) for c in layout.group_class})
-        prob, semantic, offsets = network_maps(out, present, cfg.beta, cfg.i2s, (h, w), self.image_size, cfg.foreground)
+        prob, semantic, offsets = network_maps(out, present, cfg, (h, w), self.image_size)
         label = self._assemble(semantic, layout, offsets if cfg.grouping == "offsets" else None, (h, w))
         label.uncertainty = instance_uncertainty(prob, present, layout, offsets if cfg.grouping == "offsets" else None,
                                                  cfg.uncertainty_temperature)

@@ -28,11 +28,13 @@ Choices where the paper is silent (each a documented key):
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["affinity_targets", "grid_labels", "i2s_semantic", "pool_to_grid"]
+__all__ = ["affinity_targets", "grid_labels", "i2s_semantic", "pixel_cell_affinity", "pool_to_grid"]
 
 
 def grid_labels(instance: np.ndarray, grid: int) -> np.ndarray:
@@ -75,6 +77,19 @@ def pool_to_grid(x: torch.Tensor, grid: int) -> torch.Tensor:
     if x.shape[-2:] != (grid, grid):
         x = F.adaptive_avg_pool2d(x, grid)
     return x.flatten(2)
+
+
+def pixel_cell_affinity(embedding: torch.Tensor, grid: int) -> torch.Tensor:
+    """``Â`` logits of every pixel of a (D, h, w) embedding against the ``grid²`` cells: (h w, grid²).
+
+    ``Â_ij = <e_i, ē_j> / sqrt(D)``, ``e_i`` the embedding at pixel ``i`` and
+    ``ē_j`` the embedding average-pooled over cell ``j``: the trained
+    cell-pair affinity of :class:`~.network.P2SegNet` with its rows refined to
+    the pixels (identical to it where ``h = w = grid``).
+    """
+    d = embedding.shape[0]
+    cells = pool_to_grid(embedding[None], grid)[0]
+    return embedding.flatten(1).T @ cells / math.sqrt(d)
 
 
 def i2s_semantic(affinity_logits: torch.Tensor, class_prob: torch.Tensor, beta: float) -> torch.Tensor:

@@ -171,8 +171,7 @@ class P2SegTrainable(Trainable):
         targets = []
         for i, (layout, box) in enumerate(zip(batch["layouts"], batch["boxes"])):
             present = [0] + sorted({int(c) for c in layout.group_class})
-            prob, semantic, offsets = network_maps({k: v[i] for k, v in out.items()}, present, p.beta, p.i2s, (s, s), s,
-                                                   p.foreground)
+            prob, semantic, offsets = network_maps({k: v[i] for k, v in out.items()}, present, p, (s, s), s)
             t, _ = s2i_targets(semantic, layout, p.priority, self.config.affinity_grid, *box,
                                offsets=offsets if p.grouping == "offsets" else None,
                                class_prob=prob.cpu().numpy() if p.offset_weighting == "confidence" else None,

@@ -19,6 +19,7 @@ class-agnostic map. Stuff categories are background for the instance task.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,8 +27,11 @@ import torch.nn.functional as F
 
 from pointseg.data.record import Category, Points
 from pointseg.generators.base import PseudoLabel, SeedGroup, seed_groups
-from pointseg.generators.p2seg.i2s import grid_labels, i2s_semantic, pool_to_grid
+from pointseg.generators.p2seg.i2s import grid_labels, i2s_semantic, pixel_cell_affinity, pool_to_grid
 from pointseg.generators.p2seg.s2i import S2IResult, offset_targets, s2i_instances
+
+if TYPE_CHECKING:
+    from pointseg.generators.p2seg.config import P2SegConfig
 
 __all__ = [
     "ThingLayout",
@@ -159,21 +163,25 @@ def s2i_targets(semantic: np.ndarray, layout: ThingLayout, priority: str, grid: 
 
 
 @torch.no_grad()
-def network_maps(out: dict[str, torch.Tensor], present: list[int], beta: float, i2s: bool,
-                 size: tuple[int, int], input_size: int,
-                 foreground: str = "argmax") -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+def network_maps(out: dict[str, torch.Tensor], present: list[int], params: "P2SegConfig",
+                 size: tuple[int, int], input_size: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """One image's semantic distribution, semantic map and offsets at ``size = (h, w)``.
 
     out : the network outputs of one image (no batch dimension): ``class_logits``
-    (c+1, s, s), ``offsets`` (2, s, s) in input pixels, ``affinity_logits`` (N, N);
-    input_size : side of the square input the network saw (offsets are in its pixels);
-    present : the channels allowed (background 0 and the classes of the image's
-    points: the image-level cleaning of the authors' code).
+    (c+1, s, s), ``offsets`` (2, s, s) in input pixels, ``embedding`` (D, s, s),
+    ``affinity_logits`` (N, N); present : the channels allowed (background 0 and
+    the classes of the image's points: the image-level cleaning of the authors'
+    code); params : the labelling keys read here (``beta``, ``i2s``,
+    ``i2s_rows``, ``foreground``); input_size : side of the square input the
+    network saw (offsets are in its pixels).
 
     ``C`` = softmax of the class logits over ``present``; with ``i2s`` the
-    distribution is ``S = Â^{∘β} * C`` on the affinity grid
-    (:func:`~.i2s.i2s_semantic`), else ``C``; it is upsampled (bilinear) to
-    ``size``. Returns ``prob`` (K, h, w) float32 tensor over ``present``,
+    distribution is ``S = Â^{∘β} * C`` (:func:`~.i2s.i2s_semantic`) with ``C``
+    pooled to the affinity grid, its rows the grid cells (``i2s_rows: grid``:
+    ``S`` on the grid) or every pixel of the class map
+    (``i2s_rows: pixels``: ``Â`` of each pixel's embedding against the cells'
+    pooled ones, :func:`~.i2s.pixel_cell_affinity`; ``S`` at the class map's
+    resolution); else ``C``. It is upsampled (bilinear) to ``size``. Returns ``prob`` (K, h, w) float32 tensor over ``present``,
     ``semantic`` (h, w) int64 channel map and ``offsets`` (2, h, w) float32 in
     pixels of ``size`` (scaled from the input's). ``foreground="argmax"``: the
     semantic map is the argmax of ``prob``; ``"mass"``: a pixel is foreground
@@ -182,12 +190,17 @@ def network_maps(out: dict[str, torch.Tensor], present: list[int], beta: float, 
     two agree; with several, background no longer wins by splitting the
     foreground's mass).
     """
+    beta, foreground = params.beta, params.foreground
     logits = out["class_logits"][present].float()
     prob = logits.softmax(0)
-    if i2s:
+    if params.i2s:
         grid = int(round(out["affinity_logits"].shape[-1] ** 0.5))
-        flat = i2s_semantic(out["affinity_logits"].float(), pool_to_grid(prob[None], grid)[0], beta)
-        prob = flat.view(len(present), grid, grid)
+        cells = pool_to_grid(prob[None], grid)[0]
+        if params.i2s_rows == "pixels":
+            h, w = prob.shape[-2:]
+            prob = i2s_semantic(pixel_cell_affinity(out["embedding"].float(), grid), cells, beta).view(-1, h, w)
+        else:
+            prob = i2s_semantic(out["affinity_logits"].float(), cells, beta).view(len(present), grid, grid)
     prob = F.interpolate(prob[None], size=size, mode="bilinear", align_corners=False)[0]
     if foreground == "mass" and len(present) > 1:
         best = prob[1:].argmax(0) + 1
