@@ -32,6 +32,7 @@ from pointseg.metrics.instances import coco_mask_ap, mask_bbox, rle
 from pointseg.metrics.pq import pq_stat_image
 from pointseg.train.stage2 import load_stage2
 
+from operators.actor_pool import actor_batches, set_timeouts
 from operators.training import absolute_file_names
 
 log = logging.getLogger("pointseg.operators.evaluation")
@@ -160,9 +161,7 @@ def evaluate_model(cfg, categories: dict[int, Category], output: str, checkpoint
         raise ValueError(f"evaluation: no image of {output}/index matched the {len(image_ids)} validation ids")
     names = absolute_file_names({"file_name": [r["file_name"] for r in rows]}, os.getcwd())["file_name"]
     rows = [dict(r, file_name=f) for r, f in zip(rows, names)]
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_no_progress_timeout_s = cfg.ray_data.no_progress_timeout_s
-    ctx.wait_for_min_actors_s = cfg.ray_data.wait_for_min_actors_s
+    set_timeouts(cfg.ray_data)
     blocks = [pa.Table.from_pylist(rows[i : i + ev.batch_size]) for i in range(0, len(rows), ev.batch_size)]
     ds = ray.data.from_arrow(blocks).map_batches(
         EvaluateModel,
@@ -174,7 +173,7 @@ def evaluate_model(cfg, categories: dict[int, Category], output: str, checkpoint
         batch_format="numpy",
     )
     merge = EvaluationMerge(categories, cfg.train.task, ev.num_pictures)
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in actor_batches(ds, cfg.ray_data, "evaluation"):
         merge.add(batch)
     return {"metrics": merge.metrics(), "pictures": merge.pictures}
 

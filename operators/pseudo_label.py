@@ -34,6 +34,8 @@ from pointseg.data.record import Category, Points
 from pointseg.data.shards import encode_uncertainty, iter_verified_rows, scan_shards, write_shard
 from pointseg.generators import build_generator
 
+from operators.actor_pool import actor_batches, set_timeouts
+
 log = logging.getLogger("pointseg.operators")
 
 
@@ -203,9 +205,7 @@ def label_with_ray(todo: list[dict], kwargs: dict, rd, stats: list | None = None
     yields per-image summaries as batches finish. ``stats``: ``ds.stats()`` is appended at the end."""
     import ray
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_no_progress_timeout_s = rd.no_progress_timeout_s  # a hang becomes an error
-    ctx.wait_for_min_actors_s = rd.wait_for_min_actors_s
+    set_timeouts(rd)
     if rd.num_gpus_per_actor > 0:
         gpus = ray.cluster_resources().get("GPU", 0)
         if gpus < rd.num_gpus_per_actor:
@@ -222,7 +222,7 @@ def label_with_ray(todo: list[dict], kwargs: dict, rd, stats: list | None = None
         batch_format="numpy",
     )
     with tqdm(total=len(todo), desc="pseudo labels (ray)", unit="img") as bar:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in actor_batches(ds, rd, "pseudo labels"):
             bar.update(len(batch["image_id"]))
             yield from ({"image_id": i, "error": e} for i, e in zip(batch["image_id"], batch["error"]))
     if stats is not None:

@@ -1,5 +1,5 @@
-"""A PSPS that takes a known time per image and logs every image it labels (plug-in for the
-interrupt and actor-kill tests: ``generator.method: tests.slow_generator:SlowPSPS``)."""
+"""A PSPS that takes a known time to start and per image and logs every image it labels (plug-in for
+the interrupt, actor-kill and actor-start tests: ``generator.method: tests.slow_generator:SlowPSPS``)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pointseg.generators.psps import PSPSConfig, PSPSGenerator
 
 class SlowConfig(PSPSConfig):
     seconds_per_image: float = Field(0.2, ge=0)
+    start_seconds: float = Field(0.0, ge=0, description="seconds the constructor sleeps (a slow-starting actor)")
     log_dir: str = Field("", description="each labelled image appends '<pid> <image size>' to log_dir/labelled.log")
 
 
@@ -22,6 +23,7 @@ class SlowPSPS(PSPSGenerator):
 
     def __init__(self, config, categories):
         super().__init__(config, categories)
+        time.sleep(self.config.start_seconds)
         if self.config.log_dir:
             with open(os.path.join(self.config.log_dir, f"actor-{os.getpid()}.pid"), "w") as f:
                 f.write(str(os.getpid()))

@@ -172,3 +172,11 @@ def test_asking_for_a_gpu_on_a_cpu_cluster_is_a_clear_error(ray_local, tmp_path)
     assert validate(PipelineConfig, cfg).ray_data.wait_for_min_actors_s == 0.5  # fractions are kept
     with pytest.raises(RuntimeError, match=r"num_gpus_per_actor=1 but the cluster has 0 GPU"):
         run_flow(cfg, tmp_path / "run")
+
+
+def test_actors_that_do_not_start_in_time_name_the_key_to_raise(ray_local, tmp_path):
+    cfg = config(tmp_path / "run", n=2, min_images_for_ray=0, wait_for_min_actors_s=1)
+    cfg["generator"] = {"method": "tests.slow_generator:SlowPSPS", "params": {"start_seconds": 10}}
+    with pytest.raises(RuntimeError, match=r"pseudo labels: the actors did not start within "
+                                           r"ray_data.wait_for_min_actors_s=1 s"):
+        run_flow(cfg, tmp_path / "run")
