@@ -5,8 +5,10 @@ Per batch of images (``__call__`` runs the network on the whole batch,
 
 1. **I2S** -- the class map ``C``, restricted to background and the classes of
    the image's points, and the affinity ``Â`` give ``S = Â^{∘β} * C`` on the
-   affinity grid (``i2s: false``: ``C``); ``S`` is upsampled to the image and
-   its argmax is the semantic map (:func:`~.targets.network_maps`).
+   affinity grid (``i2s_rows: pixels``: at the class map's resolution;
+   ``i2s: false``: ``C`` itself, also from a network trained with I2S); ``S`` is
+   upsampled to the image and its argmax is the semantic map
+   (:func:`~.targets.network_maps`).
 2. **S2I** -- the components of the semantic map are matched to the points
    (:func:`~.s2i.s2i_instances`, ``priority``); a component shared by several
    points is split by the predicted offsets (``grouping: offsets``: the

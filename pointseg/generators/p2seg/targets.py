@@ -181,7 +181,8 @@ def network_maps(out: dict[str, torch.Tensor], present: list[int], params: "P2Se
     ``S`` on the grid) or every pixel of the class map
     (``i2s_rows: pixels``: ``Â`` of each pixel's embedding against the cells'
     pooled ones, :func:`~.i2s.pixel_cell_affinity`; ``S`` at the class map's
-    resolution); else ``C``. It is upsampled (bilinear) to ``size``. Returns ``prob`` (K, h, w) float32 tensor over ``present``,
+    resolution); else ``C``. It is upsampled (bilinear) to ``size``. Returns
+    ``prob`` (K, h, w) float32 tensor over ``present``,
     ``semantic`` (h, w) int64 channel map and ``offsets`` (2, h, w) float32 in
     pixels of ``size`` (scaled from the input's). ``foreground="argmax"``: the
     semantic map is the argmax of ``prob``; ``"mass"``: a pixel is foreground
