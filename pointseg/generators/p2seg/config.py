@@ -117,7 +117,8 @@ class P2SegTrainConfig(EngineConfig):
     image_size: int = Field(256, ge=32, description="square input side (multiple of 8)")
     head_stride: Literal[4, 8] = Field(
         8, description="output stride of the class, offset and embedding heads: 8, or 4 (the paper's HRNet): a "
-        "class map of twice the side (64² at image_size 256), about twice the step time")
+        "class map of twice the side (64² at image_size 256), 1.1-1.3x the step time with a 32² affinity grid "
+        "(benchmarks/p2seg_speed.py --head-stride 4 --grid 32)")
     affinity_grid: int = Field(32, ge=2, description="side of the affinity grid: N = grid² cells, N² pairs; "
                                "with i2s the semantic map is on this grid")
     loss_stride: int = Field(4, ge=1, description="L_seg and L_off on the grid of this stride of the input")
