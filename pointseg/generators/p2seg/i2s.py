@@ -80,16 +80,18 @@ def pool_to_grid(x: torch.Tensor, grid: int) -> torch.Tensor:
 
 
 def pixel_cell_affinity(embedding: torch.Tensor, grid: int) -> torch.Tensor:
-    """``Â`` logits of every pixel of a (D, h, w) embedding against the ``grid²`` cells: (h w, grid²).
+    """``Â`` logits of every pixel of a (..., D, h, w) embedding against the ``grid²`` cells: (..., h w, grid²).
 
     ``Â_ij = <e_i, ē_j> / sqrt(D)``, ``e_i`` the embedding at pixel ``i`` and
-    ``ē_j`` the embedding average-pooled over cell ``j``: the trained
-    cell-pair affinity of :class:`~.network.P2SegNet` with its rows refined to
-    the pixels (identical to it where ``h = w = grid``).
+    ``ē_j`` the embedding average-pooled over cell ``j``. On an embedding
+    already on the grid (``h = w = grid``) this is the cell-pair affinity that
+    :class:`~.network.P2SegNet` trains; on a finer one, the same with its rows
+    refined to the pixels.
     """
-    d = embedding.shape[0]
-    cells = pool_to_grid(embedding[None], grid)[0]
-    return embedding.flatten(1).T @ cells / math.sqrt(d)
+    d, h, w = embedding.shape[-3:]
+    flat = embedding.reshape(-1, d, h, w)
+    cells = pool_to_grid(flat, grid)
+    return (flat.flatten(2).transpose(1, 2) @ cells / math.sqrt(d)).reshape(*embedding.shape[:-3], h * w, grid * grid)
 
 
 def i2s_semantic(affinity_logits: torch.Tensor, class_prob: torch.Tensor, beta: float) -> torch.Tensor:

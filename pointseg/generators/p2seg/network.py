@@ -14,7 +14,7 @@ The paper uses HRNet-48 with BESTIE's heads. This CPU-sized version:
   weights predict proportional offsets at any input size);
   ``embedding`` (``embed_dim`` channels);
 * affinity: the embedding is average-pooled to an ``affinity_grid`` square
-  grid (:func:`~.i2s.pool_to_grid`) and ``Â_ij = <e_i, e_j> / sqrt(embed_dim)``
+  grid and ``Â_ij = <e_i, e_j> / sqrt(embed_dim)`` (:func:`~.i2s.pixel_cell_affinity`)
   over all cell pairs, ``(B, N, N)`` logits with ``N = affinity_grid²`` (a
   dot-product affinity, as in the authors' code; the paper does not say how
   ``Â`` is formed).
@@ -22,13 +22,11 @@ The paper uses HRNet-48 with BESTIE's heads. This CPU-sized version:
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pointseg.generators.p2seg.i2s import pool_to_grid
+from pointseg.generators.p2seg.i2s import pixel_cell_affinity
 from pointseg.models.backbones import build_timm_backbone, normalization
 
 __all__ = ["P2SegNet"]
@@ -69,7 +67,6 @@ class P2SegNet(nn.Module):
         self.num_classes = num_classes
         self.affinity_grid = affinity_grid
         self.embed_dim = embed_dim
-        self.stride = stride
         levels = (1, 2, 3, 4) if stride == 4 else (2, 3, 4)  # level i has stride 2 ** (i + 1)
         self.backbone, channels = build_timm_backbone(backbone, pretrained, out_indices=levels)
         mean, std = normalization(backbone)
@@ -92,8 +89,8 @@ class P2SegNet(nn.Module):
 
     def affinity(self, embedding: torch.Tensor) -> torch.Tensor:
         """``Â`` (B, N, N) logits on the ``affinity_grid`` grid from a (B, D, h, w) embedding."""
-        e = pool_to_grid(embedding, self.affinity_grid)
-        return torch.einsum("bdi,bdj->bij", e, e) / math.sqrt(self.embed_dim)
+        g = self.affinity_grid
+        return pixel_cell_affinity(F.adaptive_avg_pool2d(embedding, g), g)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if x.ndim != 4 or x.shape[1] != 3:
