@@ -3,7 +3,8 @@
     index rows of the validation images (in memory, one block per batch)
       -> map_batches(EvaluateModel, ActorPoolStrategy)   # checkpoint loaded once per actor (fsspec)
            per batch: predict (STAGE2_MODELS row), per image: pq_stat_image(...) and RLE instances
-      -> driver, streaming: PQEvaluator.add_stat -> PQ, SQ, RQ;  pycocotools COCOeval(segm) -> AP
+      -> driver, streaming: PQEvaluator.add_stat -> PQ, SQ, RQ;  pycocotools COCOeval(segm) -> AP,
+         and again with useCats = 0 -> class-agnostic AP (the masks without the classifier)
 
 A failing image (unreadable file, a prediction that raises) is an error row,
 listed in the result, and counts as an empty prediction (all its segments
@@ -138,6 +139,8 @@ class EvaluationMerge:
         m = {k: pq[k] for k in ("pq", "sq", "rq", "pq_th", "sq_th", "rq_th", "pq_st", "sq_st", "rq_st")}
         if self.task == "instance":
             m.update(coco_mask_ap(self.images, self.gt, self.dets, self.categories))
+            agnostic = coco_mask_ap(self.images, self.gt, self.dets, self.categories, use_cats=False)
+            m.update({f"agnostic_{k}": agnostic[k] for k in ("ap", "ap50", "ap75")})
         m["num_images"] = len(self.images)
         m["failed_images"] = dict(self.failed)
         m["seconds_per_image"] = float(np.mean(self.seconds)) if self.seconds else 0.0

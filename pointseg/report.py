@@ -38,6 +38,8 @@ log = logging.getLogger("pointseg.report")
 
 SUMMARY_KEYS = ("pq", "sq", "rq", "pq_th", "sq_th", "rq_th", "pq_st", "sq_st", "rq_st")
 INSTANCE_KEYS = ("mask_ap", "mask_ap50", "mean_best_iou")
+#: stage-2 instance models: COCO mask AP, then the same with pycocotools' useCats = 0 (masks without classes)
+INSTANCE_AP_KEYS = ("ap", "ap50", "ap75", "agnostic_ap", "agnostic_ap50")
 
 
 def _finite_or_none(v):
@@ -106,7 +108,7 @@ def model_section(cfg, trained: dict, evaluated: dict) -> dict:
     """The stage-2 part of the report: metrics on the held-out images, training numbers, pictures' rows."""
     m = evaluated["metrics"]
     history = trained["history"]
-    keys = SUMMARY_KEYS + (("ap", "ap50", "ap75") if cfg.train.task == "instance" else ())
+    keys = SUMMARY_KEYS + (INSTANCE_AP_KEYS if cfg.train.task == "instance" else ())
     return {
         "model": cfg.train.model,
         "task": cfg.train.task,
@@ -397,10 +399,11 @@ def _summary_markdown(d: dict, max_rows: int = 50) -> list[str]:
 def _model_markdown(m: dict) -> list[str]:
     ap = "ap" in m
     lines = ["", f"## Stage-2 model ({m['model']}, {m['task']}, trained on {m['supervision']} labels)", "",
-             "| PQ | PQ_th | PQ_st | SQ | RQ |" + (" AP | AP50 | AP75 |" if ap else ""),
-             "|---|---|---|---|---|" + ("---|---|---|" if ap else ""),
+             "| PQ | PQ_th | PQ_st | SQ | RQ |"
+             + (" AP | AP50 | AP75 | AP class-agnostic | AP50 class-agnostic |" if ap else ""),
+             "|---|---|---|---|---|" + ("---|" * len(INSTANCE_AP_KEYS) if ap else ""),
              "| " + " | ".join(_pct(m[k]) for k in ("pq", "pq_th", "pq_st", "sq", "rq")) + " |"
-             + ("".join(f" {_pct(m[k])} |" for k in ("ap", "ap50", "ap75")) if ap else ""),
+             + ("".join(f" {_pct(m.get(k))} |" for k in INSTANCE_AP_KEYS) if ap else ""),
              "", f"- {m['validation_images']} validation images (never trained on), {m['steps']} steps, "
              f"{m['train_rows']} training rows, {m['skipped_rows']} bad rows skipped {m['skip_reasons'] or ''}",
              f"- checkpoint: `{m['checkpoint']}`", f"- TensorBoard: `tensorboard --logdir {m['tensorboard']}`"]
@@ -432,7 +435,8 @@ def console_summary(report: dict) -> str:
                    f"checkpoint {g['checkpoint']}")
     if report.get("model"):
         mm = report["model"]
-        extra = f"  AP {_pct(mm['ap'])}  AP50 {_pct(mm['ap50'])}" if "ap" in mm else ""
+        extra = (f"  AP {_pct(mm['ap'])}  AP50 {_pct(mm['ap50'])}  class-agnostic AP {_pct(mm.get('agnostic_ap'))}"
+                 f"  AP50 {_pct(mm.get('agnostic_ap50'))}" if "ap" in mm else "")
         out.append(f"stage-2 {mm['model']} ({mm['supervision']} labels): PQ {_pct(mm['pq'])}  PQ_th {_pct(mm['pq_th'])}"
                    f"{extra}  loss {mm['first_loss']} -> {mm['last_loss']}")
     if report.get("failures"):

@@ -250,6 +250,27 @@ def test_mask_ap_equals_pycocotools(toy):
     assert res["mask_ap50"] > 0  # the toy has true positives at IoU 0.5
 
 
+def test_class_agnostic_mask_ap_ignores_the_class_by_hand():
+    """Two objects with perfect masks, one of them given the wrong class: class-aware AP is the
+    mean over the two classes (class 1: nothing found, 0; class 2: its object first, 1) = 0.5;
+    class-agnostic AP (pycocotools useCats = 0) finds both objects, 1.0."""
+    from pointseg.metrics.instances import coco_mask_ap, mask_bbox, rle
+
+    a = np.zeros((8, 8), bool)
+    a[:4, :4] = True
+    b = np.zeros((8, 8), bool)
+    b[4:, 4:] = True
+    cats = {1: Category(1, "a", True), 2: Category(2, "b", True)}
+    gt = [{"image_id": 1, "category_id": c, "iscrowd": 0, "segmentation": rle(m), "area": int(m.sum()),
+           "bbox": mask_bbox(m)} for c, m in ((1, a), (2, b))]
+    dets = [{"image_id": 1, "category_id": 2, "score": 0.9, "segmentation": rle(b)},
+            {"image_id": 1, "category_id": 2, "score": 0.8, "segmentation": rle(a)}]
+    images = [{"id": 1, "height": 8, "width": 8}]
+    assert coco_mask_ap(images, gt, dets, cats)["ap50"] == pytest.approx(0.5)
+    agnostic = coco_mask_ap(images, gt, dets, cats, use_cats=False)
+    assert agnostic["ap"] == pytest.approx(1.0) and agnostic["ap50"] == pytest.approx(1.0)
+
+
 def test_batched_calls_reach_the_generator_and_a_failure_is_isolated(toy):
     root, data, _ = toy
     _, gen = _score_toy(root, data, batch_size=8)

@@ -221,3 +221,4 @@ def test_a_broken_image_is_a_failed_row_not_a_failed_evaluation(data, tmp_path):
     merge.add(rows)
     m = merge.metrics()
     assert m["num_images"] == 2 and list(m["failed_images"]) == [int(index[1]["image_id"])]
+    assert {"ap", "ap50", "agnostic_ap", "agnostic_ap50"} <= set(m)

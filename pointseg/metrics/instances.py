@@ -48,12 +48,15 @@ def mask_bbox(mask: np.ndarray) -> list[int]:
 
 
 def coco_mask_ap(images: list[dict], gt_annotations: list[dict], detections: list[dict],
-                 categories: Mapping[int, Category]) -> dict:
+                 categories: Mapping[int, Category], use_cats: bool = True) -> dict:
     """COCO mask AP, AP50, AP75 with pycocotools.
 
     images : ``{id, height, width}``; gt_annotations : ``{image_id, category_id,
     iscrowd, segmentation (RLE), area, bbox}``; detections : ``{image_id,
     category_id, score, segmentation}``. Only thing categories are scored.
+    ``use_cats=False`` is pycocotools' class-agnostic mode (``params.useCats = 0``):
+    a detection may match an object of any class, so the score measures the
+    masks alone, not the classifier.
     Returns ``ap, ap50, ap75`` in [0, 1] (0 when there is nothing to match:
     pycocotools' -1), ``num_detections`` and ``num_gt``.
     """
@@ -70,6 +73,7 @@ def coco_mask_ap(images: list[dict], gt_annotations: list[dict], detections: lis
         coco_gt.createIndex()
         coco_dt = coco_gt.loadRes([dict(d) for d in detections])
         ev = COCOeval(coco_gt, coco_dt, iouType="segm")
+        ev.params.useCats = int(use_cats)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
