@@ -158,3 +158,21 @@ def test_stride_4_heads_double_the_class_map_and_keep_offsets_in_image_pixels(sy
         P2SegTrainable.Config.model_validate({**TRAIN, "affinity_grid": 16})
     with pytest.raises(ValueError, match="finer than the stride-4 map"):
         P2SegTrainable.Config.model_validate({**cfg, "affinity_grid": 32})
+
+
+
+def test_input_size_labels_the_same_weights_at_a_finer_class_map(synthetic):
+    cats, _ = synthetic
+    cfg = {**TRAIN, "head_stride": 4, "affinity_grid": 16}
+    model = P2SegTrainable(cfg, cats, context={"generator": PARAMS}).build(pretrained=False).eval()
+    img = np.random.default_rng(1).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    default = P2SegGenerator({**PARAMS, "i2s": False}, cats, net=model, net_config=cfg)
+    finer = P2SegGenerator({**PARAMS, "i2s": False, "input_size": 128}, cats, net=model, net_config=cfg)
+    assert default.input_size == 64 and finer.input_size == 128
+    assert default._forward([img])["class_logits"].shape[-2:] == (16, 16)
+    assert finer._forward([img])["class_logits"].shape[-2:] == (32, 32)
+    thing = sorted(k for k, v in cats.items() if v.isthing)[0]
+    label = finer([img], [Points([[10, 10]], [1], [thing])])[0]
+    assert label.id_map.shape == (40, 60)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        P2SegConfig(input_size=100)

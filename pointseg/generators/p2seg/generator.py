@@ -1,7 +1,8 @@
 """The P2Seg pseudo-label generator: the stage-1 network's final-stage instance map (Sec. 3, Fig. 3).
 
 Per batch of images (``__call__`` runs the network on the whole batch,
-``net_batch`` images per forward, on ``image_size`` squared inputs):
+``net_batch`` images per forward, on ``input_size`` squared inputs, by default
+the stage-1 ``image_size``):
 
 1. **I2S** -- the class map ``C``, restricted to background and the classes of
    the image's points, and the affinity ``Â`` give ``S = Â^{∘β} * C`` on the
@@ -121,6 +122,11 @@ class P2SegGenerator(TrainableGenerator):
         self.channel_of = thing_channels(categories, class_map)
         self._source = None
 
+    @property
+    def input_size(self) -> int:
+        """Side of the square network input: ``input_size``, else the stage-1 ``image_size``."""
+        return int(self.config.input_size or self.image_size)
+
     @classmethod
     def uses_net(cls, config) -> bool:
         return bool(config.use_network)
@@ -154,7 +160,7 @@ class P2SegGenerator(TrainableGenerator):
 
     @torch.no_grad()
     def _forward(self, images: list[np.ndarray]) -> dict[str, torch.Tensor]:
-        s = self.image_size
+        s = self.input_size
         x = np.stack([resize_square(im, s) for im in images])
         x = torch.from_numpy(x).permute(0, 3, 1, 2).float().div(255.0).to(self.config.device)
         self.net.eval()
@@ -165,7 +171,7 @@ class P2SegGenerator(TrainableGenerator):
         t0 = time.perf_counter()
         h, w = image.shape[:2]
         present = [0] + sorted({int(c) for c in layout.group_class})
-        prob, semantic, offsets = network_maps(out, present, cfg, (h, w), self.image_size)
+        prob, semantic, offsets = network_maps(out, present, cfg, (h, w), self.input_size)
         label = self._assemble(semantic, layout, offsets if cfg.grouping == "offsets" else None, (h, w))
         label.uncertainty = instance_uncertainty(prob, present, layout, offsets if cfg.grouping == "offsets" else None,
                                                  cfg.uncertainty_temperature)
