@@ -15,7 +15,8 @@ from pointseg.generators.p2seg import P2SegConfig
 from pointseg.generators.p2seg.i2s import affinity_targets, grid_labels, i2s_semantic, pixel_cell_affinity
 from pointseg.generators.p2seg.losses import i2s_loss, offset_loss, seg_loss
 from pointseg.generators.p2seg.network import P2SegNet
-from pointseg.generators.p2seg.s2i import class_components, nearest_point_split, offset_targets, s2i_instances
+from pointseg.generators.p2seg.s2i import (GeodesicSplit, class_components, nearest_point_split, offset_targets,
+                                           s2i_instances)
 from pointseg.generators.p2seg.stage1 import round_of
 from pointseg.generators.p2seg.targets import on_grid
 
@@ -69,6 +70,44 @@ def test_offsets_decide_the_split_when_given():
     res = s2i_instances(sem, yx, np.array([0, 1]), np.array([1, 1]), "points", offsets=off, min_area=1)
     assert (res.instance[:, 0:6] == 0).sum() == 4 * 6 - 1  # all but point 1's own pixel
     assert res.instance[1, 4] == 1 and res.counters["seed_pixels_restored"] == 1
+
+
+def test_geodesic_split_follows_the_colour_edge_and_equals_scipy_dijkstra():
+    from scipy.sparse.csgraph import dijkstra
+
+    from pointseg.generators.psps import low_level_maps
+    from pointseg.geodesic import edge_costs, to_csgraph
+
+    # One class-1 component over a 12 x 16 image: red left of column 11, blue from it. Point 0 sits in
+    # the red part (col 1), point 1 in the blue part (col 13). The bisector (Eq. 1) cuts at column 7;
+    # the geodesic cut is the colour edge at column 11.
+    img = np.zeros((12, 16, 3), np.uint8)
+    img[:, :11] = (200, 30, 30)
+    img[:, 11:] = (30, 30, 200)
+    sem = np.ones((12, 16), np.int64)
+    yx = np.array([[6.0, 1.0], [6.0, 13.0]])
+    split = GeodesicSplit(img, yx, beta=0.1, downscale=1.0)
+    res = s2i_instances(sem, yx, np.array([0, 1]), np.array([1, 1]), "points", min_area=1, split=split)
+    # Oracle: scipy Dijkstra on the same edge costs, each pixel to the nearer point.
+    lab, boundary = low_level_maps(img, (12, 16), 0.5)
+    dist = dijkstra(to_csgraph(edge_costs(lab, boundary, beta=0.1)), directed=True, indices=[6 * 16 + 1, 6 * 16 + 13])
+    np.testing.assert_array_equal(res.instance, dist.argmin(0).reshape(12, 16))
+    assert (res.instance[:, :11] == 0).all() and (res.instance[:, 11:] == 1).all()
+    plain = s2i_instances(sem, yx, np.array([0, 1]), np.array([1, 1]), "points", min_area=1)
+    assert (plain.instance[:, 8:11] == 1).all()  # Eq. 1 gives the red columns 8-10 to the blue point
+
+
+def test_orphan_components_go_to_the_nearest_point_only_when_asked():
+    sem = two_components()
+    yx = np.array([[1.0, 0.0]])  # a point in A only: B (cols 8-9) has none
+    paper = s2i_instances(sem, yx, np.array([0]), np.array([1]), "points", min_area=1)
+    assert (paper.instance[:, 8:10] == -1).all()
+    filled = s2i_instances(sem, yx, np.array([0]), np.array([1]), "points", min_area=1, orphans="nearest")
+    want = np.full((4, 10), -1)
+    want[:, 0:6] = 0
+    want[:, 8:10] = 0  # B joins the only point; background columns 6-7 stay -1
+    np.testing.assert_array_equal(filled.instance, want)
+    assert filled.counters["orphan_pixels"] == 8
 
 
 def test_nearest_point_split_matches_brute_force():

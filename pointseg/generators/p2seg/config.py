@@ -43,9 +43,16 @@ class P2SegConfig(TrainableGeneratorConfig):
     priority: Literal["points", "semantic"] = Field(
         "points", description="S2I conflicts: 'points' (Points First, the paper) or 'semantic' (Semantic Results "
         "First, Table 6)")
-    grouping: Literal["offsets", "nearest_point"] = Field(
+    grouping: Literal["offsets", "nearest_point", "geodesic"] = Field(
         "offsets", description="split of a component shared by several points: by the predicted offsets "
-        "(argmin ||e_k - (p + O(p))||) or by the pixel itself (Eq. 1)")
+        "(argmin ||e_k - (p + O(p))||), by the pixel itself (Eq. 1), or (geodesic, our extension; labelling only, "
+        "stage-1 targets use Eq. 1) by PSPS's geodesic cost from the points (s2i.GeodesicSplit)")
+    orphans: Literal["background", "nearest"] = Field(
+        "background", description="Points First, components no point lies in: background (the paper) or, pixel by "
+        "pixel, the instance of the nearest point of the image (geodesic with grouping geodesic, else Eq. 1; our "
+        "extension)")
+    split_beta: float = Field(0.1, ge=0, description="grouping geodesic: boundary weight of the edge cost (PSPS beta)")
+    split_downscale: float = Field(0.5, gt=0, le=1, description="grouping geodesic: working fraction of the size")
     components: Literal["class", "foreground"] = Field(
         "class", description="S2I components of every class region (the paper) or of the whole foreground (the "
         "semantic map then decides foreground/background only; the points decide classes)")

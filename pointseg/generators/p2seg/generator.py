@@ -13,8 +13,9 @@ the stage-1 ``image_size``):
 2. **S2I** -- the components of the semantic map are matched to the points
    (:func:`~.s2i.s2i_instances`, ``priority``); a component shared by several
    points is split by the predicted offsets (``grouping: offsets``: the
-   class-agnostic instance map of the offsets "times" the semantic map) or by
-   Eq. 1; Points First gives every point a region (default box otherwise).
+   class-agnostic instance map of the offsets "times" the semantic map), by
+   Eq. 1, or by PSPS's geodesic cost (``grouping: geodesic``, our
+   extension); Points First gives every point a region (default box otherwise).
 3. **Output** -- the instances are thing segments; if the image has stuff
    points (e.g. the ``background`` click of the VOC-panoptic protocol) the
    remaining pixels go to the nearest stuff point's segment, else they stay
@@ -56,7 +57,7 @@ from pointseg.data.record import Points
 from pointseg.generators.base import PseudoLabel, TrainableGenerator, assemble
 from pointseg.generators import build_generator
 from pointseg.generators.p2seg.config import P2SegConfig
-from pointseg.generators.p2seg.s2i import s2i_instances
+from pointseg.generators.p2seg.s2i import GeodesicSplit, s2i_instances
 from pointseg.generators.p2seg.stage1 import P2SegTrainable
 from pointseg.generators.p2seg.targets import (ThingLayout, network_maps, on_grid, semantic_from_label, thing_channels,
                                               thing_layout)
@@ -172,7 +173,7 @@ class P2SegGenerator(TrainableGenerator):
         h, w = image.shape[:2]
         present = [0] + sorted({int(c) for c in layout.group_class})
         prob, semantic, offsets = network_maps(out, present, cfg, (h, w), self.input_size)
-        label = self._assemble(semantic, layout, offsets if cfg.grouping == "offsets" else None, (h, w))
+        label = self._assemble(semantic, layout, offsets if cfg.grouping == "offsets" else None, image)
         label.uncertainty = instance_uncertainty(prob, present, layout, offsets if cfg.grouping == "offsets" else None,
                                                  cfg.uncertainty_temperature)
         label.diagnostics.update(network_seconds=net_seconds, seconds=net_seconds + time.perf_counter() - t0,
@@ -186,16 +187,20 @@ class P2SegGenerator(TrainableGenerator):
         semantic = semantic_from_label(self._source.generate(image, points), self.channel_of)
         if self.config.source_grid:
             semantic = on_grid(semantic, self.config.source_grid)
-        label = self._assemble(semantic, layout, None, image.shape[:2])
+        label = self._assemble(semantic, layout, None, image)
         label.diagnostics.update(seconds=time.perf_counter() - t0, background_fraction=float((semantic == 0).mean()))
         return label
 
     def _assemble(self, semantic: np.ndarray, layout: ThingLayout, offsets: np.ndarray | None,
-                  size: tuple[int, int]) -> PseudoLabel:
-        """S2I on ``semantic`` (original size), then the panoptic label (module docstring, step 3)."""
+                  image: np.ndarray) -> PseudoLabel:
+        """S2I on ``semantic`` (the image's size), then the panoptic label (module docstring, step 3)."""
         cfg = self.config
+        size = image.shape[:2]
+        split = (GeodesicSplit(image, layout.point_yx, cfg.split_beta, cfg.split_downscale)
+                 if cfg.grouping == "geodesic" and len(layout.point_yx) > 1 else None)
         res = s2i_instances(semantic, layout.point_yx, layout.point_group, layout.group_class, cfg.priority, offsets,
-                            (cfg.default_box, cfg.default_box), cfg.min_area, cfg.components)
+                            (cfg.default_box, cfg.default_box), cfg.min_area, cfg.components, split,
+                            cfg.orphans)
         assignment = np.where(res.instance >= 0, layout.things[np.maximum(res.instance, 0)]
                               if len(layout.things) else -1, -1)
         if len(layout.stuff_group):
@@ -233,5 +238,5 @@ class P2SegGenerator(TrainableGenerator):
 
 #: Per-image counters of :func:`~.s2i.s2i_instances` and the generator, summed by :meth:`P2SegGenerator.summarize`.
 _COUNTERS = ("components", "split_components", "class_conflicts", "default_boxes", "lost_points",
-             "seed_pixels_restored", "no_thing_points")
+             "seed_pixels_restored", "orphan_pixels", "no_thing_points")
 _QUANTITIES = ("background_fraction", "seconds", "network_seconds")

@@ -34,8 +34,14 @@ Two priorities decide the conflicts (Table 6):
   in it are lost (adjacent same-class objects merge), as are points of another
   class and points on background. No boxes.
 
-Components without a point stay background (a semantic region no point names is
-not an instance).
+``split`` replaces Eq. 1 for the shared components of Points First:
+:class:`GeodesicSplit` (``grouping: geodesic``, our extension) gives each
+pixel to the member point nearest in PSPS's geodesic cost, so the cut between
+two touching objects follows colour edges instead of the bisector.
+
+Components without a point stay background: a semantic region no point names
+is not an instance (``orphans: nearest``, our extension: Points First gives
+their pixels to the nearest point instead).
 
 **Offsets** (Eq. 2, :func:`offset_targets`): ``O(m) = e_k - m`` for every pixel
 ``m`` of the instance of point ``e_k`` (the instance's nearest point with P10),
@@ -45,10 +51,13 @@ as a 2-D ``(dy, dx)`` vector in grid pixels.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal
 
 import cv2
 import numpy as np
+
+from pointseg.generators.psps import low_level_maps, scaled_size
+from pointseg.geodesic import edge_costs, nearest_source
 
 __all__ = [
     "S2IResult",
@@ -126,6 +135,37 @@ def nearest_point_split(pixels_yx: np.ndarray, point_yx: np.ndarray, offsets: np
     return out
 
 
+class GeodesicSplit:
+    """Split of a component among its points by PSPS's geodesic cost (``grouping: geodesic``).
+
+    The cost is PSPS's (:func:`pointseg.geodesic.edge_costs`: LAB colour plus
+    ``beta`` times the Sobel boundary) at ``downscale`` of the image, computed
+    once per image. ``split(pixels_yx, members)`` runs one multi-source
+    Dijkstra from the members' points (:func:`pointseg.geodesic.nearest_source`;
+    paths may leave the component, as PSPS's do) and returns, for each pixel,
+    the index into ``members`` of the nearest point. Pixels and points map to
+    the working grid as PSPS maps them (``floor((y + 0.5) h / H)``).
+    """
+
+    def __init__(self, image: np.ndarray, point_yx: np.ndarray, beta: float = 0.1, downscale: float = 0.5,
+                 blur_sigma: float = 0.5) -> None:
+        height, width = np.asarray(image).shape[:2]
+        self.size = scaled_size(height, width, downscale)
+        self.scale = np.array(self.size, np.float64) / np.array([height, width], np.float64)
+        lab, boundary = low_level_maps(np.asarray(image), self.size, blur_sigma)
+        self.cost = edge_costs(lab, boundary, beta=beta)
+        self.cells = self._cells(np.asarray(point_yx, np.float64).reshape(-1, 2))
+
+    def _cells(self, yx: np.ndarray) -> np.ndarray:
+        cells = np.floor((np.asarray(yx, np.float64) + 0.5) * self.scale)
+        return np.clip(cells, 0, np.array(self.size) - 1).astype(np.int64)
+
+    def __call__(self, pixels_yx: np.ndarray, members: np.ndarray) -> np.ndarray:
+        _, label = nearest_source(self.cost, self.cells[members], labels=np.arange(len(members)))
+        rc = self._cells(pixels_yx)
+        return label[rc[:, 0], rc[:, 1]].astype(np.int64)
+
+
 def offset_targets(instance: np.ndarray, point_yx: np.ndarray, point_group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Offset map of an instance map (Eq. 2): ``O(m) = e_k - m`` on every instance pixel.
 
@@ -175,7 +215,9 @@ def _point_pixels(point_yx: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 def s2i_instances(semantic: np.ndarray, point_yx: np.ndarray, point_group: np.ndarray, group_class: np.ndarray,
                   priority: Priority = "points", offsets: np.ndarray | None = None,
                   default_box: tuple[int, int] = (16, 16), min_area: int = 4,
-                  components: Literal["class", "foreground"] = "class") -> S2IResult:
+                  components: Literal["class", "foreground"] = "class",
+                  split: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+                  orphans: Literal["background", "nearest"] = "background") -> S2IResult:
     """Instance labels from ``semantic`` and the points (S2I, module docstring).
 
     semantic : (h, w) int, 0 = background; point_yx : (K, 2) float ``(row, col)``;
@@ -191,6 +233,13 @@ def s2i_instances(semantic: np.ndarray, point_yx: np.ndarray, point_group: np.nd
         together: the semantic map then only decides foreground from
         background and where a component ends; a component's class, for
         Semantic Results First and the conflict count, is its majority class).
+    split : optional ``split(pixels_yx (n, 2), members (m,) point indices) -> (n,)``
+        index into ``members``: how Points First splits a shared component
+        (e.g. :class:`GeodesicSplit`); replaces Eq. 1 and ``offsets`` there.
+    orphans : Points First: ``"background"`` (the paper) leaves a component no
+        point lies in as background; ``"nearest"`` gives each of its pixels to
+        the nearest point of the image (by ``split``, else Eq. 1), counted in
+        ``orphan_pixels``.
     Returns an :class:`S2IResult`.
     """
     semantic = np.asarray(semantic)
@@ -207,7 +256,7 @@ def s2i_instances(semantic: np.ndarray, point_yx: np.ndarray, point_group: np.nd
     if priority not in ("points", "semantic"):
         raise ValueError(f"priority must be 'points' or 'semantic', got {priority!r}")
     counters = dict(components=0, split_components=0, class_conflicts=0, default_boxes=0, lost_points=0,
-                    seed_pixels_restored=0)
+                    seed_pixels_restored=0, orphan_pixels=0)
     instance = np.full((h, w), -1, np.int64)
     G = len(group_class)
     if len(point_yx) == 0:
@@ -244,11 +293,22 @@ def s2i_instances(semantic: np.ndarray, point_yx: np.ndarray, point_group: np.nd
             continue
         counters["split_components"] += 1
         pix = np.stack([ys, xs], 1).astype(np.float64)
+        if split is not None:
+            instance[ys, xs] = point_group[members[split(pix, members)]]
+            continue
         off = offsets[:, ys, xs].T if offsets is not None else None
         instance[ys, xs] = point_group[members[nearest_point_split(pix, point_yx[members], off)]]
     if priority == "semantic":
         counters["lost_points"] += int((point_comp < 0).sum())
         return S2IResult(instance, group_class.copy(), counters)
+    if orphans == "nearest":
+        ys, xs = np.nonzero((comp >= 0) & (instance < 0))
+        counters["orphan_pixels"] = int(len(ys))
+        if len(ys):
+            pix = np.stack([ys, xs], 1).astype(np.float64)
+            every = np.arange(len(point_yx))
+            k = split(pix, every) if split is not None else nearest_point_split(pix, point_yx)
+            instance[ys, xs] = point_group[k]
     # Points First: every point keeps a region of its own.
     areas = np.bincount(instance[instance >= 0], minlength=G)
     for g in range(G):
