@@ -30,6 +30,7 @@ from pathlib import Path
 from pointseg.data.coco_panoptic_io import as_categories
 from pointseg.data.prepare import iter_shard_rows, join, read_index
 from pointseg.data.record import Category
+from pointseg.generators import generator_class
 from pointseg.train.checkpoint import copy_checkpoint, read_checkpoint, save_checkpoint
 from pointseg.train.engine import EngineConfig, Hooks, Trainable, fit
 from pointseg.train.rows import INDEX_COLUMNS
@@ -280,18 +281,37 @@ def train_generator(cfg, categories: dict[int, Category], output: str) -> dict |
     Trains ``generator_class.stage1`` on every image's points (the index) with
     ``generator.train``, and returns the run's numbers with
     ``generator_params = {"checkpoint": <the exported folder>}`` for the
-    labelling stage; None when there is nothing to train.
+    labelling stage; None when there is nothing to train. A generator that
+    reads an untrained source (``generator_class.source_stage``, e.g. P2Seg's
+    ``semantic_train``) first trains the source's stage 1 on the same rows; its
+    checkpoint joins ``generator_params`` (``attach``) and its numbers are
+    ``source`` in the result.
     """
     section = cfg.generator
     if not section.needs_training():
         return None
     _data_context(cfg.ray_data)
     ds = index_dataset(output)
-    out = run_training(section.generator_class.stage1, section.train, categories, output, ds,
-                       context={"generator": section.params.model_dump(mode="json")},
-                       what=f"{section.method} stage 1", default_storage="generator_train")
+    params, updates, source_out = section.params, {}, None
+    source = section.generator_class.source_stage(params)
+    if source is not None:
+        source_out = run_training(generator_class(source.method).stage1, source.train, categories, output, ds,
+                                  context={"generator": source.params.model_dump(mode="json")},
+                                  what=f"{source.method} stage 1 (source of {section.method})",
+                                  default_storage="generator_train")
+        updates = source.attach(source_out["checkpoint"])
+        params = params.model_copy(update=updates)
+    if not section.generator_class.trains(params):  # only the source had to be trained
+        out = source_out
+    else:
+        out = run_training(section.generator_class.stage1, section.train, categories, output, ds,
+                           context={"generator": params.model_dump(mode="json")},
+                           what=f"{section.method} stage 1", default_storage="generator_train")
+        updates = {**updates, "checkpoint": out["checkpoint"]}
+        if source_out is not None:
+            out["source"] = {k: source_out[k] for k in ("checkpoint", "steps", "trained_steps", "last_loss")}
     out["index_rows"] = ds.count()
-    out["generator_params"] = {"checkpoint": out["checkpoint"]}
+    out["generator_params"] = updates
     return out
 
 

@@ -11,7 +11,7 @@ from typing import Any, Literal, TypeVar
 
 import fsspec
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidationInfo, field_validator, model_validator
 
 from pointseg.generators import GeneratorConfig, generator_class
 from pointseg.review.options import ReviewOptions
@@ -92,14 +92,25 @@ class GeneratorSection(Strict):
             return None
         return _as_model(v, stage1.Config)
 
+    @model_validator(mode="after")
+    def _source_has_its_own_run(self):
+        source = self.generator_class.source_stage(self.params)
+        if source is not None and self.train is not None and source.train.run_name == self.train.run_name:
+            raise ValueError(f"the {source.method} source and {self.method} stage 1 share run_name "
+                             f"{source.train.run_name!r} (one would resume the other): give the source's "
+                             f"training config its own run_name")
+        return self
+
     @property
     def generator_class(self):
         return generator_class(self.method)
 
     def needs_training(self) -> bool:
         """Whether the pipeline must train stage 1 before labelling (a trainable generator without
-        weights, with ``train.enabled``)."""
-        return bool(self.train is not None and self.train.enabled and self.generator_class.trains(self.params))
+        weights, or an untrained source it reads (``source_stage``), with ``train.enabled``)."""
+        cls = self.generator_class
+        return bool(self.train is not None and self.train.enabled
+                    and (cls.trains(self.params) or cls.source_stage(self.params) is not None))
 
 
 def _as_model(v, config_cls):

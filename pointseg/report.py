@@ -363,6 +363,10 @@ def _stage1_markdown(g: dict, method: str) -> list[str]:
              f"{g.get('skip_reasons') or ''}",
              f"- checkpoint used by the labelling actors: `{g.get('checkpoint')}`",
              f"- TensorBoard: `tensorboard --logdir {g.get('log_dir')}`"]
+    if g.get("source"):
+        src = g["source"]
+        lines.append(f"- trained first, its semantic source: {src['steps']} steps (this run {src['trained_steps']}), "
+                     f"last loss {src['last_loss']}, checkpoint `{src['checkpoint']}`")
     if g.get("loss_curve"):
         lines += ["", f"![stage-1 loss]({g['loss_curve']})"]
     return lines

@@ -152,6 +152,18 @@ def assemble(assignment: np.ndarray, groups: list[SeedGroup], diagnostics: dict 
     return PseudoLabel(id_map, info, diagnostics, uncertainty)
 
 
+@dataclass
+class SourceStage:
+    """A trainable generator whose stage 1 must run before another generator's (its labels feed that
+    generator, e.g. P2Seg's stage-1 semantic map): its method, label params and stage-1 config, and
+    ``attach(checkpoint)`` -> the updates of the dependent generator's params once it is trained."""
+
+    method: str
+    params: GeneratorConfig
+    train: Any  # the source's stage-1 EngineConfig
+    attach: Any  # Callable[[str], dict]
+
+
 class PseudoLabelGenerator(ABC):
     """Base class: subclasses set ``name`` and ``Config`` and implement :meth:`generate`.
 
@@ -175,6 +187,11 @@ class PseudoLabelGenerator(ABC):
     def trains(cls, config: GeneratorConfig) -> bool:
         """Whether labelling with ``config`` needs stage 1 first (no weights given yet)."""
         return False
+
+    @classmethod
+    def source_stage(cls, config: GeneratorConfig) -> SourceStage | None:
+        """The untrained generator whose stage 1 the pipeline runs before this one's, or None (default)."""
+        return None
 
     @classmethod
     def summarize(cls, diagnostics: list[dict]) -> dict | None:

@@ -29,6 +29,10 @@ class P2SegConfig(TrainableGeneratorConfig):
         "semantic_params (epld: a distance branch trained on the same clicks)")
     semantic_params: dict[str, Any] = Field(
         default_factory=dict, description="params of semantic_source (point2mask: low-level maps only)")
+    semantic_train: dict[str, Any] | None = Field(
+        None, description="stage-1 training config of a trainable semantic_source without a checkpoint (e.g. epld's "
+        "generator.train keys, with its own run_name): the pipeline trains the source first on the same points and "
+        "hands its checkpoint to semantic_params; null: semantic_params must be training-free or carry a checkpoint")
     use_network: bool = Field(
         True, description="label with the trained network (I2S + S2I); false: S2I on the stage-1 semantic map "
         "alone, training-free (Table 6 setting)")
@@ -97,10 +101,19 @@ class P2SegConfig(TrainableGeneratorConfig):
             cfg = source.Config.model_validate(self.semantic_params)
         except Exception as e:  # noqa: BLE001 - re-raised naming the key
             raise ValueError(f"semantic_params (for semantic_source={self.semantic_source}): {e}") from None
-        if issubclass(source, TrainableGenerator) and source.trains(cfg):
+        pending = issubclass(source, TrainableGenerator) and source.trains(cfg)
+        if pending and self.semantic_train is None:
             raise ValueError(f"semantic_params: the stage-1 semantic map must come from a training-free generator "
                              f"or a trained checkpoint; {self.semantic_source} with {self.semantic_params} needs "
-                             f"training (give semantic_params.checkpoint; point2mask: maps: lowlevel)")
+                             f"training (give semantic_params.checkpoint, or semantic_train to have the pipeline "
+                             f"train it first; point2mask: maps: lowlevel)")
+        if self.semantic_train is not None:
+            if source.stage1 is None:
+                raise ValueError(f"semantic_train: semantic_source={self.semantic_source} has no stage 1 to train")
+            try:
+                source.stage1.Config.model_validate(self.semantic_train)
+            except Exception as e:  # noqa: BLE001 - re-raised naming the key
+                raise ValueError(f"semantic_train (for semantic_source={self.semantic_source}): {e}") from None
         return self
 
 

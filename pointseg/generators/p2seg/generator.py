@@ -54,8 +54,8 @@ from scipy import ndimage
 
 from pointseg.data.images import resize_square
 from pointseg.data.record import Points
-from pointseg.generators.base import PseudoLabel, TrainableGenerator, assemble
-from pointseg.generators import build_generator
+from pointseg.generators.base import PseudoLabel, SourceStage, TrainableGenerator, assemble
+from pointseg.generators import build_generator, generator_class
 from pointseg.generators.p2seg.config import P2SegConfig
 from pointseg.generators.p2seg.s2i import GeodesicSplit, s2i_instances
 from pointseg.generators.p2seg.stage1 import P2SegTrainable
@@ -131,6 +131,20 @@ class P2SegGenerator(TrainableGenerator):
     @classmethod
     def uses_net(cls, config) -> bool:
         return bool(config.use_network)
+
+    @classmethod
+    def source_stage(cls, config) -> SourceStage | None:
+        """The trainable ``semantic_source`` to train first (``semantic_train`` given, no checkpoint in
+        ``semantic_params``) when this config reads its map: to train stage 1, or to label training-free."""
+        config = config if isinstance(config, cls.Config) else cls.Config.model_validate(config)
+        if config.semantic_train is None or not (cls.trains(config) or not config.use_network):
+            return None
+        source = generator_class(config.semantic_source)
+        params = source.Config.model_validate(config.semantic_params)
+        if not source.trains(params):
+            return None
+        return SourceStage(config.semantic_source, params, source.stage1.Config.model_validate(config.semantic_train),
+                           lambda checkpoint: {"semantic_params": {**config.semantic_params, "checkpoint": checkpoint}})
 
     # ---------------------------------------------------------------- labelling
     def generate(self, image: np.ndarray, points: Points) -> PseudoLabel:
