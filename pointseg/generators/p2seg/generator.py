@@ -31,7 +31,8 @@ largest per-pixel mask probabilities, where the masks are background and each
 instance: ``P(background) = S_0`` and, for instance ``g`` of class ``c``,
 ``P(g) = S_c · softmax_{g' of class c}(-d_g' / T)_g`` with ``d_g`` the distance
 from where the pixel's offset points to ``g``'s nearest point (from the pixel
-itself with ``grouping: nearest_point``) and ``T`` =
+itself with ``grouping: nearest_point``, and also with ``geodesic``: the
+Euclidean distance stands in for the geodesic one there) and ``T`` =
 ``uncertainty_temperature`` pixels. High where background and an object, or
 two objects, are about equally likely.
 
