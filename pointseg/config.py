@@ -11,7 +11,8 @@ from typing import Any, Literal, TypeVar
 
 import fsspec
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from pointseg.generators import GeneratorConfig, generator_class
 from pointseg.review.options import ReviewOptions

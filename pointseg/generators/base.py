@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -44,7 +44,7 @@ from pointseg.data.record import VOID, Category, Points
 from pointseg.uncertainty import uncertainty_diagnostics
 
 if TYPE_CHECKING:
-    from pointseg.train.engine import Trainable
+    from pointseg.train.engine import EngineConfig, Trainable
 
 
 class GeneratorConfig(BaseModel):
@@ -160,8 +160,8 @@ class SourceStage:
 
     method: str
     params: GeneratorConfig
-    train: Any  # the source's stage-1 EngineConfig
-    attach: Any  # Callable[[str], dict]
+    train: EngineConfig
+    attach: Callable[[str], dict]
 
 
 class PseudoLabelGenerator(ABC):

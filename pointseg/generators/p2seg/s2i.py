@@ -60,6 +60,7 @@ from pointseg.generators.psps import low_level_maps, scaled_size
 from pointseg.geodesic import edge_costs, nearest_source
 
 __all__ = [
+    "GeodesicSplit",
     "S2IResult",
     "class_components",
     "default_box_mask",
