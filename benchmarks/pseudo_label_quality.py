@@ -13,7 +13,10 @@ What it does, per background protocol (``--background void|stuff|both``):
    with the same data, params and ``--train-set`` reuses or resumes it), and
    labels with ``params.checkpoint`` set to it. Each protocol trains its own
    stage 1 (the label space differs: ``stuff`` adds the background class);
-   ``--checkpoint`` gives one trained stage 1 to every protocol run;
+   ``--checkpoint`` gives one trained stage 1 to every protocol run. A
+   generator that reads an untrained source (``cls.source_stage``, e.g.
+   P2Seg's ``semantic_train``) has the source's stage 1 trained first the same
+   way, its checkpoint handed over;
 3. labels the images of the split in this process
    (:func:`pointseg.evaluation.label_rows`, ``--batch-size`` images per
    generator call) and scores them (:func:`pointseg.evaluation.score`): PQ,
@@ -161,10 +164,12 @@ def prepare(args, background: str) -> tuple[str, dict, str]:
     return out, cats, key
 
 
-def train_stage1(args, cls, params, cats, out: str, data_key: str) -> tuple[str, dict]:
-    """Train ``cls.stage1`` on every index row of ``out``; returns ``(checkpoint, info)``."""
-    train_cfg = cls.stage1.Config.model_validate(parse_sets(args.train_set, "--train-set"))
-    run_key = config_hash({"method": args.method, "params": params.model_dump(mode="json"),
+def train_stage1(args, cls, params, cats, out: str, data_key: str, train_cfg=None) -> tuple[str, dict]:
+    """Train ``cls.stage1`` on every index row of ``out`` with ``train_cfg`` (default: ``--train-set``);
+    returns ``(checkpoint, info)``."""
+    if train_cfg is None:
+        train_cfg = cls.stage1.Config.model_validate(parse_sets(args.train_set, "--train-set"))
+    run_key = config_hash({"method": cls.name, "params": params.model_dump(mode="json"),
                            "train": train_cfg.model_dump(mode="json"), "data": data_key})
     ckpt = str(Path(args.workdir) / "stage1" / f"{cls.name}-{data_key}-{run_key}")
     rows = read_index(join(out, "index", "index.parquet"))
@@ -290,9 +295,14 @@ def main(argv: list[str] | None = None) -> dict:
         rows = split_rows(gt.rows(index), args.split)
         proto: dict = {"data": out, "index_rows": len(index), "rows_with_gt": len(gt.rows(index)), "rows": {}}
         run_params = params
-        if cls.trains(params):
-            ckpt, proto["stage1"] = train_stage1(args, cls, params, cats, out, data_key)
-            run_params = params.model_copy(update={"checkpoint": ckpt})
+        source = cls.source_stage(params)
+        if source is not None:  # e.g. P2Seg's semantic_train: the source's stage 1 first, on the same clicks
+            ckpt, proto["source_stage1"] = train_stage1(args, generator_class(source.method), source.params, cats, out,
+                                                        data_key, source.train)
+            run_params = run_params.model_copy(update=source.attach(ckpt))
+        if cls.trains(run_params):
+            ckpt, proto["stage1"] = train_stage1(args, cls, run_params, cats, out, data_key)
+            run_params = run_params.model_copy(update={"checkpoint": ckpt})
         if args.train_only:
             results["protocols"][background] = proto
             continue

@@ -465,3 +465,23 @@ def test_harness_coco_mini_both_protocols(tmp_path):
         assert proto["rows"]["psps"]["num_images"] == 4 and not proto["rows"]["psps"]["failed"]
     assert void["rows"]["psps"]["pq_st"] is None and void["rows"]["psps"]["pq"] == void["rows"]["psps"]["pq_th"]
     assert stuff["rows"]["psps"]["pq_st"] is not None and stuff["rows"]["psps"]["n_st"] == 1
+
+
+def test_harness_trains_a_source_stage_first_and_hands_its_checkpoint_over(tmp_path):
+    """P2Seg with an EPLD source and ``semantic_train``: the harness trains EPLD's stage 1, then P2Seg's on
+    that EPLD map (its trainable builds the source from the checkpoint, or raises), then labels."""
+    import pseudo_label_quality as plq
+
+    argv = ["--dataset", "synthetic", "--images", "4", "--size", "64", "--method", "p2seg",
+            "--set", "semantic_source=epld", "--set", "rounds=0",
+            "--set", "semantic_train={steps: 1, batch_size: 2, input_size: 64, hidden_dim: 16, layers: 1, "
+                     "mask_stride: 8}",
+            "--train-set", "steps=1", "--train-set", "batch_size=2", "--train-set", "image_size=64",
+            "--train-set", "affinity_grid=8", "--train-set", "width=16",
+            "--baselines", "voronoi", "--workdir", str(tmp_path), "--quiet"]
+    proto = plq.main(argv)["protocols"]["native"]
+    source = proto["source_stage1"]
+    assert source["steps"] == 1 and Path(source["checkpoint"], "meta.json").exists()
+    assert Path(source["checkpoint"]).name.startswith("epld-")
+    assert proto["stage1"]["steps"] == 1 and Path(proto["stage1"]["checkpoint"]).name.startswith("p2seg-")
+    assert proto["rows"]["p2seg"]["num_images"] == 2 and not proto["rows"]["p2seg"]["failed"]
