@@ -60,6 +60,15 @@ def low_level_maps(image: np.ndarray, size: tuple[int, int], blur_sigma: float) 
     return np.moveaxis(lab, -1, 0) / 100.0, boundary
 
 
+def geodesic_cost(image: np.ndarray, downscale: float, blur_sigma: float, beta: float) -> tuple[np.ndarray, tuple[int, int]]:
+    """PSPS's edge costs (LAB colour + ``beta`` * Sobel boundary) of ``image`` at ``downscale`` of its size,
+    and that working size ``(h, w)``: the one cost the geodesic splits of PSPS, EPLD and P2Seg share."""
+    height, width = np.asarray(image).shape[:2]
+    size = scaled_size(height, width, downscale)
+    lab, boundary = low_level_maps(np.asarray(image), size, blur_sigma)
+    return edge_costs(lab, boundary, beta=beta), size
+
+
 def upsample_labels(labels: np.ndarray, height: int, width: int) -> np.ndarray:
     if labels.shape == (height, width):
         return labels
@@ -77,9 +86,7 @@ class PSPSGenerator(PseudoLabelGenerator):
         if not groups:
             raise ValueError("image has no points")
         t0 = time.perf_counter()
-        h, w = scaled_size(height, width, cfg.downscale)
-        lab, boundary = low_level_maps(image, (h, w), cfg.blur_sigma)
-        cost = edge_costs(lab, boundary, beta=cfg.beta)
+        cost, (h, w) = geodesic_cost(image, cfg.downscale, cfg.blur_sigma, cfg.beta)
         sources = scaled_points(points, height, width, h, w)
         point_group = np.empty(len(points), np.int64)
         for gi, g in enumerate(groups):
@@ -105,7 +112,13 @@ def upsample_map(values: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def scaled_points(points: Points, height: int, width: int, h: int, w: int) -> np.ndarray:
     """``(P, 2)`` int ``(row, col)`` of the points on an ``(h, w)`` grid scaled from ``(height, width)``."""
-    xy = points.xy
-    rows = np.clip(np.floor((xy[:, 1] + 0.5) * h / height), 0, h - 1)
-    cols = np.clip(np.floor((xy[:, 0] + 0.5) * w / width), 0, w - 1)
+    return scaled_cells(points.xy[:, ::-1], height, width, h, w)
+
+
+def scaled_cells(yx: np.ndarray, height: int, width: int, h: int, w: int) -> np.ndarray:
+    """``(N, 2)`` int ``(row, col)`` on an ``(h, w)`` grid of pixel coordinates ``yx`` (row, col) of a
+    ``(height, width)`` image: ``floor((y + 0.5) h / height)``, clipped to the grid."""
+    yx = np.asarray(yx, np.float64).reshape(-1, 2)
+    rows = np.clip(np.floor((yx[:, 0] + 0.5) * h / height), 0, h - 1)
+    cols = np.clip(np.floor((yx[:, 1] + 0.5) * w / width), 0, w - 1)
     return np.stack([rows, cols], 1).astype(np.int64)

@@ -34,8 +34,8 @@ import torch
 from pointseg.data.points import validate_points
 from pointseg.data.record import Category, Points
 from pointseg.generators.base import PseudoLabel, TrainableGenerator, assemble
-from pointseg.generators.psps import low_level_maps, scaled_points, scaled_size, upsample_labels
-from pointseg.geodesic import add_entry_costs, edge_costs, geodesic_distance, nearest_source
+from pointseg.generators.psps import geodesic_cost, scaled_points, upsample_labels
+from pointseg.geodesic import add_entry_costs, geodesic_distance, nearest_source
 from pointseg.generators.epld.batch import network_batch
 from pointseg.generators.epld.model import MASKED_LOGIT
 from pointseg.generators.epld.config import EPLDConfig
@@ -69,9 +69,7 @@ def geodesic_thing_split(image: np.ndarray, points: Points, groups, assignment: 
     if len(things) < 2:
         return 0
     height, width = assignment.shape
-    h, w = scaled_size(height, width, downscale)
-    lab, boundary = low_level_maps(np.asarray(image), (h, w), 0.5)
-    cost = edge_costs(lab, boundary, beta=beta)
+    cost, (h, w) = geodesic_cost(image, downscale, 0.5, beta)
     cells = scaled_points(points, height, width, h, w)
     if logits is None or gamma == 0:
         index = np.concatenate([groups[n].point_index for n in things])

@@ -56,8 +56,8 @@ from typing import Callable, Literal
 import cv2
 import numpy as np
 
-from pointseg.generators.psps import low_level_maps, scaled_size
-from pointseg.geodesic import edge_costs, nearest_source
+from pointseg.generators.psps import geodesic_cost, scaled_cells
+from pointseg.geodesic import nearest_source
 
 __all__ = [
     "GeodesicSplit",
@@ -150,16 +150,12 @@ class GeodesicSplit:
 
     def __init__(self, image: np.ndarray, point_yx: np.ndarray, beta: float = 0.1, downscale: float = 0.5,
                  blur_sigma: float = 0.5) -> None:
-        height, width = np.asarray(image).shape[:2]
-        self.size = scaled_size(height, width, downscale)
-        self.scale = np.array(self.size, np.float64) / np.array([height, width], np.float64)
-        lab, boundary = low_level_maps(np.asarray(image), self.size, blur_sigma)
-        self.cost = edge_costs(lab, boundary, beta=beta)
-        self.cells = self._cells(np.asarray(point_yx, np.float64).reshape(-1, 2))
+        self.image_size = np.asarray(image).shape[:2]
+        self.cost, self.size = geodesic_cost(image, downscale, blur_sigma, beta)
+        self.cells = self._cells(point_yx)
 
     def _cells(self, yx: np.ndarray) -> np.ndarray:
-        cells = np.floor((np.asarray(yx, np.float64) + 0.5) * self.scale)
-        return np.clip(cells, 0, np.array(self.size) - 1).astype(np.int64)
+        return scaled_cells(yx, *self.image_size, *self.size)
 
     def __call__(self, pixels_yx: np.ndarray, members: np.ndarray) -> np.ndarray:
         _, label = nearest_source(self.cost, self.cells[members], labels=np.arange(len(members)))
