@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from pointseg.data.record import Category, Points
 from pointseg.generators import build_generator
 from pointseg.generators.p2seg import P2SegConfig
-from pointseg.generators.p2seg.i2s import affinity_targets, grid_labels, i2s_semantic, pixel_cell_affinity
+from pointseg.generators.p2seg.i2s import (affinity_targets, grid_labels, i2s_semantic, i2s_window_semantic,
+                                          pixel_cell_affinity, window_affinity, window_affinity_targets)
 from pointseg.generators.p2seg.losses import i2s_loss, offset_loss, seg_loss
 from pointseg.generators.p2seg.network import P2SegNet
 from pointseg.generators.p2seg.s2i import (GeodesicSplit, class_components, nearest_point_split, offset_targets,
@@ -273,6 +274,61 @@ def test_i2s_semantic_is_the_hadamard_power_times_c():
         np.testing.assert_allclose(got, want, rtol=1e-10)
     with pytest.raises(ValueError, match="beta"):
         i2s_semantic(torch.from_numpy(a), torch.from_numpy(c), -1.0)
+
+
+def test_window_affinity_targets_and_masked_l_i2s_against_a_double_loop():
+    """The window pairs (k = 3, dilation 2) on a 5 x 6 map: Â, A and Eq. 5 over the in-image pairs only."""
+    rng = np.random.default_rng(4)
+    h, w, k, d = 5, 6, 3, 2
+    emb = torch.from_numpy(rng.normal(0, 1, (1, 3, h, w)))
+    labels = rng.integers(-1, 2, size=(h, w))
+    logits = window_affinity(emb, k, d)[0]
+    A, valid = window_affinity_targets(torch.from_numpy(labels)[None], k, d)
+    sig = lambda v: 1.0 / (1.0 + math.exp(-v))  # noqa: E731
+    pos = neg = 0
+    s_pos = s_neg = 0.0
+    for y in range(h):
+        for x in range(w):
+            for n, (dy, dx) in enumerate((dy, dx) for dy in (-d, 0, d) for dx in (-d, 0, d)):
+                yy, xx = y + dy, x + dx
+                inside = 0 <= yy < h and 0 <= xx < w
+                assert bool(valid[n, y * w + x]) == inside
+                if not inside:
+                    assert float(A[0, n, y * w + x]) == 0.0
+                    continue
+                want = float((emb[0, :, y, x] * emb[0, :, yy, xx]).sum()) / math.sqrt(3)
+                assert float(logits[n, y * w + x]) == pytest.approx(want, rel=1e-12)
+                a = 1.0 if labels[y, x] == labels[yy, xx] else 0.0
+                assert float(A[0, n, y * w + x]) == a
+                if a:
+                    pos, s_pos = pos + 1, s_pos + 2.0 - sig(a) - sig(want)
+                else:
+                    neg, s_neg = neg + 1, s_neg + sig(a) + sig(want)
+    got = float(i2s_loss(logits[None], A.double(), valid))
+    assert got == pytest.approx(s_pos / pos + s_neg / neg, rel=1e-12)
+    # Without the mask the out-of-image pairs (logit 0, A 0) would count as non-affinity pairs.
+    assert float(i2s_loss(logits[None], A.double())) != pytest.approx(got, rel=1e-6)
+    with pytest.raises(ValueError, match="odd"):
+        window_affinity(emb, 4)
+
+
+def test_window_i2s_covering_the_image_is_the_all_pairs_i2s():
+    """A window that reaches every pixel gives S = Â^{∘β} * C over all pixel pairs (:func:`i2s_semantic`)."""
+    rng = np.random.default_rng(5)
+    h = w = 4
+    emb = torch.from_numpy(rng.normal(0, 1, (1, 3, h, w)))
+    c = torch.from_numpy(rng.dirichlet(np.ones(3), h * w).T.reshape(1, 3, h, w).copy())
+    k = 2 * h - 1  # offsets -3..3 reach every pixel from every pixel
+    for beta in (0.0, 2.0):
+        got = i2s_window_semantic(window_affinity(emb, k), c, beta, k)[0].reshape(3, -1)
+        want = i2s_semantic(pixel_cell_affinity(emb[0], h), c[0].reshape(3, -1), beta)
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-10)
+    # A small window keeps S_i within the classes of i's neighbours: a one-hot C far away does not reach i.
+    one_hot = torch.zeros(1, 2, 1, 8, dtype=torch.float64)
+    one_hot[0, 0] = 1.0
+    one_hot[0, :, 0, 7] = torch.tensor([0.0, 1.0])
+    s = i2s_window_semantic(torch.zeros(1, 9, 8, dtype=torch.float64), one_hot, 1.0, 3, 1)[0, :, 0]
+    np.testing.assert_allclose(s[1].numpy(), [0, 0, 0, 0, 0, 0, 1 / 3, 1 / 2])  # equal weights over in-image neighbours
 
 
 def test_pixel_cell_affinity_by_hand_and_equal_to_the_cell_pairs_on_the_grid():

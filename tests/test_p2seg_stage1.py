@@ -161,6 +161,29 @@ def test_stride_4_heads_double_the_class_map_and_keep_offsets_in_image_pixels(sy
 
 
 
+def test_window_affinity_trains_on_the_head_map_and_labels_through_the_window_i2s(synthetic, tmp_path):
+    cats, rows = synthetic
+    cfg = {**TRAIN, "head_stride": 4, "affinity": "window", "affinity_window": 3, "affinity_dilation": 2}
+    trainable = P2SegTrainable(cfg, cats, context={"generator": PARAMS})
+    assert trainable.config.affinity_side == 16 and trainable.config.window == (3, 2)
+    model = trainable.build(pretrained=False)
+    batch = trainable.collate()(rows[:2])
+    assert batch["targets"]["grid"].shape == (2, 256)  # instance labels on the 16 x 16 head map
+    assert model(batch["image"])["affinity_logits"].shape == (2, 9, 256)
+    terms = trainable.loss(model, batch, 0)
+    assert np.isfinite(float(terms["i2s"].detach())) and terms["loss"].requires_grad
+    ck = str(tmp_path / "ck")
+    fit_plain(trainable, rows, ck, resume=False)  # rounds 1: round 1's labels come from the window I2S map
+    gen = build_generator("p2seg", {**PARAMS, "checkpoint": ck}, cats)
+    assert gen.window == (3, 2)
+    thing = sorted(k for k, v in cats.items() if v.isthing)[0]
+    img = np.random.default_rng(2).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    label = gen([img], [Points([[10, 10]], [1], [thing])])[0]
+    assert label.id_map.shape == img.shape[:2]
+    with pytest.raises(ValueError, match="odd"):
+        P2SegTrainable.Config.model_validate({**cfg, "affinity_window": 4})
+
+
 def test_input_size_labels_the_same_weights_at_a_finer_class_map(synthetic):
     cats, _ = synthetic
     cfg = {**TRAIN, "head_stride": 4, "affinity_grid": 16}

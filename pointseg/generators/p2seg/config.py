@@ -145,6 +145,13 @@ class P2SegTrainConfig(EngineConfig):
         "(benchmarks/p2seg_speed.py --head-stride 4 --grid 32)")
     affinity_grid: int = Field(32, ge=2, description="side of the affinity grid: N = grid² cells, N² pairs; "
                                "with i2s the semantic map is on this grid")
+    affinity: Literal["grid", "window"] = Field(
+        "grid", description="pairs of the affinity Â and of I2S: all cell pairs of the affinity_grid (the paper's "
+        "all-pairs A, pooled), or every pixel of the head's map with its affinity_window² neighbours (our "
+        "extension: hw·k² pairs at the class map's resolution)")
+    affinity_window: int = Field(7, ge=3, description="side k of the window (odd) with affinity: window")
+    affinity_dilation: int = Field(2, ge=1, description="dilation of the window with affinity: window (2: a "
+                                   "7-window reaches ±6 cells, ±24 px at stride 4)")
     loss_stride: int = Field(4, ge=1, description="L_seg and L_off on the grid of this stride of the input")
     seg_weight: float = Field(1.0, ge=0, description="λ of L_seg (paper 1.0)")
     offset_weight: float = Field(0.01, ge=0, description="λ of L_off (paper 0.01)")
@@ -155,6 +162,16 @@ class P2SegTrainConfig(EngineConfig):
     hard_pixel_ratio: float = Field(0.2, gt=0, le=1, description="fraction of hardest pixels in L_seg (Table 5: 0.2)")
     hflip: bool = Field(True, description="random horizontal flip (seeded by seed, epoch and image id)")
 
+    @property
+    def affinity_side(self) -> int:
+        """Side of the instance-label map the affinity targets come from: the grid, or the head's map."""
+        return self.affinity_grid if self.affinity == "grid" else self.image_size // self.head_stride
+
+    @property
+    def window(self) -> tuple[int, int] | None:
+        """``(k, dilation)`` of the window affinity, None for the grid."""
+        return (self.affinity_window, self.affinity_dilation) if self.affinity == "window" else None
+
     @model_validator(mode="after")
     def _geometry(self) -> "P2SegTrainConfig":
         if self.image_size % 8:
@@ -162,6 +179,8 @@ class P2SegTrainConfig(EngineConfig):
         if self.affinity_grid > self.image_size // self.head_stride:
             raise ValueError(f"affinity_grid={self.affinity_grid} is finer than the stride-{self.head_stride} map "
                              f"({self.image_size // self.head_stride}) of image_size={self.image_size}")
+        if self.affinity_window % 2 == 0:
+            raise ValueError(f"affinity_window must be odd, got {self.affinity_window}")
         if self.image_size % self.loss_stride:
             raise ValueError(f"loss_stride={self.loss_stride} must divide image_size={self.image_size}")
         return self

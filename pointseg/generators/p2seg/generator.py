@@ -111,11 +111,12 @@ class P2SegGenerator(TrainableGenerator):
         config (``image_size``) instead of ``checkpoint``."""
         super().__init__(config, categories, net)
         self.image_size = None
+        self.window = None
         class_map = "classes"
         if self.net is not None:
             train_cfg = P2SegTrainable.Config.model_validate(
                 (self.net_meta.get("config") if self.net_meta else None) or net_config or {})
-            self.image_size, class_map = int(train_cfg.image_size), train_cfg.class_map
+            self.image_size, class_map, self.window = int(train_cfg.image_size), train_cfg.class_map, train_cfg.window
             if self.net_meta:
                 net_things = sorted(thing_channels(categories_from_meta(self.net_meta)))
                 if net_things != sorted(thing_channels(categories)):
@@ -187,7 +188,7 @@ class P2SegGenerator(TrainableGenerator):
         t0 = time.perf_counter()
         h, w = image.shape[:2]
         present = [0] + sorted({int(c) for c in layout.group_class})
-        prob, semantic, offsets = network_maps(out, present, cfg, (h, w), self.input_size)
+        prob, semantic, offsets = network_maps(out, present, cfg, (h, w), self.input_size, window=self.window)
         label = self._assemble(semantic, layout, offsets if cfg.grouping == "offsets" else None, image)
         label.uncertainty = instance_uncertainty(prob, present, layout, offsets if cfg.grouping == "offsets" else None,
                                                  cfg.uncertainty_temperature)

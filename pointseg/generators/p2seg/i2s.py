@@ -20,6 +20,13 @@ Choices where the paper is silent (each a documented key):
   ``Â`` enters Eq. 5 through ``σ``), and each row is normalised to sum to 1
   (``S_i`` is then a class distribution; the normalisation does not change the
   argmax). ``β`` is the config key ``beta``.
+* ``affinity: window`` (our extension, a config key of stage 1): instead of
+  the grid, ``Â`` pairs every pixel of the head's map (64 x 64 at stride 4)
+  with the ``k x k`` pixels around it (dilation ``d``): ``hw·k²`` pairs, 200k
+  for 64² and k = 7, so the semantic map keeps the class map's resolution where
+  the 32² grid blurs it. ``A`` (:func:`window_affinity_targets`) and ``S``
+  (:func:`i2s_window_semantic`) are the same definitions restricted to the
+  window; pairs that fall outside the image are not pairs (``valid``).
 * background: the paper's ``A`` names only instance pairs. With
   ``background_affinity`` (default) background cells count as one more segment,
   affine to each other, so that I2S keeps background background; without it,
@@ -34,7 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["affinity_targets", "grid_labels", "i2s_semantic", "pixel_cell_affinity", "pool_to_grid"]
+__all__ = ["affinity_targets", "grid_labels", "i2s_semantic", "i2s_window_semantic", "pixel_cell_affinity",
+           "pool_to_grid", "window_affinity", "window_affinity_targets", "window_neighbours"]
 
 
 def grid_labels(instance: np.ndarray, grid: int) -> np.ndarray:
@@ -109,3 +117,69 @@ def i2s_semantic(affinity_logits: torch.Tensor, class_prob: torch.Tensor, beta: 
         raise ValueError(f"beta must be >= 0, got {beta}")
     weights = torch.softmax(beta * F.logsigmoid(affinity_logits), dim=-1)
     return torch.einsum("...kj,...ij->...ki", class_prob, weights)
+
+
+def window_neighbours(x: torch.Tensor, k: int, dilation: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k x k`` window (dilation ``d``) around every pixel of a (B, C, h, w) map.
+
+    Returns ``(values, valid)``: values (B, C, k², h w), the neighbour of pixel
+    ``i`` at window offset ``n`` (row-major over ``dy, dx`` in ``-r..r`` times
+    ``d``, ``r = k // 2``), 0 outside the image; valid (k², h w) bool, False
+    where that neighbour lies outside the image.
+    """
+    if k < 1 or k % 2 == 0:
+        raise ValueError(f"window must be an odd size >= 1, got {k}")
+    if dilation < 1:
+        raise ValueError(f"dilation must be >= 1, got {dilation}")
+    b, c, h, w = x.shape
+    pad = (k // 2) * dilation
+    values = F.unfold(x, k, dilation=dilation, padding=pad).view(b, c, k * k, h * w)
+    ones = torch.ones(1, 1, h, w, dtype=x.dtype, device=x.device)
+    valid = F.unfold(ones, k, dilation=dilation, padding=pad).view(k * k, h * w) > 0.5
+    return values, valid
+
+
+def window_affinity(embedding: torch.Tensor, k: int, dilation: int = 1) -> torch.Tensor:
+    """``Â`` logits of every pixel of a (B, D, h, w) embedding against its window: (B, k², h w).
+
+    ``Â_in = <e_i, e_{i + δ_n}> / sqrt(D)`` (the dot-product affinity of the
+    grid, :func:`pixel_cell_affinity`, restricted to the window); 0 for a
+    neighbour outside the image (mask it with :func:`window_neighbours`' valid).
+    """
+    d = embedding.shape[1]
+    values, _ = window_neighbours(embedding, k, dilation)
+    return (values * embedding.flatten(2).unsqueeze(2)).sum(1) / math.sqrt(d)
+
+
+def window_affinity_targets(labels: torch.Tensor, k: int, dilation: int = 1,
+                            background_affinity: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The instance affinity ``A`` of Sec. 3.2 on the window pairs.
+
+    labels : (B, h, w) int, instance label per pixel, -1 = background.
+    ``A_in = 1`` iff pixel ``i`` and its ``n``-th neighbour share a label (and
+    ``background_affinity`` or that label is an instance). Returns ``(A, valid)``:
+    A (B, k², h w) float32 in {0, 1}, valid (k², h w) bool.
+    """
+    lab = labels.unsqueeze(1).float()
+    values, valid = window_neighbours(lab, k, dilation)
+    centre = lab.flatten(2).unsqueeze(2)
+    same = values[:, 0] == centre[:, 0]
+    if not background_affinity:
+        same = same & (centre[:, 0] >= 0)
+    return (same & valid).float(), valid
+
+
+def i2s_window_semantic(affinity_logits: torch.Tensor, class_prob: torch.Tensor, beta: float, k: int,
+                        dilation: int = 1) -> torch.Tensor:
+    """``S = Â^{∘β} * C`` on the window pairs: ``S_i = sum_n w_in C_{i + δ_n}``.
+
+    ``w_in = σ(Â_in)^β / sum_m σ(Â_im)^β`` over the neighbours inside the image
+    (as :func:`i2s_semantic`, the rows restricted to the window).
+    affinity_logits : (B, k², h w); class_prob : (B, K, h, w). Returns (B, K, h, w).
+    """
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    cls, valid = window_neighbours(class_prob, k, dilation)
+    logw = (beta * F.logsigmoid(affinity_logits)).masked_fill(~valid, float("-inf"))
+    weights = torch.softmax(logw, dim=1)
+    return (cls * weights.unsqueeze(1)).sum(2).view_as(class_prob)

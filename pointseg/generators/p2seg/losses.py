@@ -52,7 +52,7 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor, hard_pixel_ratio: float
     return ce.mean()
 
 
-def i2s_loss(affinity_logits: torch.Tensor, affinity: torch.Tensor) -> torch.Tensor:
+def i2s_loss(affinity_logits: torch.Tensor, affinity: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 5, as printed:
 
     ``L_I2S = 1/N+ sum_{R+} (2 - σ(A_ij) - σ(Â_ij)) + 1/N- sum_{R-} (σ(A_kl) + σ(Â_kl))``
@@ -60,12 +60,16 @@ def i2s_loss(affinity_logits: torch.Tensor, affinity: torch.Tensor) -> torch.Ten
     affinity_logits : (..., N, N) ``Â``; affinity : (..., N, N) ``A`` in {0, 1}
     (:func:`~.i2s.affinity_targets`); ``R+`` / ``R-`` are the pairs with
     ``A = 1`` / ``A = 0`` over the whole batch, ``N+`` / ``N-`` their counts (a
-    missing set contributes 0). ``σ(A)`` is constant (``σ(1)``, ``σ(0)``), so
+    missing set contributes 0); valid : optional bool mask broadcast to the
+    pairs (the window affinity's in-image pairs), other pairs are in neither
+    set. ``σ(A)`` is constant (``σ(1)``, ``σ(0)``), so
     the gradient is that of ``-mean_{R+} σ(Â) + mean_{R-} σ(Â)`` and the loss
     floor is ``2 - σ(1) - 1 + σ(0) ≈ 0.769``, not 0.
     """
     pos = (affinity > 0.5).to(affinity_logits.dtype)
     neg = 1.0 - pos
+    if valid is not None:
+        pos, neg = pos * valid, neg * valid
     s_hat = torch.sigmoid(affinity_logits)
     s_a = torch.sigmoid(affinity.to(affinity_logits.dtype))
     n_pos, n_neg = pos.sum(), neg.sum()

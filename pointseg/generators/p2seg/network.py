@@ -17,7 +17,9 @@ The paper uses HRNet-48 with BESTIE's heads. This CPU-sized version:
   grid and ``Â_ij = <e_i, e_j> / sqrt(embed_dim)`` (:func:`~.i2s.pixel_cell_affinity`)
   over all cell pairs, ``(B, N, N)`` logits with ``N = affinity_grid²`` (a
   dot-product affinity, as in the authors' code; the paper does not say how
-  ``Â`` is formed).
+  ``Â`` is formed); or, with ``affinity="window"``, every pixel of the
+  head's map against its ``window x window`` neighbours (dilation
+  ``dilation``), ``(B, window², H/s · W/s)`` logits (:func:`~.i2s.window_affinity`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pointseg.generators.p2seg.i2s import pixel_cell_affinity
+from pointseg.generators.p2seg.i2s import pixel_cell_affinity, window_affinity
 from pointseg.models.backbones import build_timm_backbone, normalization
 
 __all__ = ["P2SegNet"]
@@ -49,23 +51,28 @@ class P2SegNet(nn.Module):
     backbone : ``"efficientnet_lite0"`` or ``"mobilenet_v2"``.
     pretrained : offline ImageNet weights (True), a local checkpoint path, or False.
     width : neck and head channels; embed_dim : affinity embedding channels;
-    affinity_grid : side of the affinity grid; stride : output stride of the heads (``STRIDES``).
+    affinity_grid : side of the affinity grid; stride : output stride of the heads (``STRIDES``);
+    affinity : ``"grid"`` or ``"window"``; window, dilation : the window's side and dilation.
 
     ``forward(x)`` takes ``(B, 3, H, W)`` RGB in ``[0, 1]`` and returns, with
     ``s = stride``, ``class_logits`` (B, c+1, H/s, W/s), ``offsets`` (B, 2, H/s,
     W/s) in input pixels, ``embedding`` (B, D, H/s, W/s) and ``affinity_logits``
-    (B, N, N).
+    (B, N, N) (grid) or (B, window², H/s · W/s) (window).
     """
 
     def __init__(self, num_classes: int, backbone: str = "efficientnet_lite0", pretrained: bool | str = True,
-                 width: int = 64, embed_dim: int = 32, affinity_grid: int = 32, stride: int = 8) -> None:
+                 width: int = 64, embed_dim: int = 32, affinity_grid: int = 32, stride: int = 8,
+                 affinity: str = "grid", window: int = 7, dilation: int = 2) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"P2SegNet: num_classes is c + 1 >= 2 (background and a thing class), got {num_classes}")
         if stride not in STRIDES:
             raise ValueError(f"P2SegNet: stride must be one of {STRIDES}, got {stride}")
+        if affinity not in ("grid", "window"):
+            raise ValueError(f"P2SegNet: affinity must be 'grid' or 'window', got {affinity!r}")
         self.num_classes = num_classes
         self.affinity_grid = affinity_grid
+        self.affinity_kind, self.window, self.dilation = affinity, window, dilation
         self.embed_dim = embed_dim
         levels = (1, 2, 3, 4) if stride == 4 else (2, 3, 4)  # level i has stride 2 ** (i + 1)
         self.backbone, channels = build_timm_backbone(backbone, pretrained, out_indices=levels)
@@ -88,7 +95,9 @@ class P2SegNet(nn.Module):
         return self.fuse(top)
 
     def affinity(self, embedding: torch.Tensor) -> torch.Tensor:
-        """``Â`` (B, N, N) logits on the ``affinity_grid`` grid from a (B, D, h, w) embedding."""
+        """``Â`` logits from a (B, D, h, w) embedding: (B, N, N) on the ``affinity_grid`` grid, or (B, k², h w)."""
+        if self.affinity_kind == "window":
+            return window_affinity(embedding, self.window, self.dilation)
         g = self.affinity_grid
         return pixel_cell_affinity(F.adaptive_avg_pool2d(embedding, g), g)
 

@@ -42,7 +42,7 @@ from pointseg.data.images import resize_square
 from pointseg.data.record import ImageRecord
 from pointseg.generators import build_generator
 from pointseg.generators.p2seg.config import P2SegConfig, P2SegTrainConfig
-from pointseg.generators.p2seg.i2s import affinity_targets
+from pointseg.generators.p2seg.i2s import affinity_targets, window_affinity_targets
 from pointseg.generators.p2seg.losses import i2s_loss, offset_loss, point_loss, seg_loss
 from pointseg.generators.p2seg.network import P2SegNet
 from pointseg.generators.p2seg.targets import (
@@ -90,7 +90,8 @@ class P2SegTrainable(Trainable):
     def build(self, pretrained: bool = True) -> torch.nn.Module:
         cfg = self.config
         return P2SegNet(max(self.channel_of.values()) + 1, cfg.backbone, cfg.pretrained if pretrained else False,
-                        cfg.width, cfg.embed_dim, cfg.affinity_grid, cfg.head_stride)
+                        cfg.width, cfg.embed_dim, cfg.affinity_grid, cfg.head_stride, cfg.affinity,
+                        cfg.affinity_window, cfg.affinity_dilation)
 
     def optimizer(self, model) -> torch.optim.Optimizer:
         """AdamW; the backbone at ``backbone_lr_scale`` of the learning rate (0: frozen, not optimised)."""
@@ -133,7 +134,7 @@ class P2SegTrainable(Trainable):
         targets = None
         if self.teacher_round == 0:
             targets, _ = s2i_targets(self._stage1_semantic(record.image_id, image, points), layout,
-                                     self.params.priority, self.config.affinity_grid, *box,
+                                     self.params.priority, self.config.affinity_side, *box,
                                      components=self.params.components)
         return image, layout, box, targets
 
@@ -171,8 +172,9 @@ class P2SegTrainable(Trainable):
         targets = []
         for i, (layout, box) in enumerate(zip(batch["layouts"], batch["boxes"])):
             present = [0] + sorted({int(c) for c in layout.group_class})
-            prob, semantic, offsets = network_maps({k: v[i] for k, v in out.items()}, present, p, (s, s), s)
-            t, _ = s2i_targets(semantic, layout, p.priority, self.config.affinity_grid, *box,
+            prob, semantic, offsets = network_maps({k: v[i] for k, v in out.items()}, present, p, (s, s), s,
+                                                   window=self.config.window)
+            t, _ = s2i_targets(semantic, layout, p.priority, self.config.affinity_side, *box,
                                offsets=offsets if p.grouping == "offsets" else None,
                                class_prob=prob.cpu().numpy() if p.offset_weighting == "confidence" else None,
                                present=present, components=p.components)
@@ -210,7 +212,13 @@ class P2SegTrainable(Trainable):
             terms["point"] = l_pt
             total = total + cfg.point_weight * l_pt
         if p.i2s:
-            l_i2s = i2s_loss(out["affinity_logits"], affinity_targets(targets["grid"], p.background_affinity))  # Eq. 5
+            if cfg.window is None:
+                l_i2s = i2s_loss(out["affinity_logits"], affinity_targets(targets["grid"], p.background_affinity))
+            else:  # Eq. 5 on the window pairs
+                side = cfg.affinity_side
+                a, valid = window_affinity_targets(targets["grid"].view(-1, side, side), *cfg.window,
+                                                   background_affinity=p.background_affinity)
+                l_i2s = i2s_loss(out["affinity_logits"], a, valid)  # Eq. 5
             terms["i2s"] = l_i2s
             total = total + cfg.affinity_weight * l_i2s
         return {"loss": total, **terms}

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from pointseg.data.record import Category, Points
 from pointseg.generators.base import PseudoLabel, SeedGroup, seed_groups
-from pointseg.generators.p2seg.i2s import grid_labels, i2s_semantic, pixel_cell_affinity, pool_to_grid
+from pointseg.generators.p2seg.i2s import (grid_labels, i2s_semantic, i2s_window_semantic, pixel_cell_affinity,
+                                          pool_to_grid)
 from pointseg.generators.p2seg.s2i import S2IResult, offset_targets, s2i_instances
 
 if TYPE_CHECKING:
@@ -164,7 +165,8 @@ def s2i_targets(semantic: np.ndarray, layout: ThingLayout, priority: str, grid: 
 
 @torch.no_grad()
 def network_maps(out: dict[str, torch.Tensor], present: list[int], params: "P2SegConfig",
-                 size: tuple[int, int], input_size: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+                 size: tuple[int, int], input_size: int,
+                 window: tuple[int, int] | None = None) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """One image's semantic distribution, semantic map and offsets at ``size = (h, w)``.
 
     out : the network outputs of one image (no batch dimension): ``class_logits``
@@ -173,7 +175,9 @@ def network_maps(out: dict[str, torch.Tensor], present: list[int], params: "P2Se
     the classes of the image's points: the image-level cleaning of the authors'
     code); params : the labelling keys read here (``beta``, ``i2s``,
     ``i2s_rows``, ``foreground``); input_size : side of the square input the
-    network saw (offsets are in its pixels).
+    network saw (offsets are in its pixels); window : ``(k, dilation)`` when
+    the network's affinity is the window one (``affinity_logits`` (k², s s);
+    ``S`` is then :func:`~.i2s.i2s_window_semantic` at the class map's resolution).
 
     ``C`` = softmax of the class logits over ``present``; with ``i2s`` the
     distribution is ``S = Â^{∘β} * C`` (:func:`~.i2s.i2s_semantic`) with ``C``
@@ -194,7 +198,9 @@ def network_maps(out: dict[str, torch.Tensor], present: list[int], params: "P2Se
     beta, foreground = params.beta, params.foreground
     logits = out["class_logits"][present].float()
     prob = logits.softmax(0)
-    if params.i2s:
+    if params.i2s and window is not None:
+        prob = i2s_window_semantic(out["affinity_logits"][None].float(), prob[None], beta, *window)[0]
+    elif params.i2s:
         grid = int(round(out["affinity_logits"].shape[-1] ** 0.5))
         cells = pool_to_grid(prob[None], grid)[0]
         if params.i2s_rows == "pixels":
