@@ -21,6 +21,7 @@ Functions
 ---------
 edge_costs        Point2Mask Eq. 2 edge lengths from a feature map and a boundary map.
 add_entry_costs   the same edges, each also paying a per-pixel cost of the pixel it enters.
+restrict_to       the same edges with every edge into or out of a pixel outside a mask blocked.
 geodesic_distance one distance map per source, ``(N, H, W)``.
 nearest_source    one multi-source Dijkstra: min distance and the label of the
                   nearest source per pixel (PSPS assignment), ``(H, W)``.
@@ -53,6 +54,7 @@ __all__ = [
     "geodesic_distance",
     "nearest_source",
     "nearest_two_sources",
+    "restrict_to",
     "to_csgraph",
 ]
 
@@ -203,6 +205,27 @@ def add_entry_costs(cost: np.ndarray, node_cost: np.ndarray) -> np.ndarray:
     for d in range(8):
         (ys, xs), (yt, xt) = _edge_slices(d, height, width)
         out[d, ys, xs] += node[yt, xt]
+    return out
+
+
+def restrict_to(cost: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The graph of ``cost`` cut down to the pixels of ``mask``: every edge that enters or leaves a pixel
+    outside ``mask`` is blocked (``inf``).
+
+    cost : (8, H, W) edge lengths (the module's layout); mask : (H, W) bool.
+    Returns a new array. Paths then stay inside ``mask``: a source outside it
+    reaches no other pixel, and a pixel outside it (or in a part of ``mask``
+    holding no source) is unreached (distance ``inf``, label ``-1``).
+    """
+    keep = np.asarray(mask, dtype=bool)
+    _, height, width = cost.shape
+    if keep.shape != (height, width):
+        raise ValueError(f"mask must have shape {(height, width)} like cost, got {keep.shape}")
+    out = np.array(cost, dtype=np.float64, copy=True)
+    out[:, ~keep] = np.inf  # edges leaving an outside pixel
+    for d in range(8):
+        (ys, xs), (yt, xt) = _edge_slices(d, height, width)
+        out[d, ys, xs][~keep[yt, xt]] = np.inf  # edges entering one
     return out
 
 

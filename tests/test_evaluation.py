@@ -485,3 +485,23 @@ def test_harness_trains_a_source_stage_first_and_hands_its_checkpoint_over(tmp_p
     assert Path(source["checkpoint"]).name.startswith("epld-")
     assert proto["stage1"]["steps"] == 1 and Path(proto["stage1"]["checkpoint"]).name.startswith("p2seg-")
     assert proto["rows"]["p2seg"]["num_images"] == 2 and not proto["rows"]["p2seg"]["failed"]
+
+
+def test_foreground_ceiling_reproduces_psps_and_the_ground_truth_foreground_lifts_it(tmp_path):
+    """benchmarks/foreground_ceiling.py on 4 real images: its open split is PSPS exactly (same PQ and best IoU as
+    the harness's PSPS generator); kept inside the ground-truth foreground the split scores a higher best IoU in
+    both protocols, and in the stuff protocol a higher PQ (the background becomes one clean segment)."""
+    import foreground_ceiling as fc
+    import pseudo_label_quality as plq
+
+    if not (plq.SHARED / "coco-mini").exists():
+        pytest.skip(f"real test data not found at {plq.SHARED / 'coco-mini'} (../shared/data is not part of the repo)")
+    common = ["--images", "4", "--background", "both", "--split", "all", "--workdir", str(tmp_path), "--quiet"]
+    ours = fc.main(common + ["--dilate", "0"])
+    ref = plq.main(common + ["--dataset", "coco-mini", "--baselines", ""])["protocols"]
+    for proto in ("void", "stuff"):
+        psps, ceiling = ours[proto]["psps"], ours[proto]["gt fg dilated 0"]
+        assert psps["pq"] == pytest.approx(ref[proto]["rows"]["psps"]["pq"], abs=1e-12)
+        assert psps["mean_best_iou"] == pytest.approx(ref[proto]["rows"]["psps"]["mean_best_iou"], abs=1e-12)
+        assert ceiling["mean_best_iou"] > psps["mean_best_iou"] + 0.1
+    assert ours["stuff"]["gt fg dilated 0"]["pq"] > ours["stuff"]["psps"]["pq"] + 0.1

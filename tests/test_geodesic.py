@@ -17,6 +17,7 @@ from pointseg.geodesic import (
     geodesic_distance,
     nearest_source,
     nearest_two_sources,
+    restrict_to,
     to_csgraph,
 )
 
@@ -488,3 +489,39 @@ def test_add_entry_costs_by_hand():
     assert np.all(cost[np.isfinite(cost)] == 0)  # the input is not changed
     with pytest.raises(ValueError, match="node_cost"):
         add_entry_costs(cost, -node)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_restrict_to_equals_scipy_on_the_masked_subgraph(seed):
+    """Distances inside a random mask equal scipy's Dijkstra on the graph with every node outside the mask
+    removed (rows and columns zeroed in the pixel-loop graph); outside pixels are unreached, label -1."""
+    rng = np.random.default_rng(seed)
+    h, w = 9, 11
+    cost = random_cost(rng, h, w, directed=True, p_inf=0.0)
+    mask = rng.random((h, w)) < 0.7
+    srcs = np.argwhere(mask)[rng.choice(int(mask.sum()), 3, replace=False)]
+    inside = np.flatnonzero(mask.ravel())
+    sub = loop_graph(cost)[inside][:, inside]  # the induced subgraph of the mask's pixels
+    at = {p: i for i, p in enumerate(inside)}
+    ref = np.full((len(srcs), h * w), np.inf)
+    ref[:, inside] = dijkstra(sub, directed=True, indices=[at[y * w + x] for y, x in srcs])
+    ref = ref.reshape(len(srcs), h, w)
+    ours = restrict_to(cost, mask)
+    assert_same_distances(geodesic_distance(ours, srcs), ref)
+    dist, label = nearest_source(ours, srcs)
+    assert_nearest_matches(dist, label, ref)
+    assert (label[~mask] == -1).all()
+    assert np.isfinite(cost[:, 1:-1, 1:-1]).all()  # the input is not changed
+
+
+def test_restrict_to_by_hand_a_wall_splits_a_row():
+    """1 x 5 row, every step of length 1, the middle pixel outside the mask: the left source owns pixels 0-1, the
+    right one 3-4, pixel 2 nobody; without the mask the left source (lower index) takes the tie at pixel 2."""
+    cost = edge_costs(np.arange(5.0)[None])
+    mask = np.array([[True, True, False, True, True]])
+    _, label = nearest_source(restrict_to(cost, mask), np.array([[0, 0], [0, 4]]))
+    assert label.tolist() == [[0, 0, -1, 1, 1]]
+    _, label = nearest_source(cost, np.array([[0, 0], [0, 4]]))
+    assert label.tolist() == [[0, 0, 0, 1, 1]]
+    with pytest.raises(ValueError, match="mask must have shape"):
+        restrict_to(cost, np.ones((5, 1), bool))

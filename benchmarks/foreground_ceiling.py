@@ -1,0 +1,131 @@
+"""What a perfect foreground decision is worth: PSPS's geodesic split kept inside the ground-truth foreground.
+
+A diagnostic ceiling, not a method (it reads the ground truth). On coco-mini
+with P1 clicks it labels the chosen half of the images in three ways:
+
+* ``psps``: PSPS as it is (every pixel to the nearest click in its geodesic
+  cost, paths across the whole image);
+* ``gt fg dilated D``: the ground-truth thing pixels, grown by ``D`` pixels
+  (a 3 x 3 dilation ``D`` times: a foreground decision that errs towards the
+  background), are the foreground. Thing clicks split it with PSPS's cost, but
+  every path stays inside it (:func:`pointseg.geodesic.restrict_to`); a
+  foreground part no click reaches from inside takes the open split. Pixels
+  outside it are VOID in the ``void`` protocol and go to the nearest stuff
+  click (the one ``background`` click) in the ``stuff`` protocol.
+
+Each row prints PQ, PQ_th, mask AP / AP50 and the mean best IoU per object
+(:func:`pointseg.evaluation.score`). The gap between ``psps`` and ``gt fg``
+bounds what any learned foreground / background decision can add to PSPS's
+split; ``void`` counts only how the things share the foreground, ``stuff``
+also counts the background. This is how EPLD's ``split_within: foreground``
+and the void-protocol target of the EPLD issue are read (README "Measured").
+
+Commands (from the repo root)::
+
+    python benchmarks/foreground_ceiling.py --background both --split report
+    python benchmarks/foreground_ceiling.py --background void --split choose --dilate 0,3,8,16
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from pseudo_label_quality import SHARED, fmt_table, prepare  # noqa: E402
+
+from pointseg.data.prepare import join, read_index  # noqa: E402
+from pointseg.evaluation import SPLITS, GroundTruth, score, split_rows  # noqa: E402
+from pointseg.generators.base import assemble, seed_groups  # noqa: E402
+from pointseg.generators.psps import PSPSConfig, geodesic_cost, scaled_points, upsample_labels  # noqa: E402
+from pointseg.geodesic import nearest_source, restrict_to  # noqa: E402
+from pointseg.train.rows import index_record  # noqa: E402
+
+
+def foreground(gt_map: np.ndarray, gt_info: list[dict], cats, dilate: int) -> np.ndarray:
+    """``(H, W) bool``: the ground truth's thing pixels, dilated ``dilate`` times by a 3 x 3 square."""
+    things = [s["id"] for s in gt_info if cats[s["category_id"]].isthing and not s.get("iscrowd", 0)]
+    fg = np.isin(gt_map, things)
+    if dilate:
+        fg = cv2.dilate(fg.astype(np.uint8), np.ones((3, 3), np.uint8), iterations=dilate) > 0
+    return fg
+
+
+def split_inside(image, points, groups, fg: np.ndarray | None, cfg: PSPSConfig) -> np.ndarray:
+    """Group index per pixel (``-1`` = VOID): PSPS, or with ``fg`` the split kept inside ``fg`` (module doc)."""
+    height, width = image.shape[:2]
+    cost, (h, w) = geodesic_cost(image, cfg.downscale, cfg.blur_sigma, cfg.beta)
+    cells = scaled_points(points, height, width, h, w)
+    group_of = np.empty(len(points), np.int64)
+    for gi, g in enumerate(groups):
+        group_of[g.point_index] = gi
+    if fg is None:
+        return upsample_labels(nearest_source(cost, cells, labels=group_of)[1], height, width)
+    thing = np.array([groups[g].isthing for g in group_of])
+    inside = upsample_labels(fg.astype(np.int32), h, w) > 0
+    inside[cells[thing, 0], cells[thing, 1]] = True
+    label = nearest_source(restrict_to(cost, inside), cells[thing], labels=group_of[thing])[1]
+    hole = inside & (label < 0)
+    if hole.any():  # a foreground part without a click: the open split among the things
+        label[hole] = nearest_source(cost, cells[thing], labels=group_of[thing])[1][hole]
+    if (~thing).any():  # outside: the nearest stuff click
+        stuff = nearest_source(cost, cells[~thing], labels=group_of[~thing])[1]
+        label = np.where(inside, label, stuff)
+    full = upsample_labels(label, height, width)
+    inside_full = upsample_labels(inside.astype(np.int32), height, width) > 0
+    return np.where(inside_full | (~thing).any(), full, -1)
+
+
+def labelled(rows, gt: GroundTruth, cats, dilate: int | None, progress: bool):
+    cfg = PSPSConfig()
+    for row in tqdm(rows, desc=f"dilate {dilate}", unit="img", disable=not progress):
+        rec = index_record(dict(row), cats)
+        groups = seed_groups(rec.points, cats)
+        fg = None if dilate is None else foreground(*gt.load(int(row["image_id"])), cats, dilate)
+        yield row, assemble(split_inside(rec.image, rec.points, groups, fg, cfg), groups), ""
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--background", default="both", choices=["void", "stuff", "both"])
+    ap.add_argument("--split", default="report", choices=SPLITS)
+    ap.add_argument("--dilate", default="0,3,8", help="comma-separated dilations of the ground-truth foreground")
+    ap.add_argument("--data-root", default=str(SHARED))
+    ap.add_argument("--images", type=int, default=None, help="first N images (default: all 80)")
+    ap.add_argument("--workdir", default=str(ROOT / "out" / "quality"))
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    if not (Path(args.data_root) / "coco-mini").exists():
+        raise SystemExit(f"coco-mini not found under {args.data_root} (it lives in ../shared/data beside the repo)")
+    args.dataset, args.points, args.point_seed, args.size, args.data_seed = "coco-mini", "p1", 0, 128, 0
+    dilations = [int(d) for d in args.dilate.split(",") if d != ""]
+    results = {}
+    for background in (["void", "stuff"] if args.background == "both" else [args.background]):
+        out, cats, _ = prepare(args, background)
+        gt = GroundTruth(out)
+        rows = gt.rows(split_rows(read_index(join(out, "index", "index.parquet")), args.split))
+        table = []
+        for dilate in [None, *dilations]:
+            name = "psps" if dilate is None else f"gt fg dilated {dilate}"
+            res = score(labelled(rows, gt, cats, dilate, not args.quiet), gt, cats)
+            res["seconds_per_image"] = res["label_seconds"] / max(res["num_images"], 1)
+            table.append((name, res))
+        print(fmt_table(f"\n# {background} protocol, {args.split} split: PSPS's split inside the ground-truth "
+                        "foreground (a ceiling, module docstring)", table), flush=True)
+        results[background] = {name: res for name, res in table}
+    return results
+
+
+if __name__ == "__main__":
+    main()
