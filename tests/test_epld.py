@@ -512,3 +512,47 @@ def test_learned_geodesic_split_pays_the_learned_distance_of_every_pixel_entered
     # by hand: entering a pixel of the other thing costs 5 * (1 - M) ~ 5 more, so the split follows the network
     assert (learned[:, :11] == thing[0]).all() and (learned[:, 13:] == thing[1]).all()
     assert (plain[:, :6] == thing[0]).all() and (plain[:, 10:] == thing[1]).all()
+
+
+def test_split_within_foreground_keeps_paths_off_the_background_and_equals_scipy_on_the_foreground():
+    """``split_within: foreground``: a horizontal colour ramp (each step right costs about the same), columns
+    0-1 a foreground part without a click, 2 stuff, 3-7 thing A (click at 7), 8-11 stuff, 12-23 thing B's block
+    (click at 23). Across the image, A is nearer to columns 12-14 than B; inside the foreground A cannot reach
+    them, so B's block is all B's. The click-less part takes the open split (A). Checked against scipy's
+    Dijkstra on the foreground's induced subgraph."""
+    from scipy.sparse.csgraph import dijkstra
+
+    from pointseg.generators.base import seed_groups
+    from pointseg.generators.psps import low_level_maps
+    from pointseg.geodesic import edge_costs, to_csgraph
+
+    h, w = 6, 24
+    img = np.repeat(np.repeat(np.linspace(40, 220, w).astype(np.uint8)[None, :, None], h, 0), 3, 2)
+    pts = Points([[7.0, 3.0], [23.0, 3.0], [9.0, 0.0]], [1, 2, 7], [1, 1, 7])
+    groups = seed_groups(pts, CATS)
+    a, b = [n for n, g in enumerate(groups) if g.isthing]
+    sky = [n for n, g in enumerate(groups) if not g.isthing][0]
+    start = np.full((h, w), a, np.int64)
+    start[:, [2, 8, 9, 10, 11]] = sky
+    opened, within = start.copy(), start.copy()
+    epld_generator.geodesic_thing_split(img, pts, groups, opened, beta=0.0, downscale=1.0)
+    epld_generator.geodesic_thing_split(img, pts, groups, within, beta=0.0, downscale=1.0, within_foreground=True)
+    assert (opened[:, 12:15] == a).all()  # across the stuff band A is nearer
+    assert (within[:, 12:] == b).all() and (within[:, 3:8] == a).all() and (within[:, :2] == a).all()
+    np.testing.assert_array_equal(within[start == sky], sky)  # stuff untouched
+    # oracle: scipy on the subgraph of the foreground pixels
+    lab, _ = low_level_maps(img, (h, w), 0.5)
+    fg = (start != sky).ravel()
+    inside = np.flatnonzero(fg)
+    sub = to_csgraph(edge_costs(lab))[inside][:, inside]
+    at = {p: i for i, p in enumerate(inside)}
+    rc = pts.pixels(h, w)
+    d = np.full((2, h * w), np.inf)
+    for k, n in enumerate((a, b)):
+        y, x = rc[groups[n].point_index[0]]
+        d[k, inside] = dijkstra(sub, indices=at[y * w + x], min_only=True)
+    reach = np.isfinite(d).any(0).reshape(h, w)
+    np.testing.assert_array_equal(within[reach], np.array([a, b])[d.argmin(0)].reshape(h, w)[reach])
+    assert not reach[:, :2].any()  # the click-less part is the fallback's
+    with pytest.raises(ValueError, match="split_within"):
+        EPLDConfig(split_within="stuff")

@@ -67,6 +67,11 @@ class EPLDConfig(TrainableGeneratorConfig):
                                "step (0: the plain geodesic)")
     split_beta: float = Field(0.1, ge=0, description="thing_split geodesic: boundary weight of the edge cost (PSPS beta)")
     split_downscale: float = Field(0.5, gt=0, le=1, description="thing_split geodesic: working fraction of the size")
+    split_within: Literal["image", "foreground"] = Field(
+        "image", description="thing_split geodesic / learned_geodesic, our extension: 'image' lets the paths cross "
+        "any pixel (stuff included); 'foreground' keeps them inside EPLD's own foreground (pixels it gives to a "
+        "thing), so one thing cannot reach another across the background (a foreground part no thing's path "
+        "reaches keeps the 'image' split)")
 
 
     @model_validator(mode="after")

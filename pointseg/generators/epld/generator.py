@@ -35,7 +35,7 @@ from pointseg.data.points import validate_points
 from pointseg.data.record import Category, Points
 from pointseg.generators.base import PseudoLabel, TrainableGenerator, assemble
 from pointseg.generators.psps import geodesic_cost, scaled_points, upsample_labels
-from pointseg.geodesic import add_entry_costs, geodesic_distance, nearest_source
+from pointseg.geodesic import add_entry_costs, geodesic_distance, nearest_source, restrict_to
 from pointseg.generators.epld.batch import network_batch
 from pointseg.generators.epld.model import MASKED_LOGIT
 from pointseg.generators.epld.config import EPLDConfig
@@ -50,7 +50,8 @@ ROW_BAND = 256
 
 
 def geodesic_thing_split(image: np.ndarray, points: Points, groups, assignment: np.ndarray, beta: float,
-                         downscale: float, logits: torch.Tensor | None = None, gamma: float = 0.0) -> int:
+                         downscale: float, logits: torch.Tensor | None = None, gamma: float = 0.0,
+                         within_foreground: bool = False) -> int:
     """``thing_split: geodesic`` / ``learned_geodesic`` (our extensions): EPLD decides foreground, a geodesic
     splits it among things.
 
@@ -62,8 +63,12 @@ def geodesic_thing_split(image: np.ndarray, points: Points, groups, assignment: 
     (``learned_geodesic``), thing ``n``'s paths also pay ``gamma * X_n`` (Eq. 6,
     ``M_n`` the softmax over the image's instances on the working grid) for
     every pixel they enter (:func:`pointseg.geodesic.add_entry_costs`), so a path that leaves
-    what the network calls ``n`` costs more: one Dijkstra per thing. Returns
-    the number of pixels whose thing changed.
+    what the network calls ``n`` costs more: one Dijkstra per thing. With
+    ``within_foreground`` (``split_within: foreground``) the paths stay inside
+    the foreground (:func:`pointseg.geodesic.restrict_to`; the things' click
+    cells count as foreground): a thing cannot reach another across the
+    background, and a foreground pixel no path reaches gets the unrestricted
+    split. Returns the number of pixels whose thing changed.
     """
     things = [n for n, g in enumerate(groups) if g.isthing]
     if len(things) < 2:
@@ -71,24 +76,37 @@ def geodesic_thing_split(image: np.ndarray, points: Points, groups, assignment: 
     height, width = assignment.shape
     cost, (h, w) = geodesic_cost(image, downscale, 0.5, beta)
     cells = scaled_points(points, height, width, h, w)
-    if logits is None or gamma == 0:
-        index = np.concatenate([groups[n].point_index for n in things])
-        owner = np.concatenate([np.full(len(groups[n].point_index), n) for n in things])
-        _, label = nearest_source(cost, cells[index], labels=owner)
-    else:
-        m = torch.nn.functional.interpolate(logits[None].float(), size=(h, w), mode="bilinear",
-                                            align_corners=False)[0].softmax(0).numpy()
-        best = np.full((h, w), np.inf)
-        label = np.zeros((h, w), np.int64)
-        for n in things:
-            dist = geodesic_distance(add_entry_costs(cost, gamma * (1.0 - m[n])), cells[groups[n].point_index]).min(0)
-            closer = dist < best
-            best[closer] = dist[closer]
-            label[closer] = n
-    nearest = upsample_labels(label, height, width)
+    index = np.concatenate([groups[n].point_index for n in things])
+    owner = np.concatenate([np.full(len(groups[n].point_index), n) for n in things])
     isthing = np.zeros(len(groups), bool)
     isthing[things] = True
     fg = isthing[assignment]
+    m = None
+    if logits is not None and gamma != 0:
+        m = torch.nn.functional.interpolate(logits[None].float(), size=(h, w), mode="bilinear",
+                                            align_corners=False)[0].softmax(0).numpy()
+
+    def split(edges: np.ndarray) -> np.ndarray:
+        if m is None:
+            return nearest_source(edges, cells[index], labels=owner)[1]
+        best = np.full((h, w), np.inf)
+        label = np.full((h, w), -1, np.int64)
+        for n in things:
+            dist = geodesic_distance(add_entry_costs(edges, gamma * (1.0 - m[n])), cells[groups[n].point_index]).min(0)
+            closer = dist < best
+            best[closer] = dist[closer]
+            label[closer] = n
+        return label
+
+    if within_foreground:
+        inside = upsample_labels(fg.astype(np.int32), h, w) > 0
+        inside[cells[index, 0], cells[index, 1]] = True
+        label = split(restrict_to(cost, inside))
+        if (label[inside] < 0).any():  # a foreground part no thing reaches from inside: the open split there
+            label = np.where(label < 0, split(cost), label)
+    else:
+        label = split(cost)
+    nearest = upsample_labels(label, height, width)
     changed = fg & (assignment != nearest)
     assignment[fg] = nearest[fg]
     return int(changed.sum())
@@ -255,7 +273,8 @@ class EPLDGenerator(TrainableGenerator):
             if self.config.thing_split != "network":
                 gamma = self.config.split_gamma if self.config.thing_split == "learned_geodesic" else 0.0
                 split = geodesic_thing_split(img, pts, groups, assignment, self.config.split_beta,
-                                             self.config.split_downscale, own, gamma)
+                                             self.config.split_downscale, own, gamma,
+                                             self.config.split_within == "foreground")
             restored = 0
             if self.config.restore_points:
                 rc = pts.pixels(height, width)
