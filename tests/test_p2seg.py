@@ -98,6 +98,38 @@ def test_geodesic_split_follows_the_colour_edge_and_equals_scipy_dijkstra():
     assert (plain.instance[:, 8:11] == 1).all()  # Eq. 1 gives the red columns 8-10 to the blue point
 
 
+def test_geodesic_split_within_the_component_goes_round_the_background_and_equals_scipy_on_the_component():
+    """``split_within: component`` on a U-shaped component (arms at columns 0-2 and 9-11, bottom rows 9-11) of a
+    noisy 12 x 12 image: point A tops the left arm, point B sits in the bottom's middle. Across the background
+    A is nearer to the top of the right arm; inside the U, B is. Oracle: scipy's Dijkstra on the component's
+    induced subgraph."""
+    from scipy.sparse.csgraph import dijkstra
+
+    from pointseg.generators.psps import low_level_maps
+    from pointseg.geodesic import edge_costs, to_csgraph
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(60, 200, (12, 12, 3)).astype(np.uint8)
+    sem = np.zeros((12, 12), np.int64)
+    sem[:, :3] = sem[:, 9:] = sem[9:] = 1
+    yx = np.array([[0.0, 1.0], [11.0, 6.0]])
+    args = (sem, yx, np.array([0, 1]), np.array([1, 1]), "points")
+    opened = s2i_instances(*args, min_area=1, split=GeodesicSplit(img, yx, beta=0.1, downscale=1.0))
+    within = s2i_instances(*args, min_area=1, split=GeodesicSplit(img, yx, beta=0.1, downscale=1.0, within=True))
+    assert (opened.instance[0:2, 9:] == 0).all()  # A jumps the gap
+    assert (within.instance[0:2, 9:] == 1).all()  # B goes up the arm; A would have to go round
+    lab, boundary = low_level_maps(img, (12, 12), 0.5)
+    inside = np.flatnonzero(sem.ravel())
+    sub = to_csgraph(edge_costs(lab, boundary, beta=0.1))[inside][:, inside]
+    at = {p: i for i, p in enumerate(inside)}
+    d = dijkstra(sub, directed=True, indices=[at[0 * 12 + 1], at[11 * 12 + 6]])
+    want = np.full(144, -1)
+    want[inside] = d.argmin(0)
+    np.testing.assert_array_equal(within.instance.ravel(), want)
+    with pytest.raises(ValueError, match="split_within"):
+        P2SegConfig(split_within="image_and_more")
+
+
 def test_orphan_components_go_to_the_nearest_point_only_when_asked():
     sem = two_components()
     yx = np.array([[1.0, 0.0]])  # a point in A only: B (cols 8-9) has none

@@ -57,6 +57,10 @@ class P2SegConfig(TrainableGeneratorConfig):
         "extension)")
     split_beta: float = Field(0.1, ge=0, description="grouping geodesic: boundary weight of the edge cost (PSPS beta)")
     split_downscale: float = Field(0.5, gt=0, le=1, description="grouping geodesic: working fraction of the size")
+    split_within: Literal["image", "component"] = Field(
+        "image", description="grouping geodesic, our extension: 'image' lets the paths cross any pixel (as PSPS's "
+        "do); 'component' keeps them inside the component being split, so a point cannot take pixels it reaches "
+        "only across the background (pixels no path reaches from inside take the 'image' split)")
     components: Literal["class", "foreground"] = Field(
         "class", description="S2I components of every class region (the paper) or of the whole foreground (the "
         "semantic map then decides foreground/background only; the points decide classes)")

@@ -212,7 +212,8 @@ class P2SegGenerator(TrainableGenerator):
         """S2I on ``semantic`` (the image's size), then the panoptic label (module docstring, step 3)."""
         cfg = self.config
         size = image.shape[:2]
-        split = (GeodesicSplit(image, layout.point_yx, cfg.split_beta, cfg.split_downscale)
+        split = (GeodesicSplit(image, layout.point_yx, cfg.split_beta, cfg.split_downscale,
+                               within=cfg.split_within == "component")
                  if cfg.grouping == "geodesic" and len(layout.point_yx) > 1 else None)
         res = s2i_instances(semantic, layout.point_yx, layout.point_group, layout.group_class, cfg.priority, offsets,
                             (cfg.default_box, cfg.default_box), cfg.min_area, cfg.components, split,

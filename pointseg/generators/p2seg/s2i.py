@@ -57,7 +57,7 @@ import cv2
 import numpy as np
 
 from pointseg.generators.psps import geodesic_cost, scaled_cells
-from pointseg.geodesic import nearest_source
+from pointseg.geodesic import nearest_source, restrict_to
 
 __all__ = [
     "GeodesicSplit",
@@ -142,24 +142,39 @@ class GeodesicSplit:
     The cost is PSPS's (:func:`pointseg.geodesic.edge_costs`: LAB colour plus
     ``beta`` times the Sobel boundary) at ``downscale`` of the image, computed
     once per image. ``split(pixels_yx, members)`` runs one multi-source
-    Dijkstra from the members' points (:func:`pointseg.geodesic.nearest_source`;
-    paths may leave the component, as PSPS's do) and returns, for each pixel,
-    the index into ``members`` of the nearest point. Pixels and points map to
-    the working grid as PSPS maps them (``floor((y + 0.5) h / H)``).
+    Dijkstra from the members' points (:func:`pointseg.geodesic.nearest_source`)
+    and returns, for each pixel, the index into ``members`` of the nearest
+    point. Paths may leave the component, as PSPS's do; with ``within``
+    (``split_within: component``) they stay inside it and the members' cells
+    (:func:`pointseg.geodesic.restrict_to`), and a pixel they cannot reach from
+    inside (an orphan component, a part cut off on the working grid) takes the
+    open split. Pixels and points map to the working grid as PSPS maps them
+    (``floor((y + 0.5) h / H)``).
     """
 
     def __init__(self, image: np.ndarray, point_yx: np.ndarray, beta: float = 0.1, downscale: float = 0.5,
-                 blur_sigma: float = 0.5) -> None:
+                 blur_sigma: float = 0.5, within: bool = False) -> None:
         self.image_size = np.asarray(image).shape[:2]
         self.cost, self.size = geodesic_cost(image, downscale, blur_sigma, beta)
         self.cells = self._cells(point_yx)
+        self.within = within
 
     def _cells(self, yx: np.ndarray) -> np.ndarray:
         return scaled_cells(yx, *self.image_size, *self.size)
 
     def __call__(self, pixels_yx: np.ndarray, members: np.ndarray) -> np.ndarray:
-        _, label = nearest_source(self.cost, self.cells[members], labels=np.arange(len(members)))
         rc = self._cells(pixels_yx)
+        sources, labels = self.cells[members], np.arange(len(members))
+        if self.within:
+            inside = np.zeros(self.size, bool)
+            inside[rc[:, 0], rc[:, 1]] = True
+            inside[sources[:, 0], sources[:, 1]] = True
+            out = nearest_source(restrict_to(self.cost, inside), sources, labels=labels)[1][rc[:, 0], rc[:, 1]]
+            if (out >= 0).all():
+                return out.astype(np.int64)
+            opened = nearest_source(self.cost, sources, labels=labels)[1][rc[:, 0], rc[:, 1]]
+            return np.where(out >= 0, out, opened).astype(np.int64)
+        _, label = nearest_source(self.cost, sources, labels=labels)
         return label[rc[:, 0], rc[:, 1]].astype(np.int64)
 
 
