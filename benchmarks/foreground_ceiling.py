@@ -48,7 +48,7 @@ from pseudo_label_quality import SHARED, fmt_table, prepare  # noqa: E402
 from pointseg.data.prepare import join, read_index  # noqa: E402
 from pointseg.evaluation import SPLITS, GroundTruth, score, split_rows  # noqa: E402
 from pointseg.generators.base import assemble, seed_groups  # noqa: E402
-from pointseg.generators.psps import PSPSConfig, geodesic_cost, scaled_points, upsample_labels  # noqa: E402
+from pointseg.generators.psps import PSPSConfig, cells_read_by, geodesic_cost, scaled_points, upsample_labels  # noqa: E402
 from pointseg.geodesic import nearest_source, restrict_to  # noqa: E402
 from pointseg.train.rows import index_record  # noqa: E402
 
@@ -73,7 +73,7 @@ def split_inside(image, points, groups, fg: np.ndarray | None, cfg: PSPSConfig) 
     if fg is None:
         return upsample_labels(nearest_source(cost, cells, labels=group_of)[1], height, width)
     thing = np.array([groups[g].isthing for g in group_of])
-    inside = upsample_labels(fg.astype(np.int32), h, w) > 0
+    inside = cells_read_by(fg, h, w)
     inside[cells[thing, 0], cells[thing, 1]] = True
     label = nearest_source(restrict_to(cost, inside), cells[thing], labels=group_of[thing])[1]
     hole = inside & (label < 0)
@@ -83,8 +83,7 @@ def split_inside(image, points, groups, fg: np.ndarray | None, cfg: PSPSConfig) 
         stuff = nearest_source(cost, cells[~thing], labels=group_of[~thing])[1]
         label = np.where(inside, label, stuff)
     full = upsample_labels(label, height, width)
-    inside_full = upsample_labels(inside.astype(np.int32), height, width) > 0
-    return np.where(inside_full | (~thing).any(), full, -1)
+    return full if (~thing).any() else np.where(fg, full, -1)
 
 
 def labelled(rows, gt: GroundTruth, cats, dilate: int | None, progress: bool):

@@ -104,3 +104,16 @@ def test_psps_beats_voronoi_on_coco_mini():
             evs[name].process(*gt, label.id_map, label.segments_info)
     pq = {name: ev.evaluate()["pq_th"] for name, ev in evs.items()}
     assert pq["psps"] > pq["voronoi"], pq
+
+
+def test_cells_read_by_covers_every_mask_pixel_after_upsampling():
+    """Labels written on the cells ``cells_read_by`` returns reach every pixel of the mask through
+    ``upsample_labels``; a nearest downscale of the mask misses some border pixels (7 x 9 -> 4 x 5 by hand)."""
+    from pointseg.generators.psps import cells_read_by, upsample_labels
+
+    mask = np.zeros((7, 9), bool)
+    mask[1:4, 3:6] = True
+    cells = cells_read_by(mask, 4, 5)
+    assert upsample_labels(cells.astype(np.int32), 7, 9)[mask].all()
+    assert not upsample_labels((upsample_labels(mask.astype(np.int32), 4, 5) > 0).astype(np.int32), 7, 9)[mask].all()
+    assert cells.sum() <= mask.sum() and not cells_read_by(np.zeros((7, 9), bool), 4, 5).any()

@@ -75,6 +75,16 @@ def upsample_labels(labels: np.ndarray, height: int, width: int) -> np.ndarray:
     return cv2.resize(labels.astype(np.int32), (width, height), interpolation=cv2.INTER_NEAREST)
 
 
+def cells_read_by(mask: np.ndarray, h: int, w: int) -> np.ndarray:
+    """``(h, w) bool``: the working-grid cells that the ``True`` pixels of a full-size ``mask`` read when a
+    ``(h, w)`` label map is resized with :func:`upsample_labels` (so a label on those cells reaches every pixel
+    of ``mask``; a plain nearest downscale of ``mask`` can miss cells at its border)."""
+    cell = upsample_labels(np.arange(h * w, dtype=np.int32).reshape(h, w), *np.shape(mask))
+    out = np.zeros(h * w, bool)
+    out[cell[np.asarray(mask, bool)]] = True
+    return out.reshape(h, w)
+
+
 class PSPSGenerator(PseudoLabelGenerator):
     name = "psps"
     Config = PSPSConfig

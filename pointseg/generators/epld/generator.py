@@ -34,7 +34,7 @@ import torch
 from pointseg.data.points import validate_points
 from pointseg.data.record import Category, Points
 from pointseg.generators.base import PseudoLabel, TrainableGenerator, assemble
-from pointseg.generators.psps import geodesic_cost, scaled_points, upsample_labels
+from pointseg.generators.psps import cells_read_by, geodesic_cost, scaled_points, upsample_labels
 from pointseg.geodesic import add_entry_costs, geodesic_distance, nearest_source, restrict_to
 from pointseg.generators.epld.batch import network_batch
 from pointseg.generators.epld.model import MASKED_LOGIT
@@ -99,7 +99,7 @@ def geodesic_thing_split(image: np.ndarray, points: Points, groups, assignment: 
         return label
 
     if within_foreground:
-        inside = upsample_labels(fg.astype(np.int32), h, w) > 0
+        inside = cells_read_by(fg, h, w)
         inside[cells[index, 0], cells[index, 1]] = True
         label = split(restrict_to(cost, inside))
         if (label[inside] < 0).any():  # a foreground part no thing reaches from inside: the open split there
