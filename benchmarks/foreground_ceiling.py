@@ -8,7 +8,7 @@ with P1 clicks it labels the chosen half of the images in three ways:
 * ``gt fg dilated D``: the ground-truth thing pixels, grown by ``D`` pixels
   (a 3 x 3 dilation ``D`` times: a foreground decision that errs towards the
   background), are the foreground. Thing clicks split it with PSPS's cost, but
-  every path stays inside it (:func:`pointseg.geodesic.restrict_to`); a
+  every path stays inside it (:func:`pointseg.geodesic.split_within`); a
   foreground part no click reaches from inside takes the open split. Pixels
   outside it are VOID in the ``void`` protocol and go to the nearest stuff
   click (the one ``background`` click) in the ``stuff`` protocol.
@@ -49,7 +49,7 @@ from pointseg.data.prepare import join, read_index  # noqa: E402
 from pointseg.evaluation import SPLITS, GroundTruth, score, split_rows  # noqa: E402
 from pointseg.generators.base import assemble, seed_groups  # noqa: E402
 from pointseg.generators.psps import PSPSConfig, cells_read_by, geodesic_cost, scaled_points, upsample_labels  # noqa: E402
-from pointseg.geodesic import nearest_source, restrict_to  # noqa: E402
+from pointseg.geodesic import nearest_source, split_within  # noqa: E402
 from pointseg.train.rows import index_record  # noqa: E402
 
 
@@ -75,10 +75,8 @@ def split_inside(image, points, groups, fg: np.ndarray | None, cfg: PSPSConfig) 
     thing = np.array([groups[g].isthing for g in group_of])
     inside = cells_read_by(fg, h, w)
     inside[cells[thing, 0], cells[thing, 1]] = True
-    label = nearest_source(restrict_to(cost, inside), cells[thing], labels=group_of[thing])[1]
-    hole = inside & (label < 0)
-    if hole.any():  # a foreground part without a click: the open split among the things
-        label[hole] = nearest_source(cost, cells[thing], labels=group_of[thing])[1][hole]
+    # a foreground part without a click: the open split among the things
+    label = split_within(lambda edges: nearest_source(edges, cells[thing], labels=group_of[thing])[1], cost, inside)
     if (~thing).any():  # outside: the nearest stuff click
         stuff = nearest_source(cost, cells[~thing], labels=group_of[~thing])[1]
         label = np.where(inside, label, stuff)

@@ -22,6 +22,7 @@ Functions
 edge_costs        Point2Mask Eq. 2 edge lengths from a feature map and a boundary map.
 add_entry_costs   the same edges, each also paying a per-pixel cost of the pixel it enters.
 restrict_to       the same edges with every edge into or out of a pixel outside a mask blocked.
+split_within      a labelling run with its paths inside a mask, the open run where they cannot reach.
 geodesic_distance one distance map per source, ``(N, H, W)``.
 nearest_source    one multi-source Dijkstra: min distance and the label of the
                   nearest source per pixel (PSPS assignment), ``(H, W)``.
@@ -55,6 +56,7 @@ __all__ = [
     "nearest_source",
     "nearest_two_sources",
     "restrict_to",
+    "split_within",
     "to_csgraph",
 ]
 
@@ -227,6 +229,25 @@ def restrict_to(cost: np.ndarray, mask: np.ndarray) -> np.ndarray:
         (ys, xs), (yt, xt) = _edge_slices(d, height, width)
         out[d, ys, xs][~keep[yt, xt]] = np.inf  # edges entering one
     return out
+
+
+def split_within(split, cost: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``split(edges) -> (H, W) labels (-1 unreached)`` run with its paths kept inside ``mask``.
+
+    ``split`` runs on :func:`restrict_to` ``(cost, mask)``; a pixel of ``mask``
+    that no path reaches from inside (a part of ``mask`` holding no source)
+    takes ``split(cost)``, the open run (only computed when needed). Pixels
+    outside ``mask`` keep the restricted run's label: ``-1``, except a source's
+    own pixel. The one "restricted split, open split for the
+    rest" of EPLD's ``split_within: foreground``, P2Seg's ``split_within:
+    component`` and ``benchmarks/foreground_ceiling.py``.
+    """
+    keep = np.asarray(mask, dtype=bool)
+    label = split(restrict_to(cost, keep))
+    hole = keep & (label < 0)
+    if hole.any():
+        label = np.where(hole, split(cost), label)
+    return label
 
 
 def to_csgraph(cost: np.ndarray):

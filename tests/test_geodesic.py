@@ -18,6 +18,7 @@ from pointseg.geodesic import (
     nearest_source,
     nearest_two_sources,
     restrict_to,
+    split_within,
     to_csgraph,
 )
 
@@ -525,3 +526,22 @@ def test_restrict_to_by_hand_a_wall_splits_a_row():
     assert label.tolist() == [[0, 0, 0, 1, 1]]
     with pytest.raises(ValueError, match="mask must have shape"):
         restrict_to(cost, np.ones((5, 1), bool))
+
+
+def test_split_within_by_hand_a_sourceless_part_of_the_mask_takes_the_open_split():
+    """1 x 7 row of unit steps, sources at 0 (label 0) and 6 (label 1), mask 0-2 and 4-5: pixels 0-2 are reached
+    from inside by source 0; part 4-5 holds no source, so it takes the open split (nearer to 6); pixel 3 stays
+    unreached, and source 6's own pixel keeps its label."""
+    cost = edge_costs(np.arange(7.0)[None])
+    mask = np.array([[True, True, True, False, True, True, False]])
+    calls = []
+
+    def split(edges):
+        calls.append(edges is cost)  # False: the restricted copy
+        return nearest_source(edges, np.array([[0, 0], [0, 6]]))[1]
+
+    assert split_within(split, cost, mask).tolist() == [[0, 0, 0, -1, 1, 1, 1]]
+    assert calls == [False, True]  # the restricted run, then the open one for the sourceless part
+    calls.clear()
+    assert split_within(split, cost, np.array([[True] * 3 + [False] * 4])).tolist() == [[0, 0, 0, -1, -1, -1, 1]]
+    assert calls == [False]  # every mask pixel reached from inside: no open run

@@ -35,7 +35,7 @@ from pointseg.data.points import validate_points
 from pointseg.data.record import Category, Points
 from pointseg.generators.base import PseudoLabel, TrainableGenerator, assemble
 from pointseg.generators.psps import cells_read_by, geodesic_cost, scaled_points, upsample_labels
-from pointseg.geodesic import add_entry_costs, geodesic_distance, nearest_source, restrict_to
+from pointseg.geodesic import add_entry_costs, geodesic_distance, nearest_source, split_within
 from pointseg.generators.epld.batch import network_batch
 from pointseg.generators.epld.model import MASKED_LOGIT
 from pointseg.generators.epld.config import EPLDConfig
@@ -65,7 +65,7 @@ def geodesic_thing_split(image: np.ndarray, points: Points, groups, assignment: 
     every pixel they enter (:func:`pointseg.geodesic.add_entry_costs`), so a path that leaves
     what the network calls ``n`` costs more: one Dijkstra per thing. With
     ``within_foreground`` (``split_within: foreground``) the paths stay inside
-    the foreground (:func:`pointseg.geodesic.restrict_to`; the things' click
+    the foreground (:func:`pointseg.geodesic.split_within`; the things' click
     cells count as foreground): a thing cannot reach another across the
     background, and a foreground pixel no path reaches gets the unrestricted
     split. Returns the number of pixels whose thing changed.
@@ -101,9 +101,7 @@ def geodesic_thing_split(image: np.ndarray, points: Points, groups, assignment: 
     if within_foreground:
         inside = cells_read_by(fg, h, w)
         inside[cells[index, 0], cells[index, 1]] = True
-        label = split(restrict_to(cost, inside))
-        if (label[inside] < 0).any():  # a foreground part no thing reaches from inside: the open split there
-            label = np.where(label < 0, split(cost), label)
+        label = split_within(split, cost, inside)  # a foreground part no thing reaches: the open split there
     else:
         label = split(cost)
     nearest = upsample_labels(label, height, width)

@@ -57,7 +57,7 @@ import cv2
 import numpy as np
 
 from pointseg.generators.psps import geodesic_cost, scaled_cells
-from pointseg.geodesic import nearest_source, restrict_to
+from pointseg.geodesic import nearest_source, split_within
 
 __all__ = [
     "GeodesicSplit",
@@ -146,7 +146,7 @@ class GeodesicSplit:
     and returns, for each pixel, the index into ``members`` of the nearest
     point. Paths may leave the component, as PSPS's do; with ``within``
     (``split_within: component``) they stay inside it and the members' cells
-    (:func:`pointseg.geodesic.restrict_to`), and a pixel they cannot reach from
+    (:func:`pointseg.geodesic.split_within`), and a pixel they cannot reach from
     inside (an orphan component, a part cut off on the working grid) takes the
     open split. Pixels and points map to the working grid as PSPS maps them
     (``floor((y + 0.5) h / H)``).
@@ -164,17 +164,18 @@ class GeodesicSplit:
 
     def __call__(self, pixels_yx: np.ndarray, members: np.ndarray) -> np.ndarray:
         rc = self._cells(pixels_yx)
-        sources, labels = self.cells[members], np.arange(len(members))
+        sources = self.cells[members]
+
+        def split(edges: np.ndarray) -> np.ndarray:
+            return nearest_source(edges, sources, labels=np.arange(len(members)))[1]
+
         if self.within:
             inside = np.zeros(self.size, bool)
             inside[rc[:, 0], rc[:, 1]] = True
             inside[sources[:, 0], sources[:, 1]] = True
-            out = nearest_source(restrict_to(self.cost, inside), sources, labels=labels)[1][rc[:, 0], rc[:, 1]]
-            if (out >= 0).all():
-                return out.astype(np.int64)
-            opened = nearest_source(self.cost, sources, labels=labels)[1][rc[:, 0], rc[:, 1]]
-            return np.where(out >= 0, out, opened).astype(np.int64)
-        _, label = nearest_source(self.cost, sources, labels=labels)
+            label = split_within(split, self.cost, inside)
+        else:
+            label = split(self.cost)
         return label[rc[:, 0], rc[:, 1]].astype(np.int64)
 
 
