@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
+from pointseg.cpu_memory import keep_freed_memory
 from pointseg.data.coco_panoptic_io import PanopticWriter
 from pointseg.data.images import read_image_as_annotated
 from pointseg.data.panoptic_format import decode_png, encode_png
@@ -52,7 +53,8 @@ class LabelBatch:
     """
 
     def __init__(self, method: str, params: dict, categories: dict[int, Category], shards_uri: str, fingerprint: str,
-                 strict: bool = False):
+                 strict: bool = False, keep_freed_memory_mib: int = 0):
+        keep_freed_memory(keep_freed_memory_mib)  # process-wide, set once per actor (ray_data.keep_freed_memory_mib)
         self.generator = build_generator(method, params, categories)
         self.method, self.categories, self.strict = method, categories, strict
         self.shards_uri, self.fingerprint = shards_uri, fingerprint
@@ -177,7 +179,8 @@ def run_pseudo_labels(cfg, categories: dict[int, Category], output: str, fingerp
         return counts
     use_ray = len(todo) >= rd.min_images_for_ray if use_ray is None else use_ray
     kwargs = {"method": cfg.generator.method, "params": cfg.generator.params.model_dump(mode="json"),
-              "categories": categories, "shards_uri": shards, "fingerprint": fingerprint, "strict": cfg.strict}
+              "categories": categories, "shards_uri": shards, "fingerprint": fingerprint, "strict": cfg.strict,
+              "keep_freed_memory_mib": cfg.ray_data.keep_freed_memory_mib}
     t0 = time.perf_counter()
     if use_ray and ensure_ray is not None:
         ensure_ray()
