@@ -134,7 +134,7 @@ class RayDataConfig(Strict):
         64, ge=0, description="fewer images to label than this: label in this process (same operator, same shards); "
         "0: always Ray")
     keep_freed_memory_mib: int = Field(
-        512, ge=0, description="freed memory each labelling process keeps for its next batch instead of handing it back "
+        512, ge=0, le=2047, description="freed memory (MiB) each labelling process keeps for its next batch instead of handing it back "
         "to the OS (glibc malloc thresholds, pointseg.cpu_memory): a batched network call then stops paying a page "
         "fault per 4 KiB of its activations on every call; 0: glibc's defaults")
 

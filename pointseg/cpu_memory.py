@@ -27,6 +27,7 @@ import sys
 M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_MAX = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: larger values are refused
+MAX_MIB = (2**31 - 1) >> 20  # mallopt's value is a C int of bytes
 
 
 def keep_freed_memory(mib: int) -> bool:
@@ -35,8 +36,8 @@ def keep_freed_memory(mib: int) -> bool:
     Returns ``True`` when glibc accepted both settings, ``False`` when ``mib``
     is 0 (glibc's defaults stay) or the C library has no ``mallopt``.
     """
-    if mib < 0:
-        raise ValueError(f"keep_freed_memory: mib must be >= 0, got {mib}")
+    if not 0 <= mib <= MAX_MIB:
+        raise ValueError(f"keep_freed_memory: mib must be in 0..{MAX_MIB} (mallopt takes an int of bytes), got {mib}")
     if mib == 0 or not sys.platform.startswith("linux"):
         return False
     try:
