@@ -25,7 +25,7 @@ from pointseg.generators.epld.model import (
     EPLDNet,
     aggregation_masks,
     click_distance,
-    erode,
+    eroded_one_hot,
     masked_mean,
     sine_position_embedding,
 )
@@ -95,13 +95,24 @@ def test_click_distance_by_hand():
     assert (d[0, 1] == 0).all()  # an instance without a point gets no prior
 
 
-def test_erode_matches_opencv():
+def test_eroded_one_hot_matches_opencv_on_every_mask():
+    """The label-map erosion (one window of side 1 + iters (kernel - 1)) equals ``iters`` OpenCV erosions of
+    each instance's one-hot mask, image border not eroding (OpenCV's default border)."""
     rng = np.random.default_rng(0)
-    masks = (rng.random((4, 13, 11)) < 0.8).astype(np.uint8)
-    for kernel, iters in ((3, 1), (3, 3), (5, 2)):
-        ours = erode(torch.from_numpy(masks).float(), kernel, iters).numpy().astype(np.uint8)
-        theirs = np.stack([cv2.erode(m, np.ones((kernel, kernel), np.uint8), iterations=iters) for m in masks])
-        assert np.array_equal(ours, theirs), (kernel, iters)
+    for seed in range(3):
+        # blobby labels: a random label per cell of a 4 x 3 grid, upsampled to 26 x 22, plus stray pixels
+        coarse = rng.integers(0, 5, (2, 4, 3))
+        label = np.stack([cv2.resize(c.astype(np.uint8), (22, 26), interpolation=cv2.INTER_NEAREST) for c in coarse])
+        label[:, rng.integers(0, 26, 8), rng.integers(0, 22, 8)] = rng.integers(0, 5, 8)
+        for kernel, iters in ((3, 1), (3, 3), (5, 2), (1, 4)):
+            ours = eroded_one_hot(torch.from_numpy(label).long(), 5, kernel, iters).numpy().astype(np.uint8)
+            theirs = np.stack([[cv2.erode((lab == n).astype(np.uint8), np.ones((kernel, kernel), np.uint8),
+                                          iterations=iters) for n in range(5)] for lab in label])
+            assert np.array_equal(ours, theirs), (seed, kernel, iters)
+            if (kernel, iters) == (3, 1):  # the case discriminates: some pixels survive, some are eroded
+                assert 0 < ours.sum() < label.size
+            if kernel == 1:  # a 1 x 1 element erodes nothing
+                assert ours.sum() == label.size
 
 
 # ----------------------------------------------------------------------------- Eq. 4

@@ -45,7 +45,7 @@ __all__ = [
     "MASKED_LOGIT",
     "aggregation_masks",
     "click_distance",
-    "erode",
+    "eroded_one_hot",
     "masked_mean",
     "sine_position_embedding",
 ]
@@ -54,21 +54,29 @@ __all__ = [
 MASKED_LOGIT = -1.0e4
 
 
-def erode(masks: torch.Tensor, kernel: int = 3, iters: int = 3) -> torch.Tensor:
-    """Binary erosion with a ``kernel x kernel`` all-ones element, ``iters`` times (Eq. 2).
+def eroded_one_hot(label: torch.Tensor, num: int, kernel: int = 3, iters: int = 3) -> torch.Tensor:
+    """``one_hot(label)`` eroded ``iters`` times by a ``kernel x kernel`` all-ones element (Eq. 2), from the label map.
 
-    ``erode(m)[i] = min_{j in window(i)} m[j]``; pixels outside the image do
-    not count (the image border does not erode a mask, as ``cv2.erode`` with
-    its default border).
+    ``eroded[n, i] = min_{j in window(i)} [label[j] = n]``; pixels outside the
+    image do not count (the image border does not erode a mask, as ``cv2.erode``
+    with its default border). ``iters`` erosions by a square equal one erosion
+    by the square of side ``1 + iters (kernel - 1)`` (the in-image pixels of the
+    big window are reached by monotone steps of the small one, which stay in
+    the image), and a one-hot mask survives at ``i`` exactly where the label is
+    constant over that window: two separable max-pools of the ``(B, H, W)``
+    label map, instead of ``iters`` pools of the ``(B, N, H, W)`` one-hot.
 
-    masks : (..., H, W) float in {0, 1} (any leading dims). Returns the same shape.
+    label : (B, H, W) int in ``[0, num)``; kernel odd. Returns (B, num, H, W) float in {0, 1}.
     """
-    shape = masks.shape
-    x = masks.reshape(-1, 1, *shape[-2:]).float()
-    for _ in range(iters):
-        # max_pool pads with -inf, so the border never takes part in the minimum
-        x = -F.max_pool2d(-x, kernel, stride=1, padding=kernel // 2)
-    return x.reshape(shape)
+    side = 1 + iters * (kernel - 1)
+    x = label[:, None].float()  # exact for labels below 2**24
+
+    def window_max(t: torch.Tensor) -> torch.Tensor:  # max_pool pads with -inf: outside pixels never win
+        t = F.max_pool2d(t, (1, side), stride=1, padding=(0, side // 2))
+        return F.max_pool2d(t, (side, 1), stride=1, padding=(side // 2, 0))
+
+    constant = window_max(x) == -window_max(-x)  # (B, 1, H, W)
+    return F.one_hot(label, num).permute(0, 3, 1, 2).float() * constant
 
 
 def aggregation_masks(mask_logits: torch.Tensor, point_masks: torch.Tensor, instance_valid: torch.Tensor,
@@ -84,10 +92,12 @@ def aggregation_masks(mask_logits: torch.Tensor, point_masks: torch.Tensor, inst
     """
     with torch.no_grad():
         logits = mask_logits.masked_fill(~instance_valid[:, :, None, None], -math.inf)
-        hard = F.one_hot(logits.argmax(1), mask_logits.shape[1]).permute(0, 3, 1, 2).to(point_masks.dtype)
+        label, num = logits.argmax(1), mask_logits.shape[1]
         if erosion:
-            hard = erode(hard, kernel, iters)
-        return torch.maximum(hard, point_masks)  # Eq. 2: P^01 = 1 -> 1
+            hard = eroded_one_hot(label, num, kernel, iters)
+        else:
+            hard = F.one_hot(label, num).permute(0, 3, 1, 2)
+        return torch.maximum(hard.to(point_masks.dtype), point_masks)  # Eq. 2: P^01 = 1 -> 1
 
 
 def masked_mean(feature: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
