@@ -382,6 +382,21 @@ def test_bilinear_resize_and_banded_top2_match_interpolate(monkeypatch):
     assert (a1 == 0).all() and (u1 == 0).all()
 
 
+def test_top_two_equals_topk_and_ties_go_to_the_first_index():
+    gen = torch.Generator().manual_seed(2)
+    for n in (2, 3, 17):
+        v = torch.randn(n, 9, 11, generator=gen)
+        first, second, idx = epld_generator.top_two(v)
+        top = v.topk(2, dim=0)
+        assert torch.equal(first, top.values[0]) and torch.equal(second, top.values[1])
+        assert torch.equal(idx, top.indices[0])
+    tie = torch.tensor([[1.0, 0.0], [3.0, 3.0], [3.0, 1.0]])  # (3 instances, 2 pixels): pixel 0 ties 1 and 2
+    first, second, idx = epld_generator.top_two(tie)
+    assert first.tolist() == [3.0, 3.0] and second.tolist() == [3.0, 1.0] and idx.tolist() == [1, 1]
+    first, second, idx = epld_generator.top_two(tie[:1])  # one instance: the second value is 0
+    assert first.tolist() == [1.0, 0.0] and second.tolist() == [0.0, 0.0] and idx.tolist() == [0, 0]
+
+
 def test_keep_clicked_components_by_hand():
     # thing 0 wins columns 0 and 4 of a 5x5 grid (two parts), its click in column 0; thing 1 wins the middle;
     # stuff 2 wins nothing but its own far corner cell in a part without its click

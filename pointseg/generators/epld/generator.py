@@ -25,6 +25,7 @@ point's feature; Eq. 2 keeps the point after erosion).
 
 from __future__ import annotations
 
+import math
 import time
 
 import cv2
@@ -43,7 +44,8 @@ from pointseg.generators.epld.trainable import EPLDTrainable
 from pointseg.viz.maps import heatmap
 from pointseg.viz.overlay import _title, blend, colorize, draw_points
 
-__all__ = ["EPLDGenerator", "bilinear_matrix", "geodesic_thing_split", "keep_clicked_components", "top2_assignment"]
+__all__ = ["EPLDGenerator", "bilinear_matrix", "geodesic_thing_split", "keep_clicked_components", "top2_assignment",
+           "top_two"]
 
 #: Output rows resized at once when mapping ``M^l`` back to an image (bounds memory on large images).
 ROW_BAND = 256
@@ -181,14 +183,31 @@ def top2_assignment(logits: torch.Tensor, height: int, width: int) -> tuple[np.n
     uncertainty = np.empty((height, width), np.float32)
     for r0 in range(0, height, ROW_BAND):
         band = torch.einsum("yh,nhw->nyw", ay[r0 : r0 + ROW_BAND], cols).softmax(0)
-        if n == 1:
-            top = torch.cat([band, torch.zeros_like(band)])
-            idx = torch.zeros_like(band[0], dtype=torch.long)[None]
-        else:
-            top, idx = band.topk(2, dim=0)
-        assignment[r0 : r0 + ROW_BAND] = idx[0].numpy()
-        uncertainty[r0 : r0 + ROW_BAND] = (1.0 - (top[0] - top[1])).clamp(0, 1).numpy()
+        first, second, idx = top_two(band)
+        assignment[r0 : r0 + ROW_BAND] = idx.numpy()
+        uncertainty[r0 : r0 + ROW_BAND] = (1.0 - (first - second)).clamp(0, 1).numpy()
     return assignment, uncertainty
+
+
+def top_two(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The largest and second-largest of ``values`` (N, ...) along dim 0, and the index of the largest.
+
+    One running pass over the N planes, a few elementwise operations each:
+    ``torch.topk(2, dim=0)`` over the instance axis of a full-resolution map
+    is several times slower on a CPU (a strided reduction). Ties go to the
+    first index, as ``argmax``. With N = 1 the second value is 0 (a lone
+    instance is certain).
+    """
+    first = values[0].clone()
+    second = torch.zeros_like(first) if len(values) == 1 else torch.full_like(first, -math.inf)
+    idx = torch.zeros(first.shape, dtype=torch.long)
+    for n in range(1, len(values)):
+        v = values[n]
+        better = v > first
+        second = torch.where(better, first, torch.maximum(second, v))
+        first = torch.where(better, v, first)
+        idx.masked_fill_(better, n)
+    return first, second, idx
 
 
 class EPLDGenerator(TrainableGenerator):
