@@ -200,7 +200,7 @@ def top_two(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     """
     first = values[0].clone()
     second = torch.zeros_like(first) if len(values) == 1 else torch.full_like(first, -math.inf)
-    idx = torch.zeros(first.shape, dtype=torch.long)
+    idx = torch.zeros(first.shape, dtype=torch.long, device=first.device)
     for n in range(1, len(values)):
         v = values[n]
         better = v > first
