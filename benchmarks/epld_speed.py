@@ -45,6 +45,14 @@ from pointseg.data.synthetic import SyntheticDataset, synthetic_categories  # no
 from pointseg.generators.epld import EPLDGenerator, EPLDTrainable  # noqa: E402
 
 
+def p1_records(n: int, side: int) -> list:
+    """``n`` synthetic scenes of ``side`` px (seed 0) with P1 clicks (seed 0)."""
+    records = list(SyntheticDataset(n, side, side, seed=0))
+    for r in records:
+        r.points = sample_points(r, "p1", seed=0)
+    return records
+
+
 def train_step_seconds(cfg: dict, records, categories, steps: int) -> float:
     """Median seconds of one optimiser step (forward, Eq. 11, backward, AdamW), warm cache."""
     trainable = EPLDTrainable(cfg, categories)
@@ -76,9 +84,7 @@ def labelling_times(args) -> dict:
     """Best seconds for the batch, the batch with the backbone in one pass, and the 8 single-image calls,
     each as the whole ``__call__`` and as its network forward alone (the generator's ``network_seconds``)."""
     categories = synthetic_categories()
-    records = list(SyntheticDataset(args.batch, args.image_size, args.image_size, seed=0))
-    for r in records:
-        r.points = sample_points(r, "p1", seed=0)
+    records = p1_records(args.batch, args.image_size)
     images, points = [r.image for r in records], [r.points for r in records]
     torch.manual_seed(0)
     net = EPLDTrainable({"input_size": args.size, "layers": args.layers}, categories).build().eval()
@@ -94,7 +100,7 @@ def labelling_times(args) -> dict:
             t0 = time.perf_counter()
             labels = fn()
             wall = time.perf_counter() - t0
-            network = sum(lab.diagnostics["network_seconds"] for lab in labels)  # per image, summed: the batch's
+            network = sum(lab.diagnostics["network_seconds"] for lab in labels)  # each label holds its call's share
             best[k] = [min(best[k][0], wall), min(best[k][1], network)]
     return best
 
@@ -135,9 +141,7 @@ def main() -> None:
     best = {mib: sorted(runs, key=lambda t: t["batched"][0])[len(runs) // 2] for mib, runs in per_process.items()}
 
     categories = synthetic_categories()
-    records = list(SyntheticDataset(2 * args.train_batch, args.image_size, args.image_size, seed=0))
-    for r in records:
-        r.points = sample_points(r, "p1", seed=0)
+    records = p1_records(2 * args.train_batch, args.image_size)
     cfg = {"input_size": args.size, "layers": args.layers, "batch_size": args.train_batch}
     frozen = train_step_seconds(cfg, records, categories, args.steps)
     trained = train_step_seconds({**cfg, "freeze_backbone": False}, records, categories, args.steps)
