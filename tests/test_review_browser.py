@@ -1,6 +1,6 @@
 """The review page of a real run, opened in headless Chromium (Debian's package; never skipped).
 
-Needs ``/usr/bin/chromium`` (``apt-get install -y chromium``; ``.ci/run`` installs it)
+Needs ``/usr/bin/chromium`` (``apt-get install -y chromium``; ``make test`` installs it when absent)
 and the ``playwright`` package from the ``test`` extra, which drives that
 browser and downloads none. Without them the test fails.
 """
