@@ -414,7 +414,9 @@ def test_stage2_sweep_asha_stops_the_worse_trial(ray_local, tmp_path):
     assert rows[3]["status"] == "stopped" and len(three) == 1 and "pq" not in rows[3]
     # the finished trial: 2 training reports (steps 20, 40) then the evaluation
     assert rows[1]["status"] == "ok" and [h.get("step") for h in one] == [20, 40, 40]
-    assert "pq" not in one[0] and 0.0 < rows[1]["pq"] <= 1.0 and rows[1]["num_images"] == 2
+    # PQ may be 0: after 40 steps the tiny model can predict no matching segment on the 2 held-out images (seen once
+    # in CI); the oracle below still checks that the trial's figure is the flow's evaluation of its checkpoint
+    assert "pq" not in one[0] and 0.0 <= rows[1]["pq"] <= 1.0 and rows[1]["num_images"] == 2
     assert summary["rows"][0] is rows[1] and summary["best"] is rows[1]  # stopped trials sort last
 
     # PQ oracle: the Ray Data evaluation flow on the held-out ids (every 4th sorted id)
