@@ -11,6 +11,7 @@ from pointseg.models.backbones import (
     MissingWeightsError,
     build_timm_backbone,
     efficientnet_lite0_state_dict,
+    fold_batchnorm,
     mobilenet_v2_state_dict,
     normalization,
 )
@@ -99,3 +100,45 @@ def test_missing_checkpoint_names_the_path_and_pip_command(tmp_path):
 def test_normalization():
     assert normalization("efficientnet_lite0") == ((0.5,) * 3, (0.5,) * 3)
     assert normalization("mobilenet_v2")[0] == (0.485, 0.456, 0.406)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fold_batchnorm_keeps_the_features_and_removes_every_bn(name):
+    import copy
+
+    model, _ = build_timm_backbone(name, True, out_indices=(1, 2, 3, 4))
+    model.eval()
+    with torch.no_grad():  # non-trivial running statistics, so a wrong fold cannot pass by accident
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    reference = copy.deepcopy(model)  # the oracle: the same module, BN applied by PyTorch
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert fold_batchnorm(model) == n_bn > 20
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert fold_batchnorm(model) == 0  # nothing left to fold
+    x = torch.rand(2, 3, 96, 128) * 2 - 1
+    with torch.no_grad():
+        for a, b in zip(reference(x), model(x)):
+            assert a.shape == b.shape
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
+
+
+def test_fold_batchnorm_by_hand_and_leaves_a_training_bn_alone():
+    conv = torch.nn.Conv2d(1, 2, 1, bias=True)
+    bn = torch.nn.BatchNorm2d(2, eps=0.0)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([2.0, -1.0]).view(2, 1, 1, 1))
+        conv.bias.copy_(torch.tensor([1.0, 0.0]))
+        bn.running_mean.copy_(torch.tensor([3.0, 1.0]))
+        bn.running_var.copy_(torch.tensor([4.0, 0.25]))
+        bn.weight.copy_(torch.tensor([1.0, 2.0]))
+        bn.bias.copy_(torch.tensor([0.5, -1.0]))
+    seq = torch.nn.Sequential(conv, bn.train())
+    assert fold_batchnorm(seq) == 0  # training mode: its statistics still move
+    seq.eval()
+    assert fold_batchnorm(seq) == 1 and isinstance(seq[1], torch.nn.Identity)
+    # channel 0: (2x + 1 - 3) / 2 * 1 + 0.5 = x - 0.5; channel 1: (-x - 1) / 0.5 * 2 - 1 = -4x - 5
+    assert torch.allclose(seq[0].weight.flatten(), torch.tensor([1.0, -4.0]))
+    assert torch.allclose(seq[0].bias, torch.tensor([-0.5, -5.0]))

@@ -272,3 +272,44 @@ def build_timm_backbone(
     if sd is not None:
         load_backbone_weights(model, sd)
     return model, channels
+
+
+def fold_batchnorm(module: nn.Module) -> int:
+    """Fold every eval-mode BatchNorm that follows a ``Conv2d`` into the conv, in place, for inference.
+
+    In eval mode ``BN(conv(x)) = s * (W x + b - mu) + beta`` with
+    ``s = gamma / sqrt(var + eps)`` per output channel, which is one conv with
+    weights ``s W`` and bias ``s (b - mu) + beta``: the BN pass over every
+    activation map disappears (on a CPU it read and wrote each map once more,
+    about a tenth of a labelling network's time). A pair is a ``Conv2d`` and a
+    ``BatchNorm2d`` registered one after the other in the same parent, the
+    order in which timm's EfficientNet / MobileNetV2 blocks and ``nn.Sequential``
+    apply them; timm's ``BatchNormAct2d`` keeps its activation (and dropout)
+    after the folded conv. A BN in training mode or without running statistics
+    is left alone. Folding twice finds no pair the second time.
+
+    Returns the number of folded pairs. The module is for inference afterwards:
+    its BN layers are gone, so training it would no longer update statistics.
+    """
+    folded = 0
+    for parent in list(module.modules()):
+        names = list(parent._modules)
+        for first, second in zip(names, names[1:]):
+            conv, bn = parent._modules[first], parent._modules[second]
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+                continue
+            if bn.training or bn.running_mean is None or bn.num_features != conv.out_channels:
+                continue
+            with torch.no_grad():
+                scale = torch.rsqrt(bn.running_var + bn.eps)
+                if bn.weight is not None:
+                    scale = scale * bn.weight
+                shift = -bn.running_mean * scale + (bn.bias if bn.bias is not None else 0.0)
+                if conv.bias is not None:
+                    shift = shift + conv.bias * scale
+                conv.weight.mul_(scale.view(-1, *([1] * (conv.weight.ndim - 1))).to(conv.weight.dtype))
+                conv.bias = nn.Parameter(shift.to(conv.weight.dtype), requires_grad=conv.weight.requires_grad)
+            after = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
+            parent._modules[second] = nn.Sequential(*after) if after else nn.Identity()
+            folded += 1
+    return folded

