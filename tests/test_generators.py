@@ -35,6 +35,26 @@ def test_seed_groups_merge_stuff_and_keep_instances():
         seed_groups(Points([[0, 0]], [1], [99]), CATS)
 
 
+def test_assemble_by_hand_unlabeled_is_void_and_a_bad_index_is_an_error():
+    from pointseg.generators.base import SeedGroup, assemble
+
+    groups = [SeedGroup(1, 1, True, np.array([0]), 5), SeedGroup(2, 10, False, np.array([1]), 6),
+              SeedGroup(3, 2, True, np.array([2]), 7)]
+    assignment = np.array([[0, 0, -1, 1],
+                           [-1, 0, 1, 1],
+                           [-2, -1, 1, 0]])  # group 2 (id 3) is never assigned; -2 counts as unlabeled too
+    label = assemble(assignment, groups)
+    assert label.id_map.dtype == np.int32
+    assert label.id_map.tolist() == [[1, 1, 0, 2], [0, 1, 2, 2], [0, 0, 2, 1]]
+    assert label.segments_info == [
+        {"id": 1, "category_id": 1, "isthing": 1, "iscrowd": 0, "area": 4, "bbox": [0, 0, 4, 3], "source_segment": 5},
+        {"id": 2, "category_id": 10, "isthing": 0, "iscrowd": 0, "area": 4, "bbox": [2, 0, 2, 3], "source_segment": 6},
+    ]
+    with pytest.raises(ValueError, match="group index 3 but there are 3 groups"):
+        assemble(np.array([[0, 3]]), groups)
+    assert assemble(np.zeros((2, 2), np.int64), []).id_map.tolist() == [[0, 0], [0, 0]]  # no groups: all VOID
+
+
 def test_psps_follows_the_colour_edge_where_voronoi_cannot():
     img, pts, split = two_halves()
     psps = build_generator("psps", {"downscale": 1.0, "blur_sigma": 0.0}, CATS).generate(img, pts)

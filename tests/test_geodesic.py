@@ -430,7 +430,7 @@ def assert_two_nearest_match(dist, label, per_label, uniq):
     for slot in (0, 1):
         ok = label[slot] >= 0
         li = np.array([index[int(v)] for v in label[slot][ok]], dtype=np.int64)
-        np.testing.assert_allclose(per_label[li, *np.nonzero(ok)], dist[slot][ok], rtol=0, atol=1e-9)
+        np.testing.assert_allclose(per_label[(li, *np.nonzero(ok))], dist[slot][ok], rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize("directed", [True, False], ids=["directed", "undirected"])

@@ -121,17 +121,19 @@ def assemble(assignment: np.ndarray, groups: list[SeedGroup], diagnostics: dict 
         (:func:`pointseg.uncertainty.uncertainty_diagnostics`).
     """
     assignment = np.asarray(assignment)
-    id_map = np.zeros(assignment.shape, np.int32)
-    valid = assignment >= 0
-    ids = np.array([g.id for g in groups] or [VOID], np.int32)
-    id_map[valid] = ids[assignment[valid]]
+    ids = [g.id for g in groups] or [VOID]
+    if assignment.size and assignment.max() >= len(ids):
+        raise ValueError(f"assignment holds group index {int(assignment.max())} but there are {len(groups)} groups")
+    lookup = np.array([*ids, VOID], np.int32)  # a negative index (unlabeled) reads the last entry, VOID
+    id_map = lookup[np.maximum(assignment, -1)]
     info = []
     areas = np.bincount(id_map.ravel(), minlength=len(groups) + 1)
     for g in groups:
         area = int(areas[g.id])
         if area == 0:
             continue
-        ys, xs = np.nonzero(id_map == g.id)
+        mask = id_map == g.id  # the box from its rows and columns: no coordinate list of every pixel
+        ys, xs = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
         info.append(
             {
                 "id": g.id,
