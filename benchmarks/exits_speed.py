@@ -4,7 +4,9 @@ Prints, measured in one run on synthetic scenes (no data needed; timings on a
 shared machine are noisy, so each figure is the median of ``--repeats``):
 
 * labelling: objects per second of :class:`~pointseg.generators.exits.ExitsGenerator`
-  (crop, network, paste, assemble) on batches of images, one torch thread;
+  (crop, network, paste, assemble) on batches of images, one torch thread,
+  with the network's BatchNorms folded into its convolutions (the default) and
+  without;
 * stage 1: seconds per training step (``max_objects_per_step`` crops), split
   into the MIL warm-up step of the ViT similarity extractor and the generator
   step (retrieval + point and CRF losses + backward) for both similarity
@@ -98,9 +100,12 @@ def main() -> None:
         warm = median_time(lambda: step(0), args.repeats) if trainable.warmup_steps else None
         rows.append((similarity, k, warm, gen_step, retrieval))
         if similarity == "feature_cosine":
-            gen = ExitsGenerator({}, CATS, net=net)
+            gen = ExitsGenerator({}, CATS, net=net)  # BatchNorms folded into the convolutions (the default)
+            unfolded = ExitsGenerator({"fold_batchnorm": False}, CATS, net=net)
             gen(images[:1], points[:1])
+            unfolded(images[:1], points[:1])
             label_s = median_time(lambda: gen(images, points), args.repeats)
+            unfolded_s = median_time(lambda: unfolded(images, points), args.repeats)
     box = build_generator("box", {}, CATS)
     box_s = median_time(lambda: box(images, points), args.repeats)
 
@@ -112,6 +117,7 @@ def main() -> None:
     print("\n| labelling | objects/s |")
     print("|---|---|")
     print(f"| exits (network at crop {args.crop_size}) | {n_obj / label_s:.1f} |")
+    print(f"| exits, BatchNorm not folded (`fold_batchnorm: false`) | {n_obj / unfolded_s:.1f} |")
     print(f"| box baseline | {n_obj / box_s:.1f} |")
 
 

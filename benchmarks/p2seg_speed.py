@@ -16,6 +16,11 @@ Prints, at 256 px and ``--batch`` images per step (default 4), on this CPU:
   median seconds, and the peak of live tensor memory during one step (torch
   profiler: allocations minus frees in time order; each grid in a fresh
   subprocess);
+* labelling: :class:`~pointseg.generators.p2seg.P2SegGenerator` on one batch
+  of ``--batch`` images (320 x 400, network at 256 px), with the network's
+  BatchNorms folded into its convolutions (``fold_batchnorm``, the default)
+  and without, interleaved, median milliseconds per image of the whole call
+  and of its network forward (the labels' ``network_seconds``), and their ratio;
 * for scale, the size of the affinity over all pixel pairs of the input, as
   the authors' code forms it (not run).
 
@@ -38,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a clone without installing
 
 from pointseg.data.record import Category, ImageRecord, Points  # noqa: E402
-from pointseg.generators.p2seg import P2SegTrainable  # noqa: E402
+from pointseg.generators.p2seg import P2SegGenerator, P2SegTrainable  # noqa: E402
 from pointseg.generators.p2seg.i2s import affinity_targets, window_affinity_targets  # noqa: E402
 from pointseg.generators.p2seg.losses import i2s_loss  # noqa: E402
 from pointseg.generators.p2seg.network import P2SegNet  # noqa: E402
@@ -96,6 +101,31 @@ def train_step(batch_size: int, repeats: int, head_stride: int = 8, grid: int = 
         print(f"stage-1 step, round {rnd}, batch {batch_size} x {SIZE}px, head stride {head_stride}, affinity "
               f"{pairs}: {s:.3f} s/step, {batch_size / s:.2f} images/s")
     return seconds
+
+
+def labelling(batch_size: int, repeats: int) -> None:
+    """Whole-call and network milliseconds per image, BatchNorms folded (the default) and not (interleaved)."""
+    cats = {1: Category(1, "a", True), 2: Category(2, "b", True), 10: Category(10, "bg", False)}
+    model = P2SegTrainable({"image_size": SIZE}, cats, context={"generator": {}}).build().eval()
+    records = _records(batch_size, np.random.default_rng(0))
+    images, points = [r.image for r in records], [r.points for r in records]
+    gens = {fold: P2SegGenerator({"fold_batchnorm": fold}, cats, net=model, net_config={"image_size": SIZE})
+            for fold in (True, False)}
+    times: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+    for rep in range(repeats + 1):
+        for fold, gen in gens.items():
+            t0 = time.perf_counter()
+            labels = gen(images, points)
+            wall = time.perf_counter() - t0
+            if rep:  # the first round warms up
+                times[fold].append((wall, sum(lab.diagnostics["network_seconds"] for lab in labels)))
+    ms = {fold: [1000 * float(np.median([t[i] for t in v])) / batch_size for i in (0, 1)] for fold, v in times.items()}
+    print(f"labelling, one batch of {batch_size} (320x400 images, network at {SIZE}px), median of {repeats}:")
+    for fold in (True, False):
+        print(f"  BatchNorm {'folded (default)' if fold else 'not folded     '}: {ms[fold][0]:6.1f} ms / image, "
+              f"network alone {ms[fold][1]:6.1f}")
+    print(f"  folding saves {ms[False][0] / ms[True][0]:.2f}x of the call and {ms[False][1] / ms[True][1]:.2f}x of "
+          f"the network time")
 
 
 def affinity_head(grid: int, batch_size: int, repeats: int, window: int | None = None) -> dict:
@@ -173,6 +203,7 @@ def main() -> None:
         name = f"grid {r['grid']:3d}x{r['grid']:<3d}" if not k else f"window {k}x{k} d2 on the 64² map"
         print(f"  {name} ({r['pairs'] / 1e6:7.2f}M pairs): {r['seconds']:.4f} s "
               f"({r['seconds'] / ref['seconds']:.2f}x the 32x32 grid), peak {r['peak_mb']:.0f} MB")
+    labelling(max(args.batch, 8), args.repeats)
     full = (SIZE * SIZE) ** 2
     print(f"  all pixel pairs of one {SIZE}px input: {full / 1e9:.1f}G entries, {full * 4 / 2**30:.0f} GiB in float32 "
           f"per image (not run)")

@@ -263,9 +263,14 @@ def test_stage1_fit_save_load_and_label(tmp_path, similarity):
     assert "teacher" in read_checkpoint(str(tmp_path / "ck"), extra=True).extra  # the EMA teacher is saved
     gen = build_generator("exits", {"checkpoint": str(tmp_path / "ck")}, CATS)
     in_memory = ExitsGenerator({}, CATS, net=net)
+    unfolded = ExitsGenerator({"fold_batchnorm": False}, CATS, net=net)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())  # the net handed in keeps its BN
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in in_memory.net.modules())  # the labelling copy: folded
     img, pts, _ = _scene(5)
-    a, b = gen([img], [pts])[0], in_memory([img], [pts])[0]
+    a, b, u = gen([img], [pts])[0], in_memory([img], [pts])[0], unfolded([img], [pts])[0]
     np.testing.assert_array_equal(a.id_map, b.id_map)  # loaded weights = trained weights
+    np.testing.assert_array_equal(a.id_map, u.id_map)  # folding the BatchNorms leaves the labels as they were
+    np.testing.assert_allclose(a.uncertainty, u.uncertainty, atol=1e-4)
     assert a.uncertainty.shape == (64, 64) and 0 <= a.uncertainty.min() and a.uncertainty.max() <= 1
     assert a.diagnostics["objects"] == 2 and a.diagnostics["labelled"] == 2
     # resume: a finished run reloads and reports the same step

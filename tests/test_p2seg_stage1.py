@@ -75,10 +75,15 @@ def test_save_load_round_trip_gives_the_same_labels(trained, synthetic):
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (50, 70, 3), dtype=np.uint8) for _ in range(3)]
     points = [Points([[10, 10], [60, 40]], [1, 2], [c, c]) for c in sorted(k for k, v in cats.items() if v.isthing)[:3]]
+    unfolded = P2SegGenerator({**PARAMS, "fold_batchnorm": False}, cats, net=net, net_config=meta["config"])
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())  # the net handed in keeps its BN
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in in_memory.net.modules())  # the labelling copy: folded
     a, b = from_ck(images, points), in_memory(images, points)
     singles = [from_ck.generate(im, p) for im, p in zip(images, points)]
-    for la, lb, ls in zip(a, b, singles):
+    for la, lb, ls, lu in zip(a, b, singles, unfolded(images, points)):
         np.testing.assert_array_equal(la.id_map, lb.id_map)
+        np.testing.assert_array_equal(la.id_map, lu.id_map)  # folding the BatchNorms leaves the labels as they were
+        np.testing.assert_allclose(la.uncertainty, lu.uncertainty, atol=1e-4)
         np.testing.assert_array_equal(la.id_map, ls.id_map)  # the batched call equals image by image
         assert la.id_map.shape == (50, 70) and la.id_map.dtype == np.int32
         ids = {s["id"] for s in la.segments_info}
