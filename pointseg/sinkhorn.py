@@ -75,6 +75,8 @@ from typing import Callable
 
 import torch
 
+from pointseg.argmax import first_argmax
+
 __all__ = [
     "OTResult",
     "SinkhornDivergenceError",
@@ -268,7 +270,7 @@ def decode_argmax(plan: torch.Tensor) -> torch.Tensor:
     """
     if torch.isnan(plan).any():
         raise ValueError("plan: NaN entries (diverged solve); refusing to decode")
-    return plan.argmax(-2)
+    return first_argmax(plan, -2)
 
 
 def segment_sizes(labels: torch.Tensor, m: int) -> torch.Tensor:
@@ -325,7 +327,7 @@ def _sinkhorn_result(C, logK_eps, F, G, a, b, eps, n_iter, tol, method, on_diver
     plogp = torch.where(plan > 0, plan * log_plan, torch.zeros_like(plan))
     entropy = -plogp.sum((-2, -1))
     cost = (plan * C).sum((-2, -1))
-    labels = plan.argmax(-2)
+    labels = first_argmax(plan, -2)
     labels[diverged] = -1
     res = OTResult(
         labels=labels,

@@ -40,7 +40,8 @@ from pointseg.generators.psps import cells_read_by, geodesic_cost, scaled_points
 from pointseg.geodesic import add_entry_costs, geodesic_distance, nearest_source, split_within
 from pointseg.models.backbones import fold_batchnorm
 from pointseg.generators.epld.batch import network_batch
-from pointseg.generators.epld.model import MASKED_LOGIT, instance_argmax
+from pointseg.argmax import first_argmax
+from pointseg.generators.epld.model import MASKED_LOGIT
 from pointseg.generators.epld.config import EPLDConfig
 from pointseg.generators.epld.trainable import EPLDTrainable
 from pointseg.viz.maps import heatmap
@@ -159,7 +160,7 @@ def keep_clicked_components(logits: torch.Tensor, cells: np.ndarray, point_insta
     logits = logits.clone()
     moved = 0
     for _ in range(rounds):
-        label = instance_argmax(logits, 0).numpy()
+        label = first_argmax(logits, 0).numpy()
         changed = False
         for n in np.flatnonzero(isthing):
             mask = (label == n).astype(np.uint8)

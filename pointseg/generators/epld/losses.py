@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from pointseg.generators.epld.config import EPLDTrainConfig
-from pointseg.generators.epld.model import instance_argmax
+from pointseg.argmax import first_argmax
 from pointseg.losses.point2mask import lab_affinity, local_affinity_loss, partial_cross_entropy
 
 __all__ = ["class_focal_loss", "distance_loss", "self_training_loss", "sigmoid_focal_loss"]
@@ -102,7 +102,7 @@ def distance_loss(outputs: dict, batch: dict, cfg: EPLDTrainConfig, step: int = 
     zero = layers[-1].sum() * 0.0
     terms = {"partial": zero, "color": zero, "self": zero, "cls": zero}
     use_self = cfg.self_training and step >= cfg.self_training_start
-    last_labels = instance_argmax(layers[-1].detach(), 1) if use_self else None
+    last_labels = first_argmax(layers[-1].detach(), 1) if use_self else None
     affinity = lab_affinity(batch["lab"], cfg.color_tau, cfg.color_theta, cfg.color_dilation) if cfg.color_prior else None
     for li, logits in enumerate(layers):
         terms["partial"] = terms["partial"] + partial_cross_entropy(logits, batch["point_yx"], batch["point_instance"])

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pointseg.argmax import first_argmax
 from pointseg.generators.epld.config import EPLDTrainConfig
 from pointseg.models.backbones import build_timm_backbone, normalization
 
@@ -46,23 +47,12 @@ __all__ = [
     "aggregation_masks",
     "click_distance",
     "eroded_one_hot",
-    "instance_argmax",
     "masked_mean",
     "sine_position_embedding",
 ]
 
 #: Logit of a padded instance slot: softmax gives it probability 0 (finite, so no NaN anywhere).
 MASKED_LOGIT = -1.0e4
-
-
-def instance_argmax(logits: torch.Tensor, dim: int) -> torch.Tensor:
-    """``logits.argmax(dim)`` over the instance axis (Eq. 7), the same indices (ties: the first), faster.
-
-    ``Tensor.argmax`` over a non-last axis is a strided reduction on a CPU;
-    ``max(dim).indices`` walks the same axis several times faster (2.6 ms vs
-    0.46 ms for an (8, 10, 32, 32) map, one thread) and returns the same index.
-    """
-    return logits.max(dim).indices
 
 
 def eroded_one_hot(label: torch.Tensor, num: int, kernel: int = 3, iters: int = 3) -> torch.Tensor:
@@ -103,7 +93,7 @@ def aggregation_masks(mask_logits: torch.Tensor, point_masks: torch.Tensor, inst
     """
     with torch.no_grad():
         logits = mask_logits.masked_fill(~instance_valid[:, :, None, None], -math.inf)
-        label, num = instance_argmax(logits, 1), mask_logits.shape[1]
+        label, num = first_argmax(logits, 1), mask_logits.shape[1]
         if erosion:
             hard = eroded_one_hot(label, num, kernel, iters)
         else:

@@ -36,6 +36,7 @@ from collections import Counter
 import numpy as np
 import torch
 
+from pointseg.argmax import first_argmax
 from pointseg.data.record import Points
 from pointseg.generators.base import PseudoLabel, TrainableGenerator, assemble
 from pointseg.generators.exits.config import ExitsConfig
@@ -137,7 +138,7 @@ class ExitsGenerator(TrainableGenerator):
             masks = [stack[k] >= thr for k in range(len(objects))]
             assignment = paint_smallest_last(masks, objects, h, w)
         else:
-            best = stack.argmax(0) if len(objects) else np.zeros((h, w), np.int64)
+            best = first_argmax(torch.from_numpy(stack), 0).numpy() if len(objects) else np.zeros((h, w), np.int64)
             labelled = stack.max(0) >= thr if len(objects) else np.zeros((h, w), bool)
             group_of = np.array([o.group for o in objects] or [-1])
             assignment = np.where(labelled, group_of[best], -1)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pointseg.argmax import first_argmax
 from pointseg.data.record import Category, Points
 from pointseg.generators.base import PseudoLabel, SeedGroup, seed_groups
 from pointseg.generators.p2seg.i2s import (grid_labels, i2s_semantic, i2s_window_semantic, pixel_cell_affinity,
@@ -210,11 +211,11 @@ def network_maps(out: dict[str, torch.Tensor], present: list[int], params: "P2Se
             prob = i2s_semantic(out["affinity_logits"].float(), cells, beta).view(len(present), grid, grid)
     prob = F.interpolate(prob[None], size=size, mode="bilinear", align_corners=False)[0]
     if foreground == "mass" and len(present) > 1:
-        best = prob[1:].argmax(0) + 1
+        best = first_argmax(prob[1:], 0) + 1
         best[prob[0] >= 0.5] = 0
         semantic = np.asarray(present, np.int64)[best.cpu().numpy()]
     elif foreground in ("argmax", "mass"):
-        semantic = np.asarray(present, np.int64)[prob.argmax(0).cpu().numpy()]
+        semantic = np.asarray(present, np.int64)[first_argmax(prob, 0).cpu().numpy()]
     else:
         raise ValueError(f"foreground must be 'argmax' or 'mass', got {foreground!r}")
     scale = (torch.tensor(size, dtype=torch.float32) / float(input_size)).view(2, 1, 1)
