@@ -364,6 +364,14 @@ def test_train_checkpoint_and_learned_generator(tmp_path):
     gen = build_generator("point2mask", {"maps": "learned", "checkpoint": str(tmp_path / "ckpt")}, CATS)
     lab = gen([recs[0][0]], [recs[0][1]])[0]
     assert lab.id_map.shape == (24, 48) and len(lab.segments_info) == 3
+    # labelling folds the MapNet's BatchNorms into its convolutions, on a copy of a network handed in
+    unfolded = build_generator("point2mask", {"maps": "learned", "checkpoint": str(tmp_path / "ckpt"),
+                                              "fold_batchnorm": False}, CATS)
+    np.testing.assert_array_equal(unfolded([recs[0][0]], [recs[0][1]])[0].id_map, lab.id_map)
+    in_memory = build_generator("point2mask", {"maps": "learned", "input_max_side": 64}, CATS, net=net)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in in_memory.net.modules())
+    np.testing.assert_array_equal(in_memory([recs[0][0]], [recs[0][1]])[0].id_map, lab.id_map)
     again = fit_plain(MapNetTrainable(train, CATS), rows, str(tmp_path / "ckpt"))  # resumes at the last step
     assert again["start_step"] == 3 and again["step"] == 3
 
