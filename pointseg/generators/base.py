@@ -33,6 +33,7 @@ per image). Points with a category id not in the table are an error.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
@@ -59,6 +60,10 @@ class TrainableGeneratorConfig(GeneratorConfig):
     checkpoint: str | None = Field(
         None, description="stage-1 checkpoint folder (fsspec URI); null: the pipeline trains stage 1 first")
     device: str = Field("cpu", description="torch device of the network (cuda on GPU actors)")
+    fold_batchnorm: bool = Field(
+        True, description="label with a copy of the network whose eval-mode BatchNorms are folded into the "
+        "convolutions before them (pointseg.models.backbones.fold_batchnorm: exact up to float rounding, one pass "
+        "less over every activation map); a network passed in memory is copied first, never changed")
 
 
 @dataclass
@@ -228,7 +233,10 @@ class TrainableGenerator(PseudoLabelGenerator):
     with ``weights_only=True``), or takes ``net``, an in-memory network (a
     stage-1 loss that needs the current network's pseudo labels).
     :meth:`uses_net` says whether a config needs the network at all
-    (Point2Mask's training-free maps do not).
+    (Point2Mask's training-free maps do not). With ``fold_batchnorm`` (the
+    default) the generator labels with a copy of the network whose eval-mode
+    BatchNorms are folded into their convolutions; a network handed in is
+    copied first, so a network still training is never changed.
     """
 
     Config: ClassVar[type[GeneratorConfig]] = TrainableGeneratorConfig
@@ -249,6 +257,11 @@ class TrainableGenerator(PseudoLabelGenerator):
                     f"(flows/train_generator.py, or full_pipeline with generator.train.enabled) or set "
                     f"generator.params.checkpoint to a checkpoint folder")
             self.net, self.net_meta = load_trained(self.config.checkpoint, self.stage1, device=self.config.device)
+        if self.net is not None and self.config.fold_batchnorm:  # inference only: a network handed in stays untouched
+            from pointseg.models.backbones import fold_batchnorm
+
+            self.net = copy.deepcopy(self.net) if net is not None else self.net
+            fold_batchnorm(self.net.eval())
 
     @classmethod
     def uses_net(cls, config: GeneratorConfig) -> bool:

@@ -50,10 +50,6 @@ class EPLDConfig(TrainableGeneratorConfig):
         None, ge=1, description="images per backbone pass when labelling a batch (the decoder still sees the whole "
         "batch); null: 2 on a CPU, where a whole batch of 256 px maps falls out of the cache and runs slower per "
         "image (benchmarks/epld_speed.py), the whole batch on a GPU")
-    fold_batchnorm: bool = Field(
-        True, description="label with the backbone's BatchNorm folded into its convolutions (exact in eval mode up "
-        "to float rounding; about a tenth less labelling time on a CPU, benchmarks/epld_speed.py); a network passed "
-        "in memory is copied first, never changed")
     layer: int = Field(-1, description="decoder layer whose M^l labels (Eq. 7): 1..L, or -1 for the last, M^L")
     connected_things: bool = Field(
         False, description="our extension: drop the parts of a thing's mask not connected to its clicks (they go "

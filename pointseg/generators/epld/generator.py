@@ -25,7 +25,6 @@ point's feature; Eq. 2 keeps the point after erosion).
 
 from __future__ import annotations
 
-import copy
 import functools
 import time
 
@@ -38,7 +37,6 @@ from pointseg.data.record import Category, Points
 from pointseg.generators.base import PseudoLabel, TrainableGenerator, assemble
 from pointseg.generators.psps import cells_read_by, geodesic_cost, scaled_points, upsample_labels
 from pointseg.geodesic import add_entry_costs, geodesic_distance, nearest_source, split_within
-from pointseg.models.backbones import fold_batchnorm
 from pointseg.generators.epld.batch import network_batch
 from pointseg.argmax import first_argmax
 from pointseg.generators.epld.model import MASKED_LOGIT
@@ -241,9 +239,6 @@ class EPLDGenerator(TrainableGenerator):
 
     def __init__(self, config, categories: dict[int, Category], net=None):
         super().__init__(config, categories, net=net)
-        if self.config.fold_batchnorm:  # inference only: a network handed in (maybe still training) stays untouched
-            self.net = copy.deepcopy(self.net) if net is not None else self.net
-            fold_batchnorm(self.net.backbone.eval())
         self.net.eval()
         layers = self.net.cfg.layers
         layer = self.config.layer

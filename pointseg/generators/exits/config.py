@@ -144,10 +144,6 @@ class ExitsConfig(TrainableGeneratorConfig):
                                   "on the first 40 coco-mini ids: 0.2 / 0.3 / 0.4 / 0.5 -> mIoU 62.0 / 62.1 / 62.0 / "
                                   "61.6)")
     batch_objects: int = Field(32, ge=1, description="object crops per network forward")
-    fold_batchnorm: bool = Field(
-        True, description="label with the network's BatchNorms folded into their convolutions (exact in eval mode "
-        "up to float rounding, as EPLD's key of the same name); a network passed in memory is copied first, never "
-        "changed")
     min_object_px: int = Field(4, ge=1, description="objects narrower or lower than this get the filled box")
     overlap: Literal["smallest", "probability"] = Field(
         "smallest", description="a pixel several masks claim: the object with the smallest box (usually in front), "

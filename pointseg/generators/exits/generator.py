@@ -30,7 +30,6 @@ far outside every object. Fallback masks count as ``M = 1``.
 
 from __future__ import annotations
 
-import copy
 from collections import Counter
 
 import numpy as np
@@ -50,7 +49,6 @@ from pointseg.generators.extreme_baselines import (
     paint_smallest_last,
     summarize_objects,
 )
-from pointseg.models.backbones import fold_batchnorm
 
 __all__ = ["ExitsGenerator", "margin_uncertainty"]
 
@@ -75,9 +73,6 @@ class ExitsGenerator(TrainableGenerator):
         super().__init__(config, categories, net)
         self.train_config = self.stage1.Config.model_validate(self.net_meta["config"]) if self.net_meta else \
             getattr(self.net, "train_config", None) or self.stage1.Config()
-        if self.config.fold_batchnorm:  # inference only: a network handed in (maybe still training) stays untouched
-            self.net = copy.deepcopy(self.net) if net is not None else self.net
-            fold_batchnorm(self.net.eval())
         self.net.eval()
 
     def generate(self, image: np.ndarray, points: Points) -> PseudoLabel:

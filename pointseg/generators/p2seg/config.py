@@ -86,10 +86,6 @@ class P2SegConfig(TrainableGeneratorConfig):
         8.0, gt=0, description="pixels: softness of the point choice in the per-pixel instance probabilities "
         "whose top-two margin gives the uncertainty")
     net_batch: int = Field(8, ge=1, description="images per network forward when labelling a batch")
-    fold_batchnorm: bool = Field(
-        True, description="label with the network's BatchNorms folded into their convolutions (exact in eval mode "
-        "up to float rounding, as EPLD's key of the same name); a network passed in memory is copied first, never "
-        "changed")
     input_size: int | None = Field(
         None, ge=32, multiple_of=32, description="side of the square input the network labels at (a multiple of the "
         "backbone's stride 32); null: the stage-1 image_size it was trained at. Larger gives a finer class map "

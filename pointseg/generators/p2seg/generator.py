@@ -47,7 +47,6 @@ VOID: ``no_thing_points``), points of different classes in one component
 
 from __future__ import annotations
 
-import copy
 import time
 
 import numpy as np
@@ -59,7 +58,6 @@ from pointseg.data.record import Points
 from pointseg.generators.base import PseudoLabel, SourceStage, TrainableGenerator, assemble
 from pointseg.generators import build_generator, generator_class
 from pointseg.generators.p2seg.config import P2SegConfig
-from pointseg.models.backbones import fold_batchnorm
 from pointseg.generators.p2seg.s2i import GeodesicSplit, s2i_instances
 from pointseg.generators.p2seg.stage1 import P2SegTrainable
 from pointseg.generators.p2seg.targets import (ThingLayout, network_maps, on_grid, semantic_from_label, thing_channels,
@@ -115,9 +113,6 @@ class P2SegGenerator(TrainableGenerator):
         self.image_size = None
         self.window = None
         class_map = "classes"
-        if self.net is not None and self.config.fold_batchnorm:  # inference only: a network handed in stays untouched
-            self.net = copy.deepcopy(self.net) if net is not None else self.net
-            fold_batchnorm(self.net.eval())
         if self.net is not None:
             train_cfg = P2SegTrainable.Config.model_validate(
                 (self.net_meta.get("config") if self.net_meta else None) or net_config or {})

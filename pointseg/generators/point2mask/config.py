@@ -23,9 +23,6 @@ class Point2MaskConfig(TrainableGeneratorConfig):
 
     maps: Literal["lowlevel", "learned"] = Field("lowlevel", description="training-free LAB/Sobel maps or a MapNet checkpoint")
     input_max_side: int | None = Field(None, ge=32, description="square MapNet input size; default: the checkpoint's training image_size")
-    fold_batchnorm: bool = Field(
-        True, description="learned maps: label with the MapNet's BatchNorms folded into their convolutions (exact in "
-        "eval mode up to float rounding, as EPLD's key of the same name); a network passed in memory is copied first")
     boundary_maps: Literal["low", "high", "both"] = Field("both", description="P^b terms with learned maps (Table 3); lowlevel uses 'low'")
     assignment: Literal["ot", "mincost"] = Field("ot", description="optimal transport or minimum cost (Table 7)")
     supplier_scheme: Literal["equal", "nearest_point", "nearest_centroid"] = Field("nearest_centroid", description="k of Eq. 4 (Table 5)")

@@ -7,8 +7,6 @@ summarises the optimal-transport diagnostics of a run for the report.
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 
 from pointseg.data.record import Points
@@ -19,7 +17,6 @@ from pointseg.generators.point2mask.costs import group_costs
 from pointseg.generators.point2mask.maps import TransportMaps, learned_maps, lowlevel_maps, net_maps
 from pointseg.generators.point2mask.stage1 import MapNetTrainable
 from pointseg.generators.psps import scaled_points, scaled_size
-from pointseg.models.backbones import fold_batchnorm
 from pointseg.viz.maps import PointMaps, maps_panel
 
 #: Per-image optimal-transport diagnostics summarised as mean / max in the report.
@@ -46,9 +43,6 @@ class Point2MaskGenerator(TrainableGenerator):
     def __init__(self, config, categories, net=None):
         super().__init__(config, categories, net=net)
         cfg = self.config
-        if self.net is not None and cfg.fold_batchnorm:  # inference only: a network handed in stays untouched
-            self.net = copy.deepcopy(self.net) if net is not None else self.net
-            fold_batchnorm(self.net.eval())
         self.net_size: int | None = cfg.input_max_side
         self.net_categories: list[int] = sorted(int(c) for c in categories)
         if self.net_meta:
