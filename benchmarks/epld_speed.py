@@ -12,7 +12,7 @@ All figures come from one run, on the same synthetic images (P1 clicks):
   assembling the segments, is per image by nature). The ratio says whether
   batching reaches the network (one decoder pass for the batch; the backbone
   in passes of ``backbone_chunk`` images, 2 on a CPU, and also timed with the
-  whole batch in one pass). Labelling folds the backbone's BatchNorm into its
+  whole batch in one pass). Labelling folds the network's BatchNorms into their
   convolutions (``fold_batchnorm``); both calls are also timed without it. Each malloc setting runs in fresh processes,
   ``--rounds`` of them alternated, the median process reported: glibc's defaults, and the labelling stage's
   ``ray_data.keep_freed_memory_mib`` (:mod:`pointseg.cpu_memory`), applied
