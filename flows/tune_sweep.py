@@ -30,8 +30,8 @@ from common import ROOT, StageTimer, base_parser, init_ray, setup_logging
 
 from operators.evaluation import evaluate_in_process
 from operators.pseudo_label import run_pseudo_labels
+from operators.file_names import absolute_file_names
 from operators.training import (
-    absolute_file_names,
     fit_torch_trainer,
     log_dir_for,
     stage2_inputs,
@@ -44,6 +44,7 @@ from pointseg.data.record import Category
 from pointseg.generators import generator_class, generator_fingerprint
 from pointseg.report import score_generator
 from pointseg.train.engine import fit_plain
+from pointseg.train.final_loss import final_loss
 from pointseg.train.stage2 import STAGE2_MODELS
 from pointseg.tuning import (
     METRICS,
@@ -52,7 +53,6 @@ from pointseg.tuning import (
     build_search_space,
     check_space_against,
     check_stage2_space,
-    final_loss,
     load_base_config,
     num_trials,
     resolve_path,

@@ -34,7 +34,7 @@ from pointseg.metrics.pq import pq_stat_image
 from pointseg.train.stage2 import load_stage2
 
 from operators.actor_pool import actor_batches, set_timeouts
-from operators.training import absolute_file_names
+from operators.file_names import absolute_file_names
 
 log = logging.getLogger("pointseg.operators.evaluation")
 

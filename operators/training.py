@@ -27,6 +27,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from operators.file_names import absolute_file_names
 from pointseg.data.coco_panoptic_io import as_categories
 from pointseg.data.prepare import iter_shard_rows, join, read_index
 from pointseg.data.record import Category
@@ -65,12 +66,6 @@ def storage_args(uri: str) -> dict:
 
     fs, path = fsspec.core.url_to_fs(uri)
     return {"storage_path": path, "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))}
-
-
-def absolute_file_names(batch: dict, cwd: str) -> dict:
-    """Local relative ``file_name`` -> absolute against the driver's ``cwd`` (workers run elsewhere)."""
-    batch["file_name"] = [f if "://" in f or os.path.isabs(f) else os.path.join(cwd, f) for f in batch["file_name"]]
-    return batch
 
 
 # ----------------------------------------------------------------------------- worker

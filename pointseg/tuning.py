@@ -59,6 +59,7 @@ from pydantic import Field, model_validator
 from pointseg.config import PipelineConfig, Strict, deep_merge, parse_overrides, read_yaml, validate
 from pointseg.data.prepare import join, open_out
 from pointseg.generators import generator_class
+from pointseg.train.final_loss import final_loss  # noqa: F401  (part of this module's API)
 
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform")
 METRICS = ("pq", "sq", "rq", "pq_th", "sq_th", "rq_th", "pq_st", "sq_st", "rq_st", "miou")
@@ -333,22 +334,6 @@ def stage2_max_reports(base: PipelineConfig, space: dict[str, Any]) -> int:
 
     return max(-(-s // c) for s in candidates("steps", base.train.steps)
                for c in candidates("checkpoint_every", base.train.checkpoint_every))
-
-
-def final_loss(metrics: dict) -> float | None:
-    """The loss of the model's final output, comparable across decoder layer counts.
-
-    Mask2Former's ``loss`` is ``sum_{l=1..L} (L_ce^l + L_mask^l + L_dice^l)`` over the
-    predictions of its ``L`` decoder layers (the first ``L-1`` as auxiliary
-    terms), so it grows about ``L``-fold with ``decoder_layers``; this is the
-    last layer's term ``L_ce^L + L_mask^L + L_dice^L`` alone (the keys without a
-    layer suffix), the loss of the prediction the model is evaluated on.
-    Mask R-CNN has no per-layer terms: its ``loss``. ``None`` without a loss.
-    """
-    parts = ("loss_cross_entropy", "loss_mask", "loss_dice")
-    if all(k in metrics for k in parts):
-        return float(sum(metrics[k] for k in parts))
-    return None if metrics.get("loss") is None else float(metrics["loss"])
 
 
 # --------------------------------------------------------------------------- results

@@ -44,6 +44,7 @@ def ray_local(tmp_path_factory):
         # Inherited by the local cluster's workers (as flows/common.py does): prestarted workers can take actors.
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), str(ROOT / "flows"),
                                                                os.environ.get("PYTHONPATH", "")) if p)
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # as flows/common.py's local Ray
         ray.init(num_cpus=2, _temp_dir=str(tmp_path_factory.mktemp("ray")))
     yield ray
     ray.shutdown()
