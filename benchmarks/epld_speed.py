@@ -12,8 +12,10 @@ All figures come from one run, on the same synthetic images (P1 clicks):
   assembling the segments, is per image by nature). The ratio says whether
   batching reaches the network (one decoder pass for the batch; the backbone
   in passes of ``backbone_chunk`` images, 2 on a CPU, and also timed with the
-  whole batch in one pass). Labelling folds the network's BatchNorms into their
-  convolutions (``fold_batchnorm``); both calls are also timed without it. Each malloc setting runs in fresh processes,
+  whole batch in one pass). Labelling rewrites its copy of the network for
+  inference: BatchNorms folded into their convolutions (``fold_batchnorm``)
+  and TF-SAME padding inside the convolution (``pad_same_inside``); both
+  calls are also timed with each of them off. Each malloc setting runs in fresh processes,
   ``--rounds`` of them alternated, the median process reported: glibc's defaults, and the labelling stage's
   ``ray_data.keep_freed_memory_mib`` (:mod:`pointseg.cpu_memory`), applied
   first thing as a labelling actor does. The network is untrained (speed does
@@ -81,6 +83,11 @@ def train_step_seconds(cfg: dict, records, categories, steps: int) -> float:
     return statistics.median(times)
 
 
+#: The labelling network's inference rewrites (TrainableGeneratorConfig keys, all on by default), each also
+#: timed switched off: BN folded into the convs, TF-SAME padding inside the conv.
+ABLATIONS = ("fold_batchnorm", "pad_same_inside")
+
+
 def labelling_times(args) -> dict:
     """Best seconds for the batch, the batch with the backbone in one pass, and the 8 single-image calls,
     each as the whole ``__call__`` and as its network forward alone (the generator's ``network_seconds``)."""
@@ -91,11 +98,12 @@ def labelling_times(args) -> dict:
     net = EPLDTrainable({"input_size": args.size, "layers": args.layers}, categories).build().eval()
     gen = EPLDGenerator({}, categories, net=net)  # default backbone_chunk: 2 images per backbone pass on a CPU
     whole = EPLDGenerator({"backbone_chunk": args.batch}, categories, net=net)  # the whole batch in one pass
-    unfolded = EPLDGenerator({"fold_batchnorm": False}, categories, net=net)  # BN applied as its own pass
     runs = {"batched": lambda: gen(images, points), "one_pass": lambda: whole(images, points),
-            "single": lambda: [gen([im], [p])[0] for im, p in zip(images, points)],
-            "unfolded_batched": lambda: unfolded(images, points),
-            "unfolded_single": lambda: [unfolded([im], [p])[0] for im, p in zip(images, points)]}
+            "single": lambda: [gen([im], [p])[0] for im, p in zip(images, points)]}
+    for key in ABLATIONS:  # each inference rewrite of the labelling network switched off alone
+        g = EPLDGenerator({key: False}, categories, net=net)
+        runs[f"no_{key}_batched"] = lambda g=g: g(images, points)
+        runs[f"no_{key}_single"] = lambda g=g: [g([im], [p])[0] for im, p in zip(images, points)]
     gen(images[:1], points[:1])  # warm-up
     gen(images, points)
     best = {k: [float("inf"), float("inf")] for k in runs}
@@ -166,11 +174,12 @@ def main() -> None:
         print(f"  batched speed-up: whole call {b['single'][0] / b['batched'][0]:.2f}x, network inference "
               f"{b['single'][1] / b['batched'][1]:.2f}x  (target >= 1.5x; backbone in one pass: "
               f"{b['single'][0] / b['one_pass'][0]:.2f}x / {b['single'][1] / b['one_pass'][1]:.2f}x)")
-        print(f"  BN not folded (fold_batchnorm: false): one batch {ms['unfolded_batched'][0]:.1f} / network "
-              f"{ms['unfolded_batched'][1]:.1f}, batches of 1 {ms['unfolded_single'][0]:.1f} / "
-              f"{ms['unfolded_single'][1]:.1f} ms / image; folding saves {b['unfolded_batched'][1] / b['batched'][1]:.2f}x"
-              f" (batch) and {b['unfolded_single'][1] / b['single'][1]:.2f}x (batches of 1) of the network time, "
-              f"unfolded speed-up {b['unfolded_single'][1] / b['unfolded_batched'][1]:.2f}x")
+        for key in ABLATIONS:
+            nb, ns = ms[f"no_{key}_batched"], ms[f"no_{key}_single"]
+            print(f"  {key}: false: one batch {nb[0]:.1f} / network {nb[1]:.1f}, batches of 1 {ns[0]:.1f} / "
+                  f"{ns[1]:.1f} ms / image; it saves {nb[1] / ms['batched'][1]:.2f}x (batch) and "
+                  f"{ns[1] / ms['single'][1]:.2f}x (batches of 1) of the network time; speed-up without it: whole "
+                  f"call {ns[0] / nb[0]:.2f}x, network {ns[1] / nb[1]:.2f}x")
     print(f"\ntrain step, {args.train_batch} images, frozen backbone (cached): {frozen:6.3f} s "
           f"({1000 * frozen / args.train_batch:.0f} ms / image)")
     print(f"train step, {args.train_batch} images, backbone trained:         {trained:6.3f} s "

@@ -14,6 +14,8 @@ from pointseg.models.backbones import (
     fold_batchnorm,
     mobilenet_v2_state_dict,
     normalization,
+    pad_same_inside,
+    same_padding,
 )
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -142,3 +144,51 @@ def test_fold_batchnorm_by_hand_and_leaves_a_training_bn_alone():
     # channel 0: (2x + 1 - 3) / 2 * 1 + 0.5 = x - 0.5; channel 1: (-x - 1) / 0.5 * 2 - 1 = -4x - 5
     assert torch.allclose(seq[0].weight.flatten(), torch.tensor([1.0, -4.0]))
     assert torch.allclose(seq[0].bias, torch.tensor([-0.5, -5.0]))
+
+
+@pytest.mark.parametrize("kernel,stride,groups,cin", [(3, 2, 8, 8), (5, 2, 8, 8), (3, 2, 1, 3), (4, 2, 1, 3), (3, 1, 1, 4)])
+def test_pad_same_inside_equals_timm_conv2dsame(kernel, stride, groups, cin):
+    """The oracle is timm's own Conv2dSame (an F.pad copy, then the convolution), on even, odd and tiny sizes."""
+    from timm.layers import Conv2dSame
+
+    from pointseg.models.backbones import SamePadConv2d
+
+    torch.manual_seed(0)
+    seq = torch.nn.Sequential(Conv2dSame(cin, 8, kernel, stride, groups=groups))
+    reference = seq[0]
+    assert pad_same_inside(seq) == 1 and isinstance(seq[0], SamePadConv2d) and pad_same_inside(seq) == 0
+    assert seq[0].weight is reference.weight  # the parameters are shared, not copied
+    for h, w in [(16, 16), (15, 16), (16, 15), (7, 9), (1, 1), (2, 3)]:
+        x = torch.randn(2, cin, h, w)
+        with torch.no_grad():
+            a, b = reference(x), seq(x)
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=1e-6), (h, w)
+
+
+def test_pad_same_inside_by_hand():
+    """x[i, j] = 4i + j on 4 x 4, a 3 x 3 all-ones kernel, stride 2: TF-SAME pads (0, 1), so the windows
+    are rows / columns {0, 1, 2} and {2, 3}: 45, 39 / 66, 50."""
+    from timm.layers import Conv2dSame
+
+    assert same_padding(4, 3, 2) == (0, 1) and same_padding(5, 3, 2) == (1, 1) and same_padding(4, 5, 2) == (1, 2)
+    seq = torch.nn.Sequential(Conv2dSame(1, 1, 3, 2, bias=False))
+    with torch.no_grad():
+        seq[0].weight.fill_(1.0)
+        pad_same_inside(seq)
+        out = seq(torch.arange(16.0).view(1, 1, 4, 4))
+    assert out.flatten().tolist() == [45.0, 39.0, 66.0, 50.0]
+
+
+@pytest.mark.parametrize("name,count", [("efficientnet_lite0", 5), ("mobilenet_v2", 0)])
+def test_pad_same_inside_keeps_the_backbone_features(name, count):
+    import copy
+
+    model, _ = build_timm_backbone(name, False, out_indices=(1, 2, 3, 4))
+    model.eval()
+    reference = copy.deepcopy(model)
+    assert pad_same_inside(model) == count  # EfficientNet-Lite0: the stem and four stride-2 depthwise convs
+    for hw in [(96, 128), (97, 131)]:
+        x = torch.rand(2, 3, *hw) * 2 - 1
+        with torch.no_grad():
+            for a, b in zip(reference(x), model(x)):
+                assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-5 * float(a.abs().max()))

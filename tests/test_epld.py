@@ -321,8 +321,15 @@ def test_fit_plain_save_load_round_trip_and_valid_labels(tmp_path):
     # labelling folds BN into the convs of its own copy: the network handed in keeps its BN layers
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.backbone.modules())
     unfolded = EPLDGenerator({"fold_batchnorm": False}, CATS, net=net)(images, points)
-    for lab, lab2, lab3, img, pts in zip(labels, again, unfolded, images, points):
+    # and pads its TF-SAME convolutions inside the convolution; the network handed in keeps timm's Conv2dSame
+    from timm.layers import Conv2dSame
+
+    assert any(isinstance(m, Conv2dSame) for m in net.backbone.modules())
+    assert not any(isinstance(m, Conv2dSame) for m in build_generator("epld", {"checkpoint": ck}, CATS).net.modules())
+    padded = EPLDGenerator({"pad_same_inside": False}, CATS, net=net)(images, points)
+    for lab, lab2, lab3, lab4, img, pts in zip(labels, again, unfolded, padded, images, points):
         assert np.array_equal(lab.id_map, lab2.id_map) and np.array_equal(lab.id_map, lab3.id_map)
+        assert np.array_equal(lab.id_map, lab4.id_map)
         assert lab.id_map.shape == img.shape[:2] and lab.id_map.dtype == np.int32
         ids = {s["id"] for s in lab.segments_info}
         assert set(np.unique(lab.id_map)) <= ids and 0 not in np.unique(lab.id_map)  # Eq. 7 labels every pixel

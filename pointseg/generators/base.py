@@ -64,6 +64,10 @@ class TrainableGeneratorConfig(GeneratorConfig):
         True, description="label with a copy of the network whose eval-mode BatchNorms are folded into the "
         "convolutions before them (pointseg.models.backbones.fold_batchnorm: exact up to float rounding, one pass "
         "less over every activation map); a network passed in memory is copied first, never changed")
+    pad_same_inside: bool = Field(
+        True, description="label with TF-SAME convolutions (timm Conv2dSame, EfficientNet-Lite0's stride-2 blocks) "
+        "that pad inside the convolution instead of copying a padded input (pointseg.models.backbones."
+        "pad_same_inside: exact); on a copy of a network passed in memory, as fold_batchnorm")
 
 
 @dataclass
@@ -235,7 +239,8 @@ class TrainableGenerator(PseudoLabelGenerator):
     :meth:`uses_net` says whether a config needs the network at all
     (Point2Mask's training-free maps do not). With ``fold_batchnorm`` (the
     default) the generator labels with a copy of the network whose eval-mode
-    BatchNorms are folded into their convolutions; a network handed in is
+    BatchNorms are folded into their convolutions, and with ``pad_same_inside``
+    its TF-SAME convolutions pad inside the convolution; a network handed in is
     copied first, so a network still training is never changed.
     """
 
@@ -257,11 +262,16 @@ class TrainableGenerator(PseudoLabelGenerator):
                     f"(flows/train_generator.py, or full_pipeline with generator.train.enabled) or set "
                     f"generator.params.checkpoint to a checkpoint folder")
             self.net, self.net_meta = load_trained(self.config.checkpoint, self.stage1, device=self.config.device)
-        if self.net is not None and self.config.fold_batchnorm:  # inference only: a network handed in stays untouched
-            from pointseg.models.backbones import fold_batchnorm
+        if self.net is not None and (self.config.fold_batchnorm or self.config.pad_same_inside):
+            from pointseg.models.backbones import fold_batchnorm, pad_same_inside
 
+            # inference only: a network handed in stays untouched
             self.net = copy.deepcopy(self.net) if net is not None else self.net
-            fold_batchnorm(self.net.eval())
+            self.net.eval()
+            if self.config.fold_batchnorm:
+                fold_batchnorm(self.net)
+            if self.config.pad_same_inside:
+                pad_same_inside(self.net)
 
     @classmethod
     def uses_net(cls, config: GeneratorConfig) -> bool:

@@ -313,3 +313,61 @@ def fold_batchnorm(module: nn.Module) -> int:
             parent._modules[second] = nn.Sequential(*after) if after else nn.Identity()
             folded += 1
     return folded
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow 'SAME' padding ``(before, after)`` of one axis (dilation 1): ``ceil(size / stride)``
+    outputs, the odd pixel of an odd total after (timm ``get_same_padding``)."""
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class SamePadConv2d(nn.Conv2d):
+    """A TF-SAME convolution (timm ``Conv2dSame``, dilation 1) that pads inside the convolution.
+
+    ``Conv2dSame`` copies its input into a zero-padded tensor (``F.pad``) on
+    every call; with an odd total padding the extra pixel goes after, which
+    the symmetric ``padding`` of ``F.conv2d`` cannot express. Here an axis with
+    padding ``(b, b + 1)`` is padded ``b + 1`` on both sides and the kernel
+    gets one zero row (column) in front: window ``o`` of the ``(b + 1)``-padded
+    input, weighted ``(0, w_0 .. w_{k-1})``, is window ``o`` of the
+    ``(b, b + 1)``-padded input weighted ``(w_0 .. w_{k-1})``, and the output
+    count is the same, ``floor((n + 2b + 1 - k) / s) + 1``. Exact (a zero
+    weight adds ``0 * x``); no padded copy of the input, which was the largest
+    non-convolution cost of EfficientNet-Lite0's stride-2 blocks on a CPU.
+    The parameters are the original module's (shared).
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        nn.Module.__init__(self)
+        for k in ("in_channels", "out_channels", "kernel_size", "stride", "dilation", "groups", "transposed",
+                  "output_padding", "padding_mode"):
+            setattr(self, k, getattr(conv, k))
+        self.padding = (0, 0)
+        self.weight, self.bias = conv.weight, conv.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (bh, ah), (bw, aw) = (same_padding(n, k, s) for n, k, s in zip(x.shape[-2:], self.kernel_size, self.stride))
+        sh, sw = ah - bh, aw - bw  # 1 where the padding is one pixel longer after
+        weight = nn.functional.pad(self.weight, (sw, 0, sh, 0)) if sh or sw else self.weight
+        return nn.functional.conv2d(x, weight, self.bias, self.stride, (ah, aw), 1, self.groups)
+
+
+def pad_same_inside(module: nn.Module) -> int:
+    """Replace every timm ``Conv2dSame`` (dilation 1) of ``module`` with :class:`SamePadConv2d`, in place.
+
+    For inference (the replacement's kernel shift is applied on each call, so it
+    trains too, but gains nothing there). Returns the number replaced; a second
+    call finds none.
+    """
+    try:
+        from timm.layers import Conv2dSame
+    except ImportError:  # no timm: no Conv2dSame to replace
+        return 0
+    replaced = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent._modules.items()):
+            if isinstance(child, Conv2dSame) and tuple(child.dilation) == (1, 1):
+                parent._modules[name] = SamePadConv2d(child)
+                replaced += 1
+    return replaced
