@@ -432,7 +432,7 @@ def test_batched_call_equals_single_calls_and_bad_images_are_named():
     images.append(np.full((31, 64, 3), 200, np.uint8))
     points.append(Points([[1, 1], [60, 28]], [8, 9], [2, 2]))
     batched = gen(images, points)
-    for chunk in (1, 8):  # backbone passes of 1 or all images: the same labels as the default (2 on a CPU)
+    for chunk in (1, 2, 8):  # backbone passes of 1, 2 or all images: the same labels as the default (4 on a CPU)
         knobs = {"restore_points": True, "connected_things": True, "backbone_chunk": chunk}
         for lab, other in zip(batched, EPLDGenerator(knobs, CATS, net=net)(images, points)):
             assert (lab.id_map == other.id_map).mean() > 0.999

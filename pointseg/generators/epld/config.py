@@ -48,8 +48,8 @@ class EPLDConfig(TrainableGeneratorConfig):
 
     backbone_chunk: int | None = Field(
         None, ge=1, description="images per backbone pass when labelling a batch (the decoder still sees the whole "
-        "batch); null: 2 on a CPU, where a whole batch of 256 px maps falls out of the cache and runs slower per "
-        "image (benchmarks/epld_speed.py), the whole batch on a GPU")
+        "batch); null: 4 on a CPU, faster per image than 2 or the whole batch of 8 at 256 px since the TF-SAME "
+        "convolutions pad inside the convolution (pad_same_inside; benchmarks/epld_speed.py), the whole batch on a GPU")
     layer: int = Field(-1, description="decoder layer whose M^l labels (Eq. 7): 1..L, or -1 for the last, M^L")
     connected_things: bool = Field(
         False, description="our extension: drop the parts of a thing's mask not connected to its clicks (they go "
