@@ -5,8 +5,9 @@ shared machine are noisy, so each figure is the median of ``--repeats``):
 
 * labelling: objects per second of :class:`~pointseg.generators.exits.ExitsGenerator`
   (crop, network, paste, assemble) on batches of images, one torch thread,
-  with the network's BatchNorms folded into its convolutions (the default) and
-  without;
+  with the network's BatchNorms folded into its convolutions and its TF-SAME
+  convolutions padding inside the convolution (the defaults), and with each
+  switched off;
 * stage 1: seconds per training step (``max_objects_per_step`` crops), split
   into the MIL warm-up step of the ViT similarity extractor and the generator
   step (retrieval + point and CRF losses + backward) for both similarity
@@ -102,10 +103,12 @@ def main() -> None:
         if similarity == "feature_cosine":
             gen = ExitsGenerator({}, CATS, net=net)  # BatchNorms folded into the convolutions (the default)
             unfolded = ExitsGenerator({"fold_batchnorm": False}, CATS, net=net)
-            gen(images[:1], points[:1])
-            unfolded(images[:1], points[:1])
+            padded = ExitsGenerator({"pad_same_inside": False}, CATS, net=net)  # timm's Conv2dSame: F.pad copies
+            for g in (gen, unfolded, padded):
+                g(images[:1], points[:1])
             label_s = median_time(lambda: gen(images, points), args.repeats)
             unfolded_s = median_time(lambda: unfolded(images, points), args.repeats)
+            padded_s = median_time(lambda: padded(images, points), args.repeats)
     box = build_generator("box", {}, CATS)
     box_s = median_time(lambda: box(images, points), args.repeats)
 
@@ -118,6 +121,7 @@ def main() -> None:
     print("|---|---|")
     print(f"| exits (network at crop {args.crop_size}) | {n_obj / label_s:.1f} |")
     print(f"| exits, BatchNorm not folded (`fold_batchnorm: false`) | {n_obj / unfolded_s:.1f} |")
+    print(f"| exits, TF-SAME padding copied (`pad_same_inside: false`) | {n_obj / padded_s:.1f} |")
     print(f"| box baseline | {n_obj / box_s:.1f} |")
 
 
