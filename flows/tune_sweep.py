@@ -100,7 +100,7 @@ def pseudo_label_trial(sampled: dict, *, output: str, categories: dict[int, Cate
 
 
 def report_callback():
-    """``TuneReportCallback`` that also passes :func:`~pointseg.tuning.final_loss`, the loss ASHA can
+    """``TuneReportCallback`` that also passes :func:`~pointseg.train.final_loss.final_loss`, the loss ASHA can
     compare across decoder layer counts. Built in the trial (it must be created in a Tune session)."""
     from ray.tune.integration.ray_train import TuneReportCallback
 

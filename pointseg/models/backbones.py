@@ -317,8 +317,11 @@ def fold_batchnorm(module: nn.Module) -> int:
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     """TensorFlow 'SAME' padding ``(before, after)`` of one axis (dilation 1): ``ceil(size / stride)``
-    outputs, the odd pixel of an odd total after (timm ``get_same_padding``)."""
-    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    outputs, the odd pixel of an odd total after; the total is timm's own (``get_same_padding``, what
+    ``Conv2dSame`` pads by), split as ``pad_same`` splits it."""
+    from timm.layers.padding import get_same_padding
+
+    total = get_same_padding(size, kernel, stride, 1)
     return total // 2, total - total // 2
 
 

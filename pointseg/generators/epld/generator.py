@@ -136,6 +136,7 @@ def bilinear_matrix(out_size: int, in_size: int) -> torch.Tensor:
 #: 8 batches of 1 at 256 px, 2 a pass 1.47-1.52x and 8 a pass 1.54-1.59x (medians of 8 calls, 4 processes).
 CPU_BACKBONE_CHUNK = 4
 
+
 @functools.lru_cache(maxsize=32)
 def _resize_matrix(out_size: int, in_size: int) -> torch.Tensor:
     """:func:`bilinear_matrix`, built once per size pair (labelling meets the same image sizes again and
