@@ -9,7 +9,7 @@
 
 ``generator.train`` is typed by the method's stage-1 config. Rerunning with the
 same ``generator.train.run_name`` and ``storage_path`` resumes from the latest
-checkpoint (a finished run trains no further step). TensorBoard:
+checkpoint (a finished run is not started again: its final checkpoint is exported). TensorBoard:
 ``tensorboard --logdir STORAGE/RUN/tensorboard``.
 """
 

@@ -32,7 +32,7 @@ from pointseg.data.coco_panoptic_io import as_categories
 from pointseg.data.prepare import iter_shard_rows, join, read_index
 from pointseg.data.record import Category
 from pointseg.generators import generator_class
-from pointseg.train.checkpoint import copy_checkpoint, read_checkpoint, save_checkpoint
+from pointseg.train.checkpoint import copy_checkpoint, read_checkpoint, read_meta, save_checkpoint
 from pointseg.train.engine import EngineConfig, Hooks, Trainable, fit
 from pointseg.train.rows import INDEX_COLUMNS
 from pointseg.train.stage2 import STAGE2_MODELS, point_label_rows, validation_ids
@@ -43,6 +43,8 @@ SHARD_COLUMNS = ["image_id", "file_name", "height", "width", "label_png", "segme
 NATIVE_SCHEMES = ("file", "local", "s3", "gs", "gcs", "hdfs", "abfs", "abfss")
 #: Seconds the driver waits past ``max_wall_s`` for the workers to stop by themselves.
 BUDGET_GRACE_S = 120.0
+#: Ray Train 2.60's record of a run's checkpoints, in its run folder: the latest one is what a rerun resumes from.
+RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
 def is_local(uri: str) -> bool:
@@ -209,7 +211,8 @@ def run_training(trainable_cls: type[Trainable], config: EngineConfig, categorie
     ``checkpoint`` (that URI), ``ray_checkpoint``, ``run_dir``, ``log_dir``,
     ``metrics`` (the last report), ``history`` (rank 0's ``metrics.jsonl``),
     ``steps``, ``start_step``, ``trained_steps``, ``skipped_rows``,
-    ``skip_reasons`` and ``last_loss``.
+    ``skip_reasons``, ``last_loss`` and ``already_trained`` (a finished run,
+    not started again: :func:`finished_run`).
     """
     output = local_abs(output)
     storage = config.storage_path or join(output, default_storage)
@@ -224,19 +227,28 @@ def run_training(trainable_cls: type[Trainable], config: EngineConfig, categorie
         "deadline": time.time() + config.max_wall_s if config.max_wall_s else None,
         **(loop_extra or {}),
     }
-    result = fit_torch_trainer(train_loop_per_worker, loop_config, config, config.run_name, {"train": dataset}, sargs, what,
-                               callbacks=callbacks)
     model_uri = join(output, "models", config.run_name)
-    with result.checkpoint.as_directory() as d:
-        copy_checkpoint(d, model_uri)
-    metrics = dict(result.metrics or {})
+    finished = finished_run(storage, config.run_name, trainable_cls.name, config.steps)
+    if finished is not None:
+        # What Ray Train would resume and train no step on: skip starting its controller and worker group.
+        ray_checkpoint, metrics = finished
+        log.info("%s %r already finished at step %s (%s): not started again", what, config.run_name,
+                 metrics["step"], ray_checkpoint)
+        copy_checkpoint(ray_checkpoint, model_uri)
+        metrics = dict(metrics, start_step=int(metrics["step"]), skipped_rows=0, skip_reasons="{}", already_trained=True)
+    else:
+        result = fit_torch_trainer(train_loop_per_worker, loop_config, config, config.run_name, {"train": dataset}, sargs,
+                                   what, callbacks=callbacks)
+        with result.checkpoint.as_directory() as d:
+            copy_checkpoint(d, model_uri)
+        metrics, ray_checkpoint = dict(result.metrics or {}), result.checkpoint.path
     history_file = Path(log_dir) / "metrics.jsonl"
     history = [json.loads(line) for line in history_file.read_text().splitlines()] if history_file.exists() else []
     start = int(metrics.get("start_step", 0))
     step = int(metrics.get("step", config.steps))
     return {
         "checkpoint": model_uri,
-        "ray_checkpoint": result.checkpoint.path,
+        "ray_checkpoint": ray_checkpoint,
         "run_dir": join(sargs["storage_path"], config.run_name),
         "log_dir": log_dir,
         "metrics": metrics,
@@ -247,7 +259,39 @@ def run_training(trainable_cls: type[Trainable], config: EngineConfig, categorie
         "skipped_rows": int(metrics.get("skipped_rows", 0)),
         "skip_reasons": json.loads(metrics.get("skip_reasons", "{}") or "{}"),
         "last_loss": metrics.get("loss", history[-1].get("loss") if history else None),
+        "already_trained": bool(metrics.get("already_trained")),
     }
+
+
+def finished_run(storage: str, run_name: str, trainable_name: str, steps: int) -> tuple[str, dict] | None:
+    """``(checkpoint URI, its metrics)`` when the Ray Train run ``run_name`` under ``storage`` already ended at
+    ``steps`` or later: its latest checkpoint (the one a rerun resumes from) is a final one of the trainable
+    ``trainable_name``. A rerun of a finished pipeline then skips Ray Train, which would start a controller and
+    a worker group (on a cluster, GPU nodes) only to report that checkpoint again.
+
+    None otherwise -- no such run, a run stopped before its last step (a crash, ``max_wall_s``), another
+    trainable's run, or no readable record -- and Ray Train resumes or starts the run as before.
+    """
+    import fsspec
+
+    storage = local_abs(storage) if is_local(storage) else storage
+    try:
+        fs, path = fsspec.core.url_to_fs(join(storage, run_name, RAY_CHECKPOINT_SNAPSHOT))
+        if not fs.exists(path):
+            return None
+        with fs.open(path, "r") as f:
+            latest = json.load(f).get("latest_checkpoint_result") or {}
+        metrics = dict(latest.get("metrics") or {})
+        if not metrics.get("final") or int(metrics.get("step", -1)) < steps:
+            return None
+        checkpoint = join(storage, run_name, latest["checkpoint_dir_name"])
+        if read_meta(checkpoint).get("trainable") != trainable_name:
+            return None  # Ray Train's resume names the mismatch
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("run %r under %s: its checkpoint record could not be read (%s: %s); Ray Train decides",
+                    run_name, storage, type(e).__name__, e)
+        return None
+    return checkpoint, metrics
 
 
 def _data_context(ray_data_cfg) -> None:

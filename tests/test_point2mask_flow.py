@@ -98,8 +98,8 @@ def test_report_has_ot_diagnostics_and_map_pictures(learned_run):
 
 
 def test_rerun_resumes_stage1_without_retraining(learned_run):
-    """A rerun of the same command trains no step: Ray Train resumes the finished run, and the exported
-    weights are the first run's."""
+    """A rerun of the same command trains no step: the finished Ray Train run is not started again (its latest
+    checkpoint is final, at the last step), and the exported weights are the first run's."""
     import full_pipeline
 
     from pointseg.train.checkpoint import read_checkpoint
@@ -109,6 +109,9 @@ def test_rerun_resumes_stage1_without_retraining(learned_run):
     again = full_pipeline.run(p2m_config(out), str(out))
     g = again["generator_training"]
     assert g["start_step"] == STEPS and g["trained_steps"] == 0 and g["steps"] == STEPS
+    # No new Ray Train checkpoint: the first run's last one was exported again.
+    assert g["already_trained"] and not first["generator_training"]["already_trained"]
+    assert g["ray_checkpoint"] == first["generator_training"]["ray_checkpoint"]
     after = read_checkpoint(g["checkpoint"])
     assert after.meta["step"] == STEPS
     assert before.keys() == after.model.keys() and all(torch.equal(before[k], after.model[k]) for k in before)

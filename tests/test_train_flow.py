@@ -79,18 +79,28 @@ def data(tmp_path_factory):
     return out, write_gt_shards(out, cfg)
 
 
-def test_worker_crash_is_recovered_and_bad_rows_are_counted(ray_local, data, tmp_path):
+@pytest.fixture(scope="module")
+def resumed(ray_local, data, tmp_path_factory):
+    """A 2-step run, rerun under the same name to step 6 with rank 0's worker exiting after step 5 (checkpoints
+    every 2 steps), and the same 6 steps uninterrupted: three Ray Train runs that the two tests below share."""
     from operators.training import train_stage2
 
+    out, categories = data
+    marker = tmp_path_factory.mktemp("crash") / "crashed"
+    first = train_stage2(tiny_config(out, run_name="resume", steps=2), categories, str(out))
+    second = train_stage2(tiny_config(out, run_name="resume", steps=6), categories, str(out),
+                          loop_extra={"crash_at_step": 5, "crash_marker": str(marker)})
+    straight = train_stage2(tiny_config(out, run_name="straight", steps=6), categories, str(out))
+    return first, second, straight, marker
+
+
+def test_worker_crash_is_recovered_and_bad_rows_are_counted(resumed):
     from pointseg.train.checkpoint import read_meta
 
-    out, categories = data
-    cfg = tiny_config(out, run_name="crash", steps=4)
-    marker = tmp_path / "crashed"
-    res = train_stage2(cfg, categories, str(out), loop_extra={"crash_at_step": 3, "crash_marker": str(marker)})
-    assert marker.exists(), "the test hook did not fire: the worker never reached step 3"
-    assert res["metrics"]["step"] == 4
-    assert read_meta(res["checkpoint"])["step"] == 4  # the exported model folder holds the last step
+    _, res, _, marker = resumed
+    assert marker.read_text() == "crashed at step 5\n", "the test hook did not fire: the worker never passed step 5"
+    assert res["metrics"]["step"] == 6
+    assert read_meta(res["checkpoint"])["step"] == 6  # the exported model folder holds the last step
     # The error row is filtered before training; the two broken rows are skipped by the collate,
     # once per epoch that reads them (>= 1 epoch each).
     assert res["error_rows"] == 1 and res["train_rows"] == N_IMAGES - 2
@@ -98,26 +108,57 @@ def test_worker_crash_is_recovered_and_bad_rows_are_counted(ray_local, data, tmp
     assert sorted(k.split()[0] for k in res["skip_reasons"]) == ["label_png", "segments_info"]
     # TensorBoard events and the metrics history live in the run dir.
     assert list(Path(res["log_dir"]).glob("events.out.tfevents.*"))
-    steps = [h["step"] for h in res["history"]]
-    assert steps[-1] == 4 and 3 in steps  # step 3 was redone after the crash (checkpoint at 2)
+    # (step, the step its worker group started from): the first run's two steps, the rerun's from the step-2
+    # checkpoint up to the crash, then the restarted worker's from a checkpoint of the run: step 4's, or step 2's
+    # when the controller had not yet taken in step 4's report when the worker died (seen here: Ray Train then
+    # redoes steps 3-5; the step-4 folder it wrote is not used).
+    history = [(h["step"], h["start_step"]) for h in res["history"]]
+    assert history[:5] == [(1, 0), (2, 0), (3, 2), (4, 2), (5, 2)], history
+    restart = history[5][1]
+    assert restart in (2, 4) and history[5:] == [(s, restart) for s in range(restart + 1, 7)], history
 
 
-def test_rerun_with_same_name_resumes_from_checkpoint_and_epoch(ray_local, data):
-    from operators.training import train_stage2
+def test_rerun_with_same_name_resumes_from_checkpoint_and_epoch(resumed):
+    first, second, straight, _ = resumed
+    assert first["metrics"]["step"] == 2 and first["start_step"] == 0
+    assert second["metrics"]["step"] == 6 and second["history"][2]["start_step"] == 2
+    # The epoch counter and the position in the epoch survived both resumes (the rerun's and the restarted
+    # worker's): every step falls in the same epoch as in one uninterrupted run (a restart at epoch 0 would
+    # replay epoch 0's batches).
+    epochs = {h["step"]: h["epoch"] for h in straight["history"]}
+    assert sorted(epochs) == [1, 2, 3, 4, 5, 6] and max(epochs.values()) >= 1, epochs
+    assert [(h["step"], h["epoch"]) for h in second["history"]] == [
+        (h["step"], epochs[h["step"]]) for h in second["history"]], (second["history"], epochs)
 
-    out, categories = data
-    first = train_stage2(tiny_config(out, run_name="resume", steps=2, checkpoint_every=2), categories, str(out))
-    assert first["metrics"]["step"] == 2
-    second = train_stage2(tiny_config(out, run_name="resume", steps=6, checkpoint_every=2), categories, str(out))
-    assert second["metrics"]["step"] == 6 and second["start_step"] == 2
-    # The resumed run logged only steps 3.., starting from the step-2 checkpoint, not from 0.
-    steps = [h["step"] for h in second["history"]]
-    assert steps == [1, 2, 3, 4, 5, 6], steps
-    # The epoch counter and the position in the epoch survived the resume: every step falls in the
-    # same epoch as in one uninterrupted run (a restart at epoch 0 would replay epoch 0's batches).
-    straight = train_stage2(tiny_config(out, run_name="straight", steps=6, checkpoint_every=2), categories, str(out))
-    epochs = lambda res: {h["step"]: h["epoch"] for h in res["history"]}  # noqa: E731
-    assert epochs(second) == epochs(straight) and max(epochs(straight).values()) >= 1, epochs(straight)
+
+def test_a_finished_run_is_found_only_from_a_final_checkpoint_of_the_trainable(tmp_path, caplog):
+    """``finished_run`` reads Ray Train's record of the run's checkpoints (written by hand here, in the shape of
+    the one a real run leaves: the point2mask flow's rerun test skips a real finished run)."""
+    import torch
+
+    from operators.training import RAY_CHECKPOINT_SNAPSHOT, finished_run
+    from pointseg.train.checkpoint import save_checkpoint
+
+    run = tmp_path / "store" / "r"
+    save_checkpoint(str(run / "checkpoint_b"), {"trainable": "toy", "step": 4}, {"w": torch.zeros(1)})
+
+    def record(**metrics):
+        latest = {"checkpoint_dir_name": "checkpoint_b", "metrics": {"step": 4, "final": True, "loss": 0.5, **metrics}}
+        (run / RAY_CHECKPOINT_SNAPSHOT).write_text(json.dumps({"ray_version": "2.60.0", "latest_checkpoint_result": latest}))
+
+    store = str(tmp_path / "store")
+    assert finished_run(store, "r", "toy", 4) is None  # no record yet
+    record()
+    ckpt, metrics = finished_run(store, "r", "toy", 4)
+    assert ckpt == str(run / "checkpoint_b") and metrics["loss"] == 0.5
+    assert finished_run(store, "r", "toy", 3) is not None  # fewer steps asked: still nothing to train
+    assert finished_run(store, "r", "toy", 5) is None  # more steps asked: Ray Train resumes at step 4
+    assert finished_run(store, "r", "other", 4) is None  # another trainable: Ray Train's resume names it
+    assert finished_run(store, "other_run", "toy", 4) is None
+    record(final=False)  # stopped by max_wall_s or a crash before its last step
+    assert finished_run(store, "r", "toy", 4) is None
+    (run / RAY_CHECKPOINT_SNAPSHOT).write_text("{not json")
+    assert finished_run(store, "r", "toy", 4) is None and "could not be read" in caplog.text
 
 
 def test_empty_training_set_names_the_filter(ray_local, tmp_path):
