@@ -218,15 +218,6 @@ def run_training(trainable_cls: type[Trainable], config: EngineConfig, categorie
     storage = config.storage_path or join(output, default_storage)
     sargs = storage_args(storage)
     log_dir = log_dir_for(sargs, config.run_name, output)
-    loop_config = {
-        "trainable": trainable_cls,
-        "config": config.model_dump(mode="json"),
-        "categories": [asdict(c) for c in categories.values()],
-        "context": context or {},
-        "log_dir": log_dir,
-        "deadline": time.time() + config.max_wall_s if config.max_wall_s else None,
-        **(loop_extra or {}),
-    }
     model_uri = join(output, "models", config.run_name)
     finished = finished_run(storage, config.run_name, trainable_cls.name, config.steps)
     if finished is not None:
@@ -237,6 +228,15 @@ def run_training(trainable_cls: type[Trainable], config: EngineConfig, categorie
         copy_checkpoint(ray_checkpoint, model_uri)
         metrics = dict(metrics, start_step=int(metrics["step"]), skipped_rows=0, skip_reasons="{}", already_trained=True)
     else:
+        loop_config = {
+            "trainable": trainable_cls,
+            "config": config.model_dump(mode="json"),
+            "categories": [asdict(c) for c in categories.values()],
+            "context": context or {},
+            "log_dir": log_dir,
+            "deadline": time.time() + config.max_wall_s if config.max_wall_s else None,
+            **(loop_extra or {}),
+        }
         result = fit_torch_trainer(train_loop_per_worker, loop_config, config, config.run_name, {"train": dataset}, sargs,
                                    what, callbacks=callbacks)
         with result.checkpoint.as_directory() as d:
