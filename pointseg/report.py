@@ -363,6 +363,9 @@ def _stage1_markdown(g: dict, method: str) -> list[str]:
              f"{g.get('skip_reasons') or ''}",
              f"- checkpoint used by the labelling actors: `{g.get('checkpoint')}`",
              f"- TensorBoard: `tensorboard --logdir {g.get('log_dir')}`"]
+    if g.get("already_trained"):
+        lines.insert(4, f"- already trained: an earlier run of this run name reached step {g.get('start_step')}; its "
+                        "final checkpoint was exported again and no Ray Train run started")
     if g.get("source"):
         src = g["source"]
         lines.append(f"- trained first, its semantic source: {src['steps']} steps (this run {src['trained_steps']}), "
@@ -435,7 +438,8 @@ def console_summary(report: dict) -> str:
         out.append(f"\npseudo labels ({report['method']}): {report['images']['exported']} images (no ground truth)")
     if report.get("generator_training"):
         g = report["generator_training"]
-        out.append(f"stage 1: {g['steps']} steps ({g['trained_steps']} in this run), last loss {g['last_loss']}, "
+        done = " (already trained: no Ray Train run started)" if g.get("already_trained") else ""
+        out.append(f"stage 1: {g['steps']} steps ({g['trained_steps']} in this run){done}, last loss {g['last_loss']}, "
                    f"checkpoint {g['checkpoint']}")
     if report.get("model"):
         mm = report["model"]

@@ -87,6 +87,7 @@ def test_report_has_ot_diagnostics_and_map_pictures(learned_run):
     assert on_disk["method_summary"]["summary"] == d["summary"]
     md = (out / "report.md").read_text()
     assert "## Optimal transport diagnostics (per image)" in md and "## Stage 1: point2mask network (Ray Train)" in md
+    assert "already trained" not in md  # this run trained its stage 1
     assert len(report["explain_pictures"]) == 2
     for rel in report["explain_pictures"]:
         assert f"]({rel})" in md
@@ -116,6 +117,7 @@ def test_rerun_resumes_stage1_without_retraining(learned_run):
     assert after.meta["step"] == STEPS
     assert before.keys() == after.model.keys() and all(torch.equal(before[k], after.model[k]) for k in before)
     assert again["images"]["labelled_now"] == 0 and again["images"]["skipped_done"] == 4  # same weights: no relabel
+    assert f"- already trained: an earlier run of this run name reached step {STEPS};" in (out / "report.md").read_text()
 
 
 def test_learned_maps_change_the_labels_against_lowlevel(learned_run, tmp_path):
