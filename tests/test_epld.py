@@ -436,6 +436,17 @@ def test_batched_call_equals_single_calls_and_bad_images_are_named():
         knobs = {"restore_points": True, "connected_things": True, "backbone_chunk": chunk}
         for lab, other in zip(batched, EPLDGenerator(knobs, CATS, net=net)(images, points)):
             assert (lab.id_map == other.id_map).mean() > 0.999
+    # the per-image work after the network in 2 threads: the same labels and uncertainty, in the batch's order
+    threaded = EPLDGenerator({"restore_points": True, "connected_things": True, "thing_split": "geodesic",
+                              "postprocess_threads": 2}, CATS, net=net)(images, points)
+    in_turn = EPLDGenerator({"restore_points": True, "connected_things": True, "thing_split": "geodesic",
+                             "postprocess_threads": 1}, CATS, net=net)(images, points)
+    for a, b in zip(threaded, in_turn):
+        assert (a.id_map == b.id_map).all() and (a.uncertainty == b.uncertainty).all()
+        timing = ("network_seconds",)
+        assert a.segments_info == b.segments_info
+        assert {k: v for k, v in a.diagnostics.items() if k not in timing} == {
+            k: v for k, v in b.diagnostics.items() if k not in timing}
     for img, pts, lab in zip(images, points, batched):
         single = gen([img], [pts])[0]
         assert (single.id_map == lab.id_map).mean() > 0.999

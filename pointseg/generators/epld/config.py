@@ -50,6 +50,10 @@ class EPLDConfig(TrainableGeneratorConfig):
         None, ge=1, description="images per backbone pass when labelling a batch (the decoder still sees the whole "
         "batch); null: 4 on a CPU, faster per image than 2 or the whole batch of 8 at 256 px since the TF-SAME "
         "convolutions pad inside the convolution (pad_same_inside; benchmarks/epld_speed.py), the whole batch on a GPU")
+    postprocess_threads: int | None = Field(
+        None, ge=1, description="threads sharing the per-image work after the network (resize of M^l to the image, "
+        "Eq. 7, the uncertainty, the thing split, the segments) when labelling a batch; null: torch's thread count "
+        "(the CPUs the labelling actor was given); 1: one image after the other")
     layer: int = Field(-1, description="decoder layer whose M^l labels (Eq. 7): 1..L, or -1 for the last, M^L")
     connected_things: bool = Field(
         False, description="our extension: drop the parts of a thing's mask not connected to its clicks (they go "

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
@@ -142,6 +143,12 @@ def _resize_matrix(out_size: int, in_size: int) -> torch.Tensor:
     """:func:`bilinear_matrix`, built once per size pair (labelling meets the same image sizes again and
     again; the copy held here is only read)."""
     return bilinear_matrix(out_size, in_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A kept pool of ``workers`` threads for the per-image work after the network (one per worker count)."""
+    return ThreadPoolExecutor(workers, thread_name_prefix="epld-label")
 
 
 def keep_clicked_components(logits: torch.Tensor, cells: np.ndarray, point_instance: np.ndarray,
@@ -299,8 +306,9 @@ class EPLDGenerator(TrainableGenerator):
         batch, out = self._forward(images, points)
         logits = out["mask_logits"][self.layer_index].float().cpu()
         network_s = (time.perf_counter() - t0) / len(images)
-        labels = []
-        for b, (img, pts, groups) in enumerate(zip(images, points, batch["groups"])):
+
+        def label_one(b: int) -> PseudoLabel:
+            img, pts, groups = images[b], points[b], batch["groups"][b]
             height, width = np.asarray(img).shape[:2]
             own = logits[b, : len(groups)]
             moved = 0
@@ -329,8 +337,12 @@ class EPLDGenerator(TrainableGenerator):
                     "batch_size": len(images), "network_seconds": network_s,
                     "mean_uncertainty": float(uncertainty.mean()), "restored_point_pixels": restored,
                     "fragment_cells_moved": moved, "geodesic_split_pixels": split}
-            labels.append(assemble(assignment, groups, diag, uncertainty))
-        return labels
+            return assemble(assignment, groups, diag, uncertainty)
+
+        workers = min(len(images), self.config.postprocess_threads or torch.get_num_threads())
+        if workers > 1:  # NumPy, OpenCV and torch release the GIL: the images of a batch share the CPUs
+            return list(_pool(workers).map(label_one, range(len(images))))
+        return [label_one(b) for b in range(len(images))]
 
     def explain(self, image: np.ndarray, points: Points) -> np.ndarray:
         """``image + points | M^1 .. M^L pseudo labels (Eq. 7) | uncertainty of the labelling layer``.
