@@ -359,13 +359,12 @@ def render_markdown(report: dict, categories: dict[int, Category]) -> str:
 def _stage1_markdown(g: dict, method: str) -> list[str]:
     lines = ["", f"## Stage 1: {method} network (Ray Train)", "",
              f"- steps: {g.get('steps')} (this run trained {g.get('trained_steps')}, resumed from step {g.get('start_step')})",
+             *([f"- already trained: an earlier run of this run name reached step {g.get('start_step')}; its final "
+                "checkpoint was exported again and no Ray Train run started"] if g.get("already_trained") else []),
              f"- last loss: {g.get('last_loss')}, index rows: {g.get('index_rows')}, skipped rows: {g.get('skipped_rows')} "
              f"{g.get('skip_reasons') or ''}",
              f"- checkpoint used by the labelling actors: `{g.get('checkpoint')}`",
              f"- TensorBoard: `tensorboard --logdir {g.get('log_dir')}`"]
-    if g.get("already_trained"):
-        lines.insert(4, f"- already trained: an earlier run of this run name reached step {g.get('start_step')}; its "
-                        "final checkpoint was exported again and no Ray Train run started")
     if g.get("source"):
         src = g["source"]
         lines.append(f"- trained first, its semantic source: {src['steps']} steps (this run {src['trained_steps']}), "
