@@ -31,6 +31,7 @@ from common import ROOT, StageTimer, base_parser, init_ray, setup_logging
 from operators.evaluation import evaluate_in_process
 from operators.pseudo_label import run_pseudo_labels
 from operators.file_names import absolute_file_names
+from operators.tune_state import check_experiment_state
 from operators.training import (
     fit_torch_trainer,
     log_dir_for,
@@ -212,10 +213,15 @@ def build_scheduler(tcfg: TuneConfig, max_reports: int | None = None):
 
 
 def build_tuner(tcfg: TuneConfig, trainable, storage: str, exp_dir: str, max_reports: int | None = None):
-    """A new Tuner, or the restored one when ``exp_dir`` holds an interrupted sweep."""
+    """A new Tuner, or the restored one when ``exp_dir`` holds an interrupted sweep.
+
+    Before a restore the saved state is checked (:func:`check_experiment_state`):
+    Tune would otherwise restart silently from a state file truncated by a killed driver.
+    """
     from ray import tune
 
     if tune.Tuner.can_restore(exp_dir):
+        check_experiment_state(exp_dir, tcfg.space, tcfg.num_samples)
         log.info("resuming the sweep in %s", exp_dir)
         return tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True), True
     scheduler, metric, mode = build_scheduler(tcfg, max_reports)

@@ -257,6 +257,17 @@ def test_sweep_table_best_config_and_resume_errored(ray_local, tmp_path):
                                                       "uncertainty": True}
     assert best_cfg.dataset == base.dataset and best_cfg.points == base.points
 
+    # A driver killed while Tune copies its searcher state leaves the file truncated (CI saw it once): the next run
+    # must rebuild it, not restart silently with one empty trial, and keep every finished trial without rerunning it.
+    exp_dir = out / "tune" / "ray_results" / "tune_psps"
+    searcher = max(exp_dir.glob("basic-variant-state-*.json"))  # one per session; Tune reads the newest
+    searcher.write_bytes(searcher.read_bytes()[:20])
+    third = tune_sweep.run(tcfg, str(out), base, trial_fn=_flaky_trial(str(marker)))
+    assert third["resumed"] and third["num_errors"] == 0
+    assert [(r["trial_id"], r["pq"]) for r in third["rows"]] == [(r["trial_id"], r["pq"]) for r in second["rows"]]
+    assert (marker / "calls.log").read_text().split() == calls  # nothing ran again
+    assert Path(f"{searcher}.unreadable").stat().st_size == 20
+
     # A changed space must not silently resume the old sweep.
     changed = load_config(TuneConfig, str(cfg_path), ["space.beta.grid=[0.5]"])
     with pytest.raises(ValueError, match="different space"):
@@ -290,8 +301,13 @@ tune_sweep.run(tcfg, output, tune_sweep.load_base_config(tcfg), trial_fn=gated)
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_resume_after_driver_killed(ray_local, tmp_path):
-    """SIGKILL the sweep driver after its first finished trial; rerunning the command finishes the rest."""
+@pytest.mark.parametrize("truncate_searcher", [False, True], ids=["state-intact", "searcher-state-truncated"])
+def test_resume_after_driver_killed(ray_local, tmp_path, truncate_searcher):
+    """SIGKILL the sweep driver after its first finished trial; rerunning the command finishes the rest.
+
+    ``searcher-state-truncated``: the kill landed while Tune copied its searcher state (Tune copies it
+    non-atomically; CI hit it once), so the file is cut short. The resumed sweep must still run every setting once.
+    """
     import tune_sweep
 
     cfg_path = _write_tune_yaml(tmp_path / "tune.yaml")
@@ -321,12 +337,18 @@ def test_resume_after_driver_killed(ray_local, tmp_path):
         proc.stderr.close()
     assert len(terminated) == 1, f"expected one finished trial before the kill, got {terminated}"
     kept = {t: (next(exp_dir.glob(f"*{t}*")) / "result.json").read_text() for t in terminated}
+    if truncate_searcher:
+        searcher = max(exp_dir.glob("basic-variant-state-*.json"))
+        searcher.write_bytes(searcher.read_bytes()[:30])
 
     # Rerun the command: the real trial function under the same trainable name.
     summary = tune_sweep.main(["--config", str(cfg_path), "--output", str(out)])
     assert summary["resumed"] and summary["num_errors"] == 0
     assert len(summary["rows"]) == 4 and all(r["status"] == "ok" for r in summary["rows"])
     assert terminated <= {r["trial_id"] for r in summary["rows"]}
+    settings = sorted((r["beta"], r["downscale"]) for r in summary["rows"])
+    assert settings == [(0.0, 0.25), (0.0, 1.0), (2.0, 0.25), (2.0, 1.0)]  # each setting once
+    assert any(exp_dir.glob("*.unreadable")) == truncate_searcher
     for t, text in kept.items():  # the finished trial was kept, not run again
         assert (next(exp_dir.glob(f"*{t}*")) / "result.json").read_text() == text
     assert load_config(PipelineConfig, str(out / "tune" / "best_config.yaml")).generator.method == "psps"
