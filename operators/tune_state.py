@@ -9,9 +9,12 @@ trials vanish from the results and the sweep's settings are not run.
 
 :func:`check_experiment_state` runs before the restore:
 
-- the experiment state (the trials, their configs and statuses) must parse, or the
-  sweep stops with an error naming the file and what to do;
-- an unreadable searcher state is rebuilt from the trials in the experiment state and
+- an unreadable file is replaced by the driver's staged copy when this node still has
+  it (Tune stages both files, then copies them: a kill during the copy leaves the
+  staged pair complete);
+- else the experiment state (the trials, their configs and statuses) must parse, or
+  the sweep stops with an error naming the file and what to do;
+- else an unreadable searcher state is rebuilt from the trials in the experiment state and
   the sweep's space: a ``BasicVariantGenerator`` that hands out the trials still to
   create (:func:`missing_configs`) and counts the unfinished ones against
   ``max_concurrent_trials``. The unreadable file is kept as ``<name>.unreadable``.
@@ -20,9 +23,11 @@ trials vanish from the results and the sweep's settings are not run.
 from __future__ import annotations
 
 import fnmatch
+import glob
 import itertools
 import json
 import logging
+import os
 import posixpath
 from collections import Counter
 from typing import Any
@@ -155,13 +160,71 @@ def rebuilt_searcher_state(trial_data: list, space: dict[str, Any], num_samples:
     return state, len(new)
 
 
-def check_experiment_state(exp_dir: str, space: dict[str, Any], num_samples: int) -> str | None:
-    """Validate the saved state of the sweep in ``exp_dir`` and rebuild an unreadable searcher state.
+def staging_roots() -> list[str]:
+    """Ray's per-session artifact folders on this node, where Tune stages a driver's state before copying it."""
+    import ray
+
+    if not ray.is_initialized():
+        return []
+    from ray.train.constants import _get_ray_train_session_dir
+
+    sessions = os.path.dirname(os.path.dirname(_get_ray_train_session_dir()))
+    return sorted(glob.glob(os.path.join(sessions, "session_*", "artifacts")))
+
+
+def _readable(fs, path: str, load) -> bool:
+    try:
+        load(fs, path)
+        return True
+    except Exception:  # EOFError, UnpicklingError, JSONDecodeError, ...: a truncated copy
+        return False
+
+
+def _staged_pair(roots: list[str], exp_name: str, session: str) -> tuple[str, str] | None:
+    """The driver's staged experiment and searcher state of ``session``, both readable, if this node still has them."""
+    import fsspec
+
+    local = fsspec.filesystem("file")
+    names = (EXPERIMENT_STATE.replace("*", session), SEARCHER_STATE.replace("*", session))
+    for root in roots:
+        for staging in glob.glob(os.path.join(root, "*", exp_name, "driver_artifacts")):
+            pair = tuple(os.path.join(staging, n) for n in names)
+            if _readable(local, pair[0], _load_json) and _readable(local, pair[1], _loads):
+                return pair
+    return None
+
+
+def _load_json(fs, path: str):
+    with fs.open(path, "rb") as f:
+        return json.loads(f.read())
+
+
+def _replace(fs, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path``, keeping an existing file as ``<path>.unreadable``."""
+    if fs.exists(path):
+        fs.mv(path, path + ".unreadable")
+    tmp = posixpath.join(posixpath.dirname(path), f".tmp-{posixpath.basename(path)}")
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    fs.mv(tmp, path)
+
+
+def check_experiment_state(exp_dir: str, space: dict[str, Any], num_samples: int,
+                           roots: list[str] | None = None) -> str | None:
+    """Validate the saved state of the sweep in ``exp_dir``; repair it where Tune would restart silently.
 
     ``space`` and ``num_samples`` are the sweep's (unchanged since it started: the
-    sweep fingerprint is checked first). Returns a message describing a repair, or
-    None when the state was readable or absent. Raises :class:`TuneStateError` when
-    the trials themselves are unreadable.
+    sweep fingerprint is checked first); ``roots`` are where to look for the driver's
+    staged state (default: this node's Ray sessions, :func:`staging_roots`).
+
+    1. Both files readable: nothing to do (None).
+    2. Either unreadable and this node still has the driver's staged pair of that
+       session (complete: the kill hit the copy, not the staging write): the pair is
+       copied in.
+    3. Only the searcher state unreadable: it is rebuilt (:func:`rebuilt_searcher_state`).
+    4. The trial list unreadable and not staged: :class:`TuneStateError`.
+
+    Returns a message describing the repair; unreadable files are kept as ``<name>.unreadable``.
     """
     import fsspec
     import ray.cloudpickle as cloudpickle
@@ -172,25 +235,29 @@ def check_experiment_state(exp_dir: str, space: dict[str, Any], num_samples: int
     state_file = _newest(fs, path, EXPERIMENT_STATE)
     if state_file is None:
         return None  # nothing to restore: Tune starts a new sweep
-    trial_data = _trial_data(fs, state_file)
-    searcher_file = _newest(fs, path, SEARCHER_STATE)
-    if searcher_file is None or not trial_data:
-        return None  # Tune keeps no searcher state for huge grids (and cannot resume those itself)
-    try:
-        _loads(fs, searcher_file)
+    searcher_file = _newest(fs, path, SEARCHER_STATE)  # None: Tune keeps none for huge grids
+    state_ok = _readable(fs, state_file, _load_json)
+    if state_ok and (searcher_file is None or _readable(fs, searcher_file, _loads)):
         return None
-    except Exception as e:  # EOFError, UnpicklingError, ...: a truncated copy
-        error = f"{type(e).__name__}: {e}"
-    name = posixpath.basename(searcher_file)
-    state, num_new = rebuilt_searcher_state(trial_data, space, num_samples)
-    fs.mv(searcher_file, searcher_file + ".unreadable")
-    tmp = posixpath.join(path, f".tmp-{name}")
-    with fs.open(tmp, "wb") as f:
-        f.write(cloudpickle.dumps(state))
-    fs.mv(tmp, searcher_file)
-    message = (f"the sweep's search state {name} was unreadable ({error}; the driver was probably killed while Ray "
-               f"Tune copied it). It was rebuilt from the {len(trial_data)} trials in {posixpath.basename(state_file)}"
-               f" and the sweep's space: {num_new} trial(s) still to create; the unreadable copy is kept as "
-               f"{name}.unreadable")
+    name = posixpath.basename(state_file)
+    session = name[len("experiment_state-"):-len(".json")]
+    staged = _staged_pair(staging_roots() if roots is None else roots, posixpath.basename(path), session)
+    if staged is not None:
+        for src in staged:
+            with open(src, "rb") as f:
+                _replace(fs, posixpath.join(path, os.path.basename(src)), f.read())
+        message = (f"the sweep's saved state in {path} was unreadable (the driver was probably killed while Ray Tune "
+                   f"copied it); the driver's staged copy of session {session} was complete and was copied in "
+                   f"from {os.path.dirname(staged[0])}; unreadable files are kept as <name>.unreadable")
+    else:
+        trial_data = _trial_data(fs, state_file)  # raises TuneStateError when unreadable
+        if not trial_data:
+            return None
+        state, num_new = rebuilt_searcher_state(trial_data, space, num_samples)
+        _replace(fs, searcher_file, cloudpickle.dumps(state))
+        message = (f"the sweep's search state {posixpath.basename(searcher_file)} was unreadable (the driver was "
+                   f"probably killed while Ray Tune copied it). It was rebuilt from the {len(trial_data)} trials in "
+                   f"{name} and the sweep's space: {num_new} trial(s) still to create; the unreadable copy is kept "
+                   f"as <name>.unreadable")
     log.warning(message)
     return message

@@ -257,16 +257,17 @@ def test_sweep_table_best_config_and_resume_errored(ray_local, tmp_path):
                                                       "uncertainty": True}
     assert best_cfg.dataset == base.dataset and best_cfg.points == base.points
 
-    # A driver killed while Tune copies its searcher state leaves the file truncated (CI saw it once): the next run
-    # must rebuild it, not restart silently with one empty trial, and keep every finished trial without rerunning it.
+    # A driver killed while Tune copies its state files leaves them truncated (CI saw it once): the next run must
+    # take the driver's staged copies, not restart silently with one empty trial, and rerun no finished trial.
     exp_dir = out / "tune" / "ray_results" / "tune_psps"
-    searcher = max(exp_dir.glob("basic-variant-state-*.json"))  # one per session; Tune reads the newest
-    searcher.write_bytes(searcher.read_bytes()[:20])
+    truncated = [max(exp_dir.glob(f"{kind}-*.json")) for kind in ("experiment_state", "basic-variant-state")]
+    for f in truncated:  # one of each per session; Tune reads the newest
+        f.write_bytes(f.read_bytes()[:20])
     third = tune_sweep.run(tcfg, str(out), base, trial_fn=_flaky_trial(str(marker)))
     assert third["resumed"] and third["num_errors"] == 0
     assert [(r["trial_id"], r["pq"]) for r in third["rows"]] == [(r["trial_id"], r["pq"]) for r in second["rows"]]
     assert (marker / "calls.log").read_text().split() == calls  # nothing ran again
-    assert Path(f"{searcher}.unreadable").stat().st_size == 20
+    assert all(Path(f"{f}.unreadable").stat().st_size == 20 and f.stat().st_size > 20 for f in truncated)
 
     # A changed space must not silently resume the old sweep.
     changed = load_config(TuneConfig, str(cfg_path), ["space.beta.grid=[0.5]"])
@@ -302,11 +303,12 @@ tune_sweep.run(tcfg, output, tune_sweep.load_base_config(tcfg), trial_fn=gated)
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("truncate_searcher", [False, True], ids=["state-intact", "searcher-state-truncated"])
-def test_resume_after_driver_killed(ray_local, tmp_path, truncate_searcher):
+def test_resume_after_driver_killed(ray_local, tmp_path, truncate_searcher, caplog):
     """SIGKILL the sweep driver after its first finished trial; rerunning the command finishes the rest.
 
     ``searcher-state-truncated``: the kill landed while Tune copied its searcher state (Tune copies it
-    non-atomically; CI hit it once), so the file is cut short. The resumed sweep must still run every setting once.
+    non-atomically; CI hit it once), so the file is cut short, and the driver's staged copy is gone. The state is
+    rebuilt from the trial list: the resumed sweep must still run every setting once.
     """
     import tune_sweep
 
@@ -337,9 +339,13 @@ def test_resume_after_driver_killed(ray_local, tmp_path, truncate_searcher):
         proc.stderr.close()
     assert len(terminated) == 1, f"expected one finished trial before the kill, got {terminated}"
     kept = {t: (next(exp_dir.glob(f"*{t}*")) / "result.json").read_text() for t in terminated}
-    if truncate_searcher:
+    if truncate_searcher:  # and the driver's staged copy gone (another node): the state is rebuilt from the trials
         searcher = max(exp_dir.glob("basic-variant-state-*.json"))
         searcher.write_bytes(searcher.read_bytes()[:30])
+        session_dir = ray_local._private.worker._global_node.get_session_dir_path()
+        staged = list(Path(session_dir, "artifacts").glob(f"*/tune_psps/driver_artifacts/{searcher.name}"))
+        assert len(staged) == 1
+        staged[0].unlink()
 
     # Rerun the command: the real trial function under the same trainable name.
     summary = tune_sweep.main(["--config", str(cfg_path), "--output", str(out)])
@@ -349,6 +355,7 @@ def test_resume_after_driver_killed(ray_local, tmp_path, truncate_searcher):
     settings = sorted((r["beta"], r["downscale"]) for r in summary["rows"])
     assert settings == [(0.0, 0.25), (0.0, 1.0), (2.0, 0.25), (2.0, 1.0)]  # each setting once
     assert any(exp_dir.glob("*.unreadable")) == truncate_searcher
+    assert ("rebuilt from the" in caplog.text) == truncate_searcher
     for t, text in kept.items():  # the finished trial was kept, not run again
         assert (next(exp_dir.glob(f"*{t}*")) / "result.json").read_text() == text
     assert load_config(PipelineConfig, str(out / "tune" / "best_config.yaml")).generator.method == "psps"

@@ -7,6 +7,7 @@ without trials still to create) are in tests/test_tune.py.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -16,15 +17,16 @@ SPACE = {"beta": {"grid": [0.0, 2.0]}, "downscale": {"grid": [0.25, 1.0]}, "blur
 SEARCHER = "basic-variant-state-2026-12-03_10-00-00.json"
 
 
-def _experiment(tmp_path, trials, searcher: bytes | None):
-    """An experiment folder with Tune's two state files: the trials' JSON and the searcher's pickle."""
+def _experiment(folder, trials, searcher: bytes | None):
+    """``folder`` with Tune's two state files of a sweep: the trials' JSON and the searcher's pickle."""
     import ray.cloudpickle as cloudpickle
 
+    folder.mkdir(parents=True)
     data = [[json.dumps({"trial_id": t, "status": status, "config": config}), "{}"] for t, status, config in trials]
-    (tmp_path / "experiment_state-2026-12-03_10-00-00.json").write_text(json.dumps({"trial_data": data}))
+    (folder / "experiment_state-2026-12-03_10-00-00.json").write_text(json.dumps({"trial_data": data}))
     if searcher is not None:
-        (tmp_path / SEARCHER).write_bytes(cloudpickle.dumps({"_finished": False}) if searcher == b"ok" else searcher)
-    return tmp_path
+        (folder / SEARCHER).write_bytes(cloudpickle.dumps({"_finished": False}) if searcher == b"ok" else searcher)
+    return folder
 
 
 def _cfg(beta, downscale):
@@ -53,30 +55,30 @@ def test_missing_configs_counts_grid_combinations_and_draws_random_ones():
 
 
 def test_readable_state_is_left_alone(tmp_path):
-    exp = _experiment(tmp_path, [("ab12c_00000", "TERMINATED", _cfg(0.0, 0.25))], b"ok")
+    exp = _experiment(tmp_path / "tune_psps", [("ab12c_00000", "TERMINATED", _cfg(0.0, 0.25))], b"ok")
     before = {p.name: p.read_bytes() for p in exp.iterdir()}
-    assert check_experiment_state(str(exp), SPACE, 1) is None
+    assert check_experiment_state(str(exp), SPACE, 1, roots=[]) is None
     assert {p.name: p.read_bytes() for p in exp.iterdir()} == before
-    assert check_experiment_state(str(tmp_path / "absent"), SPACE, 1) is None  # no state: a new sweep
+    assert check_experiment_state(str(tmp_path / "absent"), SPACE, 1, roots=[]) is None  # no state: a new sweep
 
 
 def test_truncated_searcher_rebuilt_as_finished_when_every_trial_exists(tmp_path):
     trials = [(f"ab12c_{i:05d}", "TERMINATED", _cfg(b, d)) for i, (b, d) in
               enumerate([(0.0, 0.25), (2.0, 0.25), (0.0, 1.0), (2.0, 1.0)])]
-    exp = _experiment(tmp_path, trials, b"\x80\x05\x95")
-    message = check_experiment_state(str(exp), SPACE, 1)
+    exp = _experiment(tmp_path / "tune_psps", trials, b"\x80\x05\x95")
+    message = check_experiment_state(str(exp), SPACE, 1, roots=[])
     assert "rebuilt from the 4 trials" in message and "0 trial(s) still to create" in message
     assert (exp / f"{SEARCHER}.unreadable").read_bytes() == b"\x80\x05\x95"  # kept, under a name Tune does not read
     gen = _restored(exp)
     assert gen.next_trial() is None and gen.is_finished() and gen.total_samples == 4
     assert gen.max_concurrent == 2  # the Tuner's limit is not overwritten
-    assert check_experiment_state(str(exp), SPACE, 1) is None  # readable now
+    assert check_experiment_state(str(exp), SPACE, 1, roots=[]) is None  # readable now
 
 
 def test_truncated_searcher_rebuilt_with_the_trials_still_to_create(tmp_path):
     trials = [("ab12c_00000", "TERMINATED", _cfg(0.0, 0.25)), ("ab12c_00001", "RUNNING", _cfg(2.0, 0.25))]
-    exp = _experiment(tmp_path, trials, b"")
-    message = check_experiment_state(str(exp), SPACE, 1)
+    exp = _experiment(tmp_path / "tune_psps", trials, b"")
+    message = check_experiment_state(str(exp), SPACE, 1, roots=[])
     assert "2 trial(s) still to create" in message
     gen = _restored(exp)
     assert gen.total_samples == 4 and not gen.is_finished()
@@ -90,8 +92,27 @@ def test_truncated_searcher_rebuilt_with_the_trials_still_to_create(tmp_path):
 
 
 def test_truncated_experiment_state_names_the_file(tmp_path):
-    exp = _experiment(tmp_path, [("ab12c_00000", "TERMINATED", _cfg(0.0, 0.25))], b"ok")
+    exp = _experiment(tmp_path / "tune_psps", [("ab12c_00000", "TERMINATED", _cfg(0.0, 0.25))], b"ok")
     f = exp / "experiment_state-2026-12-03_10-00-00.json"
     f.write_text(f.read_text()[:15])
     with pytest.raises(TuneStateError, match=r"experiment_state-2026-12-03_10-00-00\.json is unreadable"):
-        check_experiment_state(str(exp), SPACE, 1)
+        check_experiment_state(str(exp), SPACE, 1, roots=[])
+
+
+def test_unreadable_state_replaced_by_the_drivers_staged_copy(tmp_path):
+    """Tune stages both files on the driver's node, then copies them: a kill during the copy leaves the pair complete."""
+    trials = [("ab12c_00000", "TERMINATED", _cfg(0.0, 0.25)), ("ab12c_00001", "RUNNING", _cfg(2.0, 0.25))]
+    roots = [str(tmp_path / "sessions/session_1/artifacts")]
+    staged = _experiment(Path(roots[0], "2026-12-03_10-00-00/tune_psps/driver_artifacts"), trials, b"ok")
+    exp = _experiment(tmp_path / "storage/tune_psps", trials[:1], b"ok")
+    state = exp / "experiment_state-2026-12-03_10-00-00.json"
+    state.write_bytes(state.read_bytes()[:15])
+    assert "staged copy of session 2026-12-03_10-00-00" in check_experiment_state(str(exp), SPACE, 1, roots=roots)
+    for name in (state.name, SEARCHER):
+        assert (exp / name).read_bytes() == (staged / name).read_bytes()
+    assert len((exp / f"{state.name}.unreadable").read_bytes()) == 15
+    # A staged copy of another session is not used: that state belongs to another run of the sweep.
+    state.write_bytes(b"{")
+    (staged / state.name).rename(staged / "experiment_state-2026-12-03_09-00-00.json")
+    with pytest.raises(TuneStateError, match="is unreadable"):
+        check_experiment_state(str(exp), SPACE, 1, roots=roots)
