@@ -84,10 +84,13 @@ def missing_configs(space: dict[str, Any], num_samples: int, configs: list[dict]
     ps = build_search_space(space)
     kinds = parse_space(space)
     grid = [n for n, (kind, _) in kinds.items() if kind == "grid"]
-    have = Counter(tuple(c.get(n) for n in grid) for c in configs)
+    def key(values) -> str:  # grid values may be lists or dicts (unhashable); a trial's config went through JSON
+        return json.dumps(list(values), sort_keys=True)
+
+    have = Counter(key(c.get(n) for n in grid) for c in configs)
     out = []
     for combo in itertools.product(*(kinds[n][1] for n in grid)):
-        for _ in range(max(num_samples - have[combo], 0)):
+        for _ in range(max(num_samples - have[key(combo)], 0)):
             config = {n: ps[n].sample() if kinds[n][0] in ("choice", "uniform", "loguniform") else ps[n]
                       for n in kinds if n not in grid}
             out.append({**config, **dict(zip(grid, combo))})
@@ -147,7 +150,7 @@ def rebuilt_searcher_state(trial_data: list, space: dict[str, Any], num_samples:
     swept = swept_params(space)
     start = max((int(t.rsplit("_", 1)[1]) + 1 for t in ids if t.rsplit("_", 1)[-1].isdigit()), default=len(ids))
     new = []
-    for i, config in enumerate(missing_configs(space, num_samples, [m["config"] for m in metas]), start):
+    for i, config in enumerate(missing_configs(space, num_samples, [m.get("config") or {} for m in metas]), start):
         evaluated = {n: config[n] for n in swept}
         new.append({"trial_id": f"{prefix}{i:05d}", "config": config, "evaluated_params": evaluated,
                     "experiment_tag": f"{i}_{format_vars({(n,): v for n, v in evaluated.items()})}"})

@@ -49,6 +49,8 @@ def test_missing_configs_counts_grid_combinations_and_draws_random_ones():
     assert sorted((c["beta"], c["downscale"]) for c in got) == [(0.0, 1.0), (2.0, 0.25)]
     assert all(c["blur_sigma"] == 0.0 for c in got)
     assert len(missing_configs(SPACE, 3, have)) == 4 * 3 - 2  # num_samples trials per combination
+    lists = {"sizes": {"grid": [[256, 320], [320]]}}  # unhashable grid values
+    assert missing_configs(lists, 1, [{"sizes": [320]}]) == [{"sizes": [256, 320]}]
     rand = {"beta": {"grid": [1.0]}, "eps": {"uniform": [0.1, 0.2]}}
     got = missing_configs(rand, 4, [{"beta": 1.0, "eps": 0.15}])
     assert len(got) == 3 and all(0.1 <= c["eps"] <= 0.2 and c["beta"] == 1.0 for c in got)
