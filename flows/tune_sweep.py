@@ -35,6 +35,7 @@ from operators.tune_state import check_experiment_state
 from operators.training import (
     fit_torch_trainer,
     log_dir_for,
+    repair_run_snapshot,
     stage2_inputs,
     storage_args,
     train_loop_per_worker,
@@ -133,6 +134,7 @@ def stage2_trial(sampled: dict, *, train_ds, output: str, categories: dict[int, 
     s2 = cfg.train
     sargs = storage_args(storage)
     run_name = f"{experiment}_{tune.get_context().get_trial_id()}"  # a rerun of the trial resumes this run
+    repair_run_snapshot(storage, run_name)  # a record truncated by a kill would stop every rerun of the trial
     loop_config = {"trainable": STAGE2_MODELS[s2.model], "config": s2.model_dump(mode="json"),
                    "categories": [asdict(c) for c in categories.values()], "context": {},
                    "log_dir": log_dir_for(sargs, run_name, output)}

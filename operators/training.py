@@ -219,6 +219,7 @@ def run_training(trainable_cls: type[Trainable], config: EngineConfig, categorie
     sargs = storage_args(storage)
     log_dir = log_dir_for(sargs, config.run_name, output)
     model_uri = join(output, "models", config.run_name)
+    repair_run_snapshot(storage, config.run_name)
     finished = finished_run(storage, config.run_name, trainable_cls.name, config.steps)
     if finished is not None:
         # What Ray Train would resume and train no step on: skip starting its controller and worker group.
@@ -261,6 +262,68 @@ def run_training(trainable_cls: type[Trainable], config: EngineConfig, categorie
         "last_loss": metrics.get("loss", history[-1].get("loss") if history else None),
         "already_trained": bool(metrics.get("already_trained")),
     }
+
+
+def repair_run_snapshot(storage: str, run_name: str) -> str | None:
+    """Rebuild Ray Train's record of the run ``run_name`` under ``storage`` when it is unreadable.
+
+    Ray Train 2.60's controller rewrites ``checkpoint_manager_snapshot.json`` in place at every checkpoint
+    report (not through a temp file). A controller killed during that write (a node lost, ``ray job stop``,
+    a SIGKILL) leaves it truncated, and every rerun of the run name then dies in the controller's constructor
+    (``CheckpointManagerInitializationError: Unterminated string``): the run can never resume. The record
+    is rebuilt from the run's checkpoint folders, whose ``meta.json`` is written last and holds the metrics
+    that were reported with the checkpoint; the newest by step is the one the rerun resumes from. The
+    unreadable record is kept as ``<name>.unreadable``. Returns a message describing the repair, or None.
+    """
+    import fsspec
+
+    storage = local_abs(storage) if is_local(storage) else storage
+    run_dir = join(storage, run_name)
+    fs, path = fsspec.core.url_to_fs(join(run_dir, RAY_CHECKPOINT_SNAPSHOT))
+    if not fs.exists(path):
+        return None
+    try:
+        with fs.open(path, "r") as f:
+            state = json.load(f)
+        if isinstance(state, dict) and "checkpoint_results" in state and "current_report_index" in state:
+            return None
+        error = "not a Ray Train checkpoint record"
+    except (ValueError, UnicodeDecodeError) as e:
+        error = f"{type(e).__name__}: {e}"
+    import ray
+
+    results = []
+    for name in sorted(fs.ls(path.rsplit("/", 1)[0], detail=False)):
+        name = name.rstrip("/").rsplit("/", 1)[-1]
+        if not name.startswith("checkpoint_") or name == RAY_CHECKPOINT_SNAPSHOT:
+            continue
+        try:
+            meta = read_meta(join(run_dir, name))
+        except (OSError, ValueError):  # an incomplete folder (meta.json is written last): not resumable
+            continue
+        metrics = dict(meta.get("metrics") or {"step": meta.get("step", 0)})
+        results.append((int(meta.get("step", 0)), name, metrics))
+    results.sort()
+    entries = [{"version": 0, "checkpoint_dir_name": name, "metrics": metrics} for _, name, metrics in results]
+    snapshot = {
+        "ray_version": ray.__version__, "checkpoint_results": entries,
+        "checkpoint_report_indices": list(range(len(entries))),  # report order = step order
+        "latest_checkpoint_result": entries[-1] if entries else None,
+        "pending_training_results": [], "pending_validation_specs": [], "current_report_index": len(entries),
+        "validated_checkpoint_dir_names": [], "timed_out_validation_checkpoint_dir_names": [],
+        "failed_validation_checkpoint_dir_names": [],
+    }
+    fs.mv(path, path + ".unreadable")
+    with fs.open(path + ".tmp", "w") as f:
+        json.dump(snapshot, f)
+    fs.mv(path + ".tmp", path)
+    latest = f"the checkpoint of step {results[-1][0]} ({results[-1][1]})" if results else "no complete checkpoint"
+    message = (f"run {run_name!r} under {storage}: Ray Train's checkpoint record was unreadable ({error}; its "
+               f"controller was probably killed while writing it); rebuilt from the run's {len(results)} complete "
+               f"checkpoint folder(s), so the run resumes from {latest}; the unreadable record is kept as "
+               f"{RAY_CHECKPOINT_SNAPSHOT}.unreadable")
+    log.warning(message)
+    return message
 
 
 def finished_run(storage: str, run_name: str, trainable_name: str, steps: int) -> tuple[str, dict] | None:

@@ -82,7 +82,8 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def resumed(ray_local, data, tmp_path_factory):
     """A 2-step run, rerun under the same name to step 6 with rank 0's worker exiting after step 5 (checkpoints
-    every 2 steps), and the same 6 steps uninterrupted: three Ray Train runs that the two tests below share."""
+    every 2 steps), the same 6 steps uninterrupted, and that run rerun to step 8 from its Ray Train record cut
+    short: four Ray Train runs that the two tests below share."""
     from operators.training import train_stage2
 
     out, categories = data
@@ -91,13 +92,18 @@ def resumed(ray_local, data, tmp_path_factory):
     second = train_stage2(tiny_config(out, run_name="resume", steps=6), categories, str(out),
                           loop_extra={"crash_at_step": 5, "crash_marker": str(marker)})
     straight = train_stage2(tiny_config(out, run_name="straight", steps=6), categories, str(out))
-    return first, second, straight, marker
+    # Ray Train rewrites its checkpoint record in place; a controller killed mid-write leaves it cut short, and
+    # Ray Train would then refuse every rerun of the name. The record is rebuilt from the checkpoint folders.
+    record = out / "train" / "straight" / "checkpoint_manager_snapshot.json"
+    record.write_bytes(record.read_bytes()[:50])
+    third = train_stage2(tiny_config(out, run_name="straight", steps=8), categories, str(out))
+    return first, second, straight, marker, third
 
 
 def test_worker_crash_is_recovered_and_bad_rows_are_counted(resumed):
     from pointseg.train.checkpoint import read_meta
 
-    _, res, _, marker = resumed
+    _, res, _, marker, _ = resumed
     assert marker.read_text() == "crashed at step 5\n", "the test hook did not fire: the worker never passed step 5"
     assert res["metrics"]["step"] == 6
     assert read_meta(res["checkpoint"])["step"] == 6  # the exported model folder holds the last step
@@ -119,7 +125,7 @@ def test_worker_crash_is_recovered_and_bad_rows_are_counted(resumed):
 
 
 def test_rerun_with_same_name_resumes_from_checkpoint_and_epoch(resumed):
-    first, second, straight, _ = resumed
+    first, second, straight, _, third = resumed
     assert first["metrics"]["step"] == 2 and first["start_step"] == 0
     assert second["metrics"]["step"] == 6 and second["history"][2]["start_step"] == 2
     # The epoch counter and the position in the epoch survived both resumes (the rerun's and the restarted
@@ -129,6 +135,10 @@ def test_rerun_with_same_name_resumes_from_checkpoint_and_epoch(resumed):
     assert sorted(epochs) == [1, 2, 3, 4, 5, 6] and max(epochs.values()) >= 1, epochs
     assert [(h["step"], h["epoch"]) for h in second["history"]] == [
         (h["step"], epochs[h["step"]]) for h in second["history"]], (second["history"], epochs)
+    # The third run found the record truncated: rebuilt from the checkpoint folders, it resumed at step 6.
+    run = Path(third["run_dir"])
+    assert len((run / "checkpoint_manager_snapshot.json.unreadable").read_bytes()) == 50
+    assert third["metrics"]["step"] == 8 and [h["start_step"] for h in third["history"][-2:]] == [6, 6]
 
 
 def test_a_finished_run_is_found_only_from_a_final_checkpoint_of_the_trainable(tmp_path, caplog):
@@ -159,6 +169,34 @@ def test_a_finished_run_is_found_only_from_a_final_checkpoint_of_the_trainable(t
     assert finished_run(store, "r", "toy", 4) is None
     (run / RAY_CHECKPOINT_SNAPSHOT).write_text("{not json")
     assert finished_run(store, "r", "toy", 4) is None and "could not be read" in caplog.text
+
+
+def test_truncated_run_record_is_rebuilt_from_the_checkpoint_folders(tmp_path, caplog):
+    """Ray Train's record, cut short, is rebuilt in Ray's own schema from the complete checkpoint folders."""
+    import torch
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _CheckpointManagerState
+
+    from operators.training import RAY_CHECKPOINT_SNAPSHOT, finished_run, repair_run_snapshot
+    from pointseg.train.checkpoint import save_checkpoint
+
+    run = tmp_path / "store" / "r"
+    for name, step in (("checkpoint_2026-12-03_10-00-02", 4), ("checkpoint_2026-12-03_10-00-01", 2)):
+        save_checkpoint(str(run / name), {"trainable": "toy", "step": step,
+                                          "metrics": {"step": step, "loss": 1.0 / step, "final": step == 4}},
+                        {"w": torch.zeros(1)})
+    (run / "checkpoint_2026-12-03_10-00-03").mkdir()  # a folder whose meta.json was never written
+    store = str(tmp_path / "store")
+    assert repair_run_snapshot(store, "r") is None  # no record: nothing to do
+    (run / RAY_CHECKPOINT_SNAPSHOT).write_text('{"ray_version":"2.60.0","checkpoint_res')
+    assert "rebuilt from the run's 2 complete checkpoint folder(s)" in repair_run_snapshot(store, "r")
+    state = _CheckpointManagerState.model_validate_json((run / RAY_CHECKPOINT_SNAPSHOT).read_text())
+    assert [r.checkpoint_dir_name for r in state.checkpoint_results] == ["checkpoint_2026-12-03_10-00-01",
+                                                                        "checkpoint_2026-12-03_10-00-02"]
+    assert state.latest_checkpoint_result.metrics == {"step": 4, "loss": 0.25, "final": True}
+    assert state.checkpoint_report_indices == [0, 1] and state.current_report_index == 2
+    assert (run / f"{RAY_CHECKPOINT_SNAPSHOT}.unreadable").read_text().endswith("checkpoint_res")
+    assert finished_run(store, "r", "toy", 4)[0] == str(run / "checkpoint_2026-12-03_10-00-02")
+    assert repair_run_snapshot(store, "r") is None  # readable now
 
 
 def test_empty_training_set_names_the_filter(ray_local, tmp_path):
