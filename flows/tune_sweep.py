@@ -41,7 +41,8 @@ from operators.training import (
     train_loop_per_worker,
 )
 from pointseg.config import PipelineConfig, load_config
-from pointseg.data.prepare import join, open_out, prepare_inputs, read_index
+from pointseg.data.prepare import join, prepare_inputs, read_index
+from pointseg.storage import write_atomic
 from pointseg.data.record import Category
 from pointseg.generators import generator_class, generator_fingerprint
 from pointseg.report import score_generator
@@ -308,8 +309,7 @@ def run(tcfg: TuneConfig, output: str, base: PipelineConfig, trial_fn=None) -> d
         categories, prep = prepare_inputs(base.dataset, base.points, output, base.strict)
     fingerprint = sweep_fingerprint(tcfg, base)
     _check_resumable(tune_dir, exp_dir, fingerprint)
-    with open_out(join(tune_dir, "sweep.json"), "w") as f:
-        json.dump(fingerprint, f, indent=2)
+    write_atomic(join(tune_dir, "sweep.json"), json.dumps(fingerprint, indent=2).encode())  # read by every rerun
 
     init_ray(base.ray)
     if stage2:

@@ -28,6 +28,8 @@ from typing import Any
 import fsspec
 import torch
 
+from pointseg.storage import write_atomic
+
 FORMAT = "pointseg-checkpoint/1"
 META_FILE = "meta.json"
 MODEL_FILE = "model.pt"
@@ -41,23 +43,6 @@ class UnsafeCheckpointError(ValueError):
 
 def _join(root: str, name: str) -> str:
     return root.rstrip("/") + "/" + name
-
-
-def _write_bytes(uri: str, data: bytes) -> None:
-    """Write ``data`` to ``uri``; on a local filesystem through a temp name and a rename (never half a file)."""
-    fs, path = fsspec.core.url_to_fs(uri)
-    parent = path.rsplit("/", 1)[0]
-    if parent and parent != path:
-        fs.makedirs(parent, exist_ok=True)
-    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    if "file" in protocols:
-        tmp = path + ".tmp"
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-        fs.mv(tmp, path)
-    else:
-        with fs.open(path, "wb") as f:
-            f.write(data)
 
 
 def _tensor_bytes(obj: Any) -> bytes:
@@ -113,13 +98,13 @@ def save_checkpoint(uri: str, meta: dict, model_state: dict, optimizer_state: di
     ``meta.json`` is written last, with the SHA-1 of ``model.pt``.
     """
     model_bytes = _tensor_bytes(model_state)
-    _write_bytes(_join(uri, MODEL_FILE), model_bytes)
+    write_atomic(_join(uri, MODEL_FILE), model_bytes)
     if optimizer_state is not None:
-        _write_bytes(_join(uri, OPTIMIZER_FILE), _tensor_bytes(optimizer_state))
+        write_atomic(_join(uri, OPTIMIZER_FILE), _tensor_bytes(optimizer_state))
     if extra_state:
-        _write_bytes(_join(uri, EXTRA_FILE), _tensor_bytes(extra_state))
+        write_atomic(_join(uri, EXTRA_FILE), _tensor_bytes(extra_state))
     full = {"format": FORMAT, **meta, "model_sha1": hashlib.sha1(model_bytes).hexdigest()}
-    _write_bytes(_join(uri, META_FILE), json.dumps(full, indent=1, default=str).encode())
+    write_atomic(_join(uri, META_FILE), json.dumps(full, indent=1, default=str).encode())
     return uri
 
 
@@ -169,5 +154,5 @@ def copy_checkpoint(src: str, dst: str) -> str:
     names = [p.rsplit("/", 1)[-1] for p in src_fs.ls(src_path, detail=False)]
     for name in sorted(n for n in names if n.endswith(".pt")) + [META_FILE]:
         with src_fs.open(_join(src_path, name), "rb") as f:
-            _write_bytes(_join(dst, name), f.read())
+            write_atomic(_join(dst, name), f.read())
     return dst
