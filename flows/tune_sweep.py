@@ -42,10 +42,10 @@ from operators.training import (
 )
 from pointseg.config import PipelineConfig, load_config
 from pointseg.data.prepare import join, prepare_inputs, read_index
-from pointseg.storage import write_atomic
 from pointseg.data.record import Category
 from pointseg.generators import generator_class, generator_fingerprint
 from pointseg.report import score_generator
+from pointseg.storage import write_atomic
 from pointseg.train.engine import fit_plain
 from pointseg.train.final_loss import final_loss
 from pointseg.train.stage2 import STAGE2_MODELS

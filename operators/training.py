@@ -32,6 +32,7 @@ from pointseg.data.coco_panoptic_io import as_categories
 from pointseg.data.prepare import iter_shard_rows, join, read_index
 from pointseg.data.record import Category
 from pointseg.generators import generator_class
+from pointseg.storage import write_atomic
 from pointseg.train.checkpoint import copy_checkpoint, read_checkpoint, read_meta, save_checkpoint
 from pointseg.train.engine import EngineConfig, Hooks, Trainable, fit
 from pointseg.train.rows import INDEX_COLUMNS
@@ -295,7 +296,7 @@ def repair_run_snapshot(storage: str, run_name: str) -> str | None:
     results = []
     for name in sorted(fs.ls(path.rsplit("/", 1)[0], detail=False)):
         name = name.rstrip("/").rsplit("/", 1)[-1]
-        if not name.startswith("checkpoint_") or name == RAY_CHECKPOINT_SNAPSHOT:
+        if not name.startswith("checkpoint_") or name.startswith(RAY_CHECKPOINT_SNAPSHOT):  # the record, its copies
             continue
         try:
             meta = read_meta(join(run_dir, name))
@@ -314,9 +315,7 @@ def repair_run_snapshot(storage: str, run_name: str) -> str | None:
         "failed_validation_checkpoint_dir_names": [],
     }
     fs.mv(path, path + ".unreadable")
-    with fs.open(path + ".tmp", "w") as f:
-        json.dump(snapshot, f)
-    fs.mv(path + ".tmp", path)
+    write_atomic(join(run_dir, RAY_CHECKPOINT_SNAPSHOT), json.dumps(snapshot).encode())
     latest = f"the checkpoint of step {results[-1][0]} ({results[-1][1]})" if results else "no complete checkpoint"
     message = (f"run {run_name!r} under {storage}: Ray Train's checkpoint record was unreadable ({error}; its "
                f"controller was probably killed while writing it); rebuilt from the run's {len(results)} complete "

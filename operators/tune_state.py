@@ -32,6 +32,7 @@ import posixpath
 from collections import Counter
 from typing import Any
 
+from pointseg.storage import write_atomic
 from pointseg.tuning import build_search_space, parse_space, swept_params
 
 log = logging.getLogger(__name__)
@@ -206,10 +207,7 @@ def _replace(fs, path: str, data: bytes) -> None:
     """Write ``data`` to ``path``, keeping an existing file as ``<path>.unreadable``."""
     if fs.exists(path):
         fs.mv(path, path + ".unreadable")
-    tmp = posixpath.join(posixpath.dirname(path), f".tmp-{posixpath.basename(path)}")
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, path)
+    write_atomic(fs.unstrip_protocol(path), data)
 
 
 def check_experiment_state(exp_dir: str, space: dict[str, Any], num_samples: int,
