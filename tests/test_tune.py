@@ -360,8 +360,8 @@ def test_resume_after_driver_killed(ray_local, tmp_path, truncate_searcher, capl
     assert terminated <= {r["trial_id"] for r in summary["rows"]}
     settings = sorted((r["beta"], r["downscale"]) for r in summary["rows"])
     assert settings == [(0.0, 0.25), (0.0, 1.0), (2.0, 0.25), (2.0, 1.0)]  # each setting once
-    assert any(exp_dir.glob("*.unreadable")) == truncate_searcher
-    assert ("rebuilt from the" in caplog.text) == truncate_searcher
+    if truncate_searcher:  # (without it, a kill that happened to cut a file short is repaired from the staged copy)
+        assert any(exp_dir.glob("*.unreadable")) and "rebuilt from the" in caplog.text
     for t, text in kept.items():  # the finished trial was kept, not run again
         assert (next(exp_dir.glob(f"*{t}*")) / "result.json").read_text() == text
     assert load_config(PipelineConfig, str(out / "tune" / "best_config.yaml")).generator.method == "psps"
