@@ -24,11 +24,17 @@ from pointseg.data.prepare import prepare_inputs
 from pointseg.generators import generator_fingerprint
 from pointseg.report import console_summary, evaluate_run, model_section, save_report, write_report
 from pointseg.review.page import write_review
+from pointseg.storage import OutputLock
 
 log = logging.getLogger("pointseg.flows.full_pipeline")
 
 
 def run(cfg: PipelineConfig, output: str) -> dict:
+    with OutputLock(output, "flows/full_pipeline.py"):  # one run at a time per output folder
+        return _run(cfg, output)
+
+
+def _run(cfg: PipelineConfig, output: str) -> dict:
     timer = StageTimer()
     with timer.stage("prepare"):
         categories, prep = prepare_inputs(cfg.dataset, cfg.points, output, cfg.strict)

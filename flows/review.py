@@ -17,6 +17,7 @@ from common import setup_logging  # also puts the repo on sys.path
 
 from pointseg.review.options import ReviewOptions
 from pointseg.review.page import write_review
+from pointseg.storage import OutputLock
 
 
 def main() -> None:
@@ -29,7 +30,8 @@ def main() -> None:
                            default=f.default, help=f.description)
     args = vars(p.parse_args())
     output = args.pop("output")
-    out = write_review(output, options=ReviewOptions.model_validate(args))
+    with OutputLock(output, "flows/review.py"):  # the page is not rewritten under a run that is still writing it
+        out = write_review(output, options=ReviewOptions.model_validate(args))
     print(json.dumps({k: out[k] for k in ("index", "suggestions", "images", "failed", "sort", "correlation")},
                      indent=2))
 

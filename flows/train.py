@@ -21,17 +21,19 @@ from common import StageTimer, init_ray, pipeline_args
 
 from operators.training import train_stage2
 from pointseg.data.prepare import join, load_categories
+from pointseg.storage import OutputLock
 
 
 def main() -> None:
     cfg, output = pipeline_args(__doc__, "configs/train.yaml")
-    categories = load_categories(join(output, "categories.json"))
-    init_ray(cfg.ray)
-    timer = StageTimer()
-    with timer.stage("train"):
-        out = train_stage2(cfg, categories, output)
-    out.pop("history")
-    print(json.dumps({**out, "seconds": timer.seconds}, indent=2, default=str))
+    with OutputLock(output, "flows/train.py"):  # one run at a time per output folder
+        categories = load_categories(join(output, "categories.json"))
+        init_ray(cfg.ray)
+        timer = StageTimer()
+        with timer.stage("train"):
+            out = train_stage2(cfg, categories, output)
+        out.pop("history")
+        print(json.dumps({**out, "seconds": timer.seconds}, indent=2, default=str))
 
 
 if __name__ == "__main__":

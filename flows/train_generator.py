@@ -21,6 +21,7 @@ from common import StageTimer, init_ray, pipeline_args
 
 from operators.training import train_generator
 from pointseg.data.prepare import prepare_inputs
+from pointseg.storage import OutputLock
 
 
 def main() -> None:
@@ -30,15 +31,16 @@ def main() -> None:
     if not cfg.generator.needs_training():
         raise SystemExit(f"nothing to train: generator.params.checkpoint is set ({cfg.generator.params.checkpoint}), "
                          "generator.train.enabled is false, or this configuration uses no network")
-    timer = StageTimer()
-    with timer.stage("prepare"):
-        categories, _ = prepare_inputs(cfg.dataset, cfg.points, output, cfg.strict)
-    init_ray(cfg.ray)
-    with timer.stage("generator_training"):
-        out = train_generator(cfg, categories, output)
-    out.pop("history")
-    print(json.dumps({**out, "seconds": timer.seconds}, indent=2, default=str))
-    print(f"label with: generator.params.checkpoint={out['checkpoint']}")
+    with OutputLock(output, "flows/train_generator.py"):  # one run at a time per output folder
+        timer = StageTimer()
+        with timer.stage("prepare"):
+            categories, _ = prepare_inputs(cfg.dataset, cfg.points, output, cfg.strict)
+        init_ray(cfg.ray)
+        with timer.stage("generator_training"):
+            out = train_generator(cfg, categories, output)
+        out.pop("history")
+        print(json.dumps({**out, "seconds": timer.seconds}, indent=2, default=str))
+        print(f"label with: generator.params.checkpoint={out['checkpoint']}")
 
 
 if __name__ == "__main__":

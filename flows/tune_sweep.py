@@ -45,7 +45,7 @@ from pointseg.data.prepare import join, prepare_inputs, read_index
 from pointseg.data.record import Category
 from pointseg.generators import generator_class, generator_fingerprint
 from pointseg.report import score_generator
-from pointseg.storage import write_atomic
+from pointseg.storage import OutputLock, write_atomic
 from pointseg.train.engine import fit_plain
 from pointseg.train.final_loss import final_loss
 from pointseg.train.stage2 import STAGE2_MODELS
@@ -297,6 +297,11 @@ def run(tcfg: TuneConfig, output: str, base: PipelineConfig, trial_fn=None) -> d
     else:
         check_space_against(cls.Config, tcfg.space, trial_params(base, tcfg.method, {}),
                             cls.stage1.Config if cls.stage1 is not None else None, trial_train(base, tcfg.method, {}))
+    with OutputLock(output, "flows/tune_sweep.py"):  # one run at a time per output folder
+        return _sweep(tcfg, output, base, trial_fn, stage2)
+
+
+def _sweep(tcfg: TuneConfig, output: str, base: PipelineConfig, trial_fn, stage2: bool) -> dict:
     if "://" not in output:
         output = str(Path(output).resolve())
     tune_dir = join(output, "tune")
