@@ -4,6 +4,7 @@
 * one labelling actor killed mid-run: nothing lost or duplicated, at most one batch redone;
 * bytes overwritten inside a shard: the row fails its checksum, is relabelled and reported;
 * a truncated shard: quarantined once, named in the report, never warned about again;
+* the disk full while a shard is written: the finished shards stay, the rerun resumes;
 * the in-process path and the Ray path write the same shards.
 """
 
@@ -136,6 +137,37 @@ def test_a_killed_driver_keeps_what_was_labelled(tmp_path):
     assert report["images"]["skipped_done"] == kept and report["images"]["labelled_now"] == n - kept
     assert kept / n >= 0.4
     assert exported_ids(out) == list(range(n))  # every image exported exactly once
+
+
+def test_a_full_disk_stops_the_run_keeps_the_finished_batches_and_the_rerun_resumes(tmp_path, monkeypatch):
+    """The disk fills during the third shard write: the run stops with the system's ENOSPC error, the two finished
+    shards stay, the half-written one is never read, and the rerun (space freed) labels only the rest."""
+    import errno
+
+    from fsspec.implementations.local import LocalFileOpener
+
+    out, n = tmp_path / "run", 12
+    real_write, written = LocalFileOpener.write, []
+
+    def filling_disk(self, data):
+        if "/shards/" in self.path:
+            if len(written) == 2:
+                real_write(self, bytes(data)[: len(data) // 2])  # what fits, then the disk is full
+                raise OSError(errno.ENOSPC, "No space left on device")
+            written.append(self.path)
+        return real_write(self, data)
+
+    monkeypatch.setattr(LocalFileOpener, "write", filling_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        run_flow(config(out, n, min_images_for_ray=1000), out)
+    monkeypatch.setattr(LocalFileOpener, "write", real_write)
+    names = sorted(p.name for p in (out / "shards").iterdir())
+    assert len(names) == 3 and sum(".parquet.tmp" in p for p in names) == 1  # two whole shards, one cut short
+    assert len(shard_ids(out)) == 4
+    report = run_flow(config(out, n, min_images_for_ray=1000), out)
+    assert report["images"]["skipped_done"] == 4 and report["images"]["labelled_now"] == n - 4
+    assert not [p for p in (out / "shards").iterdir() if ".tmp" in p.name]  # the partial file is gone
+    assert exported_ids(out) == list(range(n)) and report["failures"] == []
 
 
 def test_a_killed_actor_loses_nothing_and_redoes_at_most_one_batch(ray_local, tmp_path):
