@@ -618,3 +618,55 @@ def test_split_within_foreground_keeps_paths_off_the_background_and_equals_scipy
     assert not reach[:, :2].any()  # the click-less part is the fallback's
     with pytest.raises(ValueError, match="split_within"):
         EPLDConfig(split_within="stuff")
+
+
+def test_foreground_band_moves_the_boundary_to_the_colour_edge_and_equals_scipy_in_the_band():
+    """``foreground_band``: red columns 0-39, blue 40-79 (with pixel noise); EPLD's foreground (one thing) reaches
+    column 47, 8 pixels past the colour edge. A band of 5 does not reach the edge: the blue band is split near its
+    middle, where EPLD put the boundary (``band_step``; the noise moves a few pixels). A band of 10 does: its blue
+    cells are nearer the blue stuff outside than the red foreground inside, so columns 40-47 (8 x 64 pixels) go
+    to the stuff. In both, the band's sides equal scipy's Dijkstra from the two seed sets on the same lengths."""
+    from scipy.sparse.csgraph import dijkstra
+
+    from pointseg.generators.base import seed_groups
+    from pointseg.generators.psps import low_level_maps
+    from pointseg.geodesic import NEIGHBOURS_8, edge_costs, to_csgraph
+
+    h, w = 64, 80
+    rng = np.random.default_rng(0)
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:, :40], img[:, 40:] = (200, 30, 30), (30, 30, 200)
+    img = np.clip(img.astype(int) + rng.integers(-3, 4, img.shape), 0, 255).astype(np.uint8)
+    pts = Points([[10.0, 32.0], [70.0, 32.0]], [1, 7], [1, 7])  # a thing on the red, the sky on the blue
+    groups = seed_groups(pts, CATS)
+    thing = [n for n, g in enumerate(groups) if g.isthing][0]
+    sky = [n for n, g in enumerate(groups) if not g.isthing][0]
+    col = np.broadcast_to(np.arange(w)[None, :], (h, w))
+    start = np.where(col < 48, thing, sky)
+    logits = torch.zeros(len(groups), 8, 10)
+    logits[thing, :, :6], logits[sky, :, 6:] = 2.0, 2.0  # M^l's grid: cells of 8 px
+
+    lab, boundary = low_level_maps(img, (h, w), 0.5)
+    cost = edge_costs(lab, boundary, beta=0.1)
+    graph = to_csgraph(cost + 0.01 * np.array([np.hypot(dy, dx) for dy, dx in NEIGHBOURS_8])[:, None, None])
+
+    def oracle(band: int) -> np.ndarray:  # seeds: the foreground eroded by `band` columns, the stuff likewise
+        d_in = dijkstra(graph, indices=np.flatnonzero(col < 48 - band), min_only=True).reshape(h, w)
+        d_out = dijkstra(graph, indices=np.flatnonzero(col >= 48 + band), min_only=True).reshape(h, w)
+        return np.where(col < 48 - band, thing, np.where(col >= 48 + band, sky, np.where(d_in < d_out, thing, sky)))
+
+    for band in (5, 10):
+        got = start.copy()
+        moved = epld_generator.geodesic_foreground_band(img, pts, groups, got, logits, band, 0.1, 1.0, 0.01)
+        np.testing.assert_array_equal(got, oracle(band))
+        assert moved == int((got != start).sum())
+        if band == 5:
+            assert moved < 0.05 * h * 2 * band and (got[col < 44] == thing).all() and (got[col >= 52] == sky).all()
+        else:
+            np.testing.assert_array_equal(got, np.where(col < 40, thing, sky))
+            assert moved == 8 * h
+    assert epld_generator.geodesic_foreground_band(img, pts, groups, start.copy(), logits, 0, 0.1, 1.0) == 0  # off
+    only_things = seed_groups(Points([[10.0, 32.0], [70.0, 32.0]], [1, 2], [1, 2]), CATS)  # the void protocol
+    assert epld_generator.geodesic_foreground_band(img, pts, only_things, start.copy(), logits, 10, 0.1, 1.0) == 0
+    with pytest.raises(ValueError, match="foreground_band"):
+        EPLDConfig(foreground_band=-1)

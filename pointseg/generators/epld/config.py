@@ -76,7 +76,16 @@ class EPLDConfig(TrainableGeneratorConfig):
         "any pixel (stuff included); 'foreground' keeps them inside EPLD's own foreground (pixels it gives to a "
         "thing), so one thing cannot reach another across the background (a foreground part no thing's path "
         "reaches keeps the 'image' split)")
-
+    foreground_band: int = Field(
+        0, ge=0, description="our extension: before the thing split, redraw EPLD's foreground / stuff boundary "
+        "inside a band of this many pixels (at split_downscale) on either side of it: the band's pixels go to "
+        "whichever side, the foreground inside the band or the stuff outside it, is nearest in PSPS's geodesic cost "
+        "(LAB colour + split_beta * Sobel boundary), so the boundary moves to colour edges finer than M^l's grid; "
+        "0: EPLD's own decision")
+    band_step: float = Field(
+        0.01, ge=0, description="foreground_band: length added to every step of the band's paths (x sqrt 2 for "
+        "diagonal steps), so that where colour does not decide, the boundary stays where EPLD put it (the middle "
+        "of the band)")
 
     @model_validator(mode="after")
     def _multiple_of_32(self) -> "EPLDConfig":

@@ -37,7 +37,7 @@ from pointseg.data.points import validate_points
 from pointseg.data.record import Category, Points
 from pointseg.generators.base import PseudoLabel, TrainableGenerator, assemble
 from pointseg.generators.psps import cells_read_by, geodesic_cost, scaled_points, upsample_labels
-from pointseg.geodesic import add_entry_costs, geodesic_distance, nearest_source, split_within
+from pointseg.geodesic import NEIGHBOURS_8, add_entry_costs, geodesic_distance, nearest_source, split_within
 from pointseg.generators.epld.batch import network_batch
 from pointseg.argmax import first_argmax
 from pointseg.generators.epld.model import MASKED_LOGIT
@@ -112,6 +112,52 @@ def geodesic_thing_split(image: np.ndarray, points: Points, groups, assignment: 
     changed = fg & (assignment != nearest)
     assignment[fg] = nearest[fg]
     return int(changed.sum())
+
+
+def geodesic_foreground_band(image: np.ndarray, points: Points, groups, assignment: np.ndarray, logits: torch.Tensor,
+                             band: int, beta: float, downscale: float, step: float = 0.0) -> int:
+    """``foreground_band`` (our extension): EPLD's foreground / stuff boundary redrawn along colour edges.
+
+    On the working grid (``downscale`` of the image, PSPS's geodesic cost: LAB colour + ``beta`` * Sobel
+    boundary), the foreground ``F`` (pixels EPLD gives to a thing) is eroded and dilated by ``band`` cells (a
+    square window of side ``2 band + 1``): the eroded foreground seeds the things' side, everything outside the
+    dilated foreground seeds the stuff side, and every cell of the band in between goes to the side whose seeds
+    are nearest in geodesic cost plus ``step`` per step (``sqrt 2 step`` diagonally; one multi-source Dijkstra),
+    so a band of uniform colour is split in its middle, where EPLD put the boundary. Thing clicks stay foreground and stuff clicks
+    stuff. ``assignment`` (H, W), index into ``groups``, is changed in place: a pixel leaving the foreground
+    goes to its most probable stuff instance, one entering it to its most probable thing (``logits`` (N, h, w)
+    resized; the thing split that follows may reassign it). Returns the number of pixels moved.
+    """
+    isthing = np.array([g.isthing for g in groups])
+    if band <= 0 or isthing.all() or not isthing.any():
+        return 0
+    height, width = assignment.shape
+    cost, (h, w) = geodesic_cost(image, downscale, 0.5, beta)
+    fg = cells_read_by(isthing[assignment], h, w) if (h, w) != (height, width) else isthing[assignment]
+    kernel = np.ones((2 * band + 1, 2 * band + 1), np.uint8)
+    inner = cv2.erode(fg.astype(np.uint8), kernel, borderType=cv2.BORDER_REPLICATE).astype(bool)
+    outer = ~cv2.dilate(fg.astype(np.uint8), kernel, borderType=cv2.BORDER_REPLICATE).astype(bool)
+    cells = scaled_points(points, height, width, h, w)
+    for g in groups:
+        (inner if g.isthing else outer)[cells[g.point_index, 0], cells[g.point_index, 1]] = True
+    seeds = np.argwhere(inner | outer)
+    if not inner.any() or not outer.any():
+        return 0
+    if step > 0:
+        diagonal = np.array([abs(dy) + abs(dx) == 2 for dy, dx in NEIGHBOURS_8])
+        cost = cost + step * np.where(diagonal, np.sqrt(2.0), 1.0)[:, None, None]
+    side = nearest_source(cost, seeds, labels=inner[seeds[:, 0], seeds[:, 1]].astype(np.int64))[1] == 1
+    new_fg = np.where(inner | outer, inner, side)
+    m = torch.nn.functional.interpolate(logits[None].float(), size=(h, w), mode="bilinear",
+                                        align_corners=False)[0]
+    things = torch.from_numpy(isthing)[:, None, None]
+    best_thing = torch.where(things, m, -torch.inf).argmax(0).numpy()
+    best_stuff = torch.where(things, -torch.inf, m).argmax(0).numpy()
+    relabel = upsample_labels(np.where(new_fg, best_thing, best_stuff), height, width)
+    want = upsample_labels(new_fg.astype(np.int32), height, width).astype(bool)
+    moved = want != isthing[assignment]
+    assignment[moved] = relabel[moved]
+    return int(moved.sum())
 
 
 def bilinear_matrix(out_size: int, in_size: int) -> torch.Tensor:
@@ -319,6 +365,9 @@ class EPLDGenerator(TrainableGenerator):
                 own, moved = keep_clicked_components(own, scaled_points(pts, height, width, *own.shape[-2:]), instance,
                                                      np.array([g.isthing for g in groups]))
             assignment, uncertainty = top2_assignment(own, height, width)
+            refined = geodesic_foreground_band(img, pts, groups, assignment, own, self.config.foreground_band,
+                                               self.config.split_beta, self.config.split_downscale,
+                                               self.config.band_step)
             split = 0
             if self.config.thing_split != "network":
                 gamma = self.config.split_gamma if self.config.thing_split == "learned_geodesic" else 0.0
@@ -336,7 +385,8 @@ class EPLDGenerator(TrainableGenerator):
             diag = {"instances": len(groups), "layer": self.layer_index + 1, "input_size": size,
                     "batch_size": len(images), "network_seconds": network_s,
                     "mean_uncertainty": float(uncertainty.mean()), "restored_point_pixels": restored,
-                    "fragment_cells_moved": moved, "geodesic_split_pixels": split}
+                    "fragment_cells_moved": moved, "geodesic_split_pixels": split,
+                    "band_foreground_pixels": refined}
             return assemble(assignment, groups, diag, uncertainty)
 
         workers = min(len(images), self.config.postprocess_threads or torch.get_num_threads())
