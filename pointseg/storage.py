@@ -95,9 +95,10 @@ class OutputLock:
                 "heartbeat": time.time(), "command": " ".join(sys.argv) or "?", "token": uuid.uuid4().hex}
 
     def acquire(self) -> "OutputLock":
-        if self.fs.exists(self.path.rsplit("/", 1)[0]) and not self.fs.isdir(self.path.rsplit("/", 1)[0]):
+        folder = self.path.rsplit("/", 1)[0]
+        if self.fs.exists(folder) and not self.fs.isdir(folder):
             raise NotADirectoryError(f"output {self.output} is a file, not a folder")
-        self.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.makedirs(folder, exist_ok=True)
         if self.local:
             self._acquire_local()
         else:
@@ -135,6 +136,7 @@ class OutputLock:
             self.took_over = held
         self._mine = self._info()
         self._write_remote()
+        self._stop.clear()  # a lock object may be taken again after a release
         self._beat = threading.Thread(target=self._heartbeat, name="pointseg-output-lock", daemon=True)
         self._beat.start()
 

@@ -123,10 +123,10 @@ def geodesic_foreground_band(image: np.ndarray, points: Points, groups, assignme
     square window of side ``2 band + 1``): the eroded foreground seeds the things' side, everything outside the
     dilated foreground seeds the stuff side, and every cell of the band in between goes to the side whose seeds
     are nearest in geodesic cost plus ``step`` per step (``sqrt 2 step`` diagonally; one multi-source Dijkstra),
-    so a band of uniform colour is split in its middle, where EPLD put the boundary. Thing clicks stay foreground and stuff clicks
-    stuff. ``assignment`` (H, W), index into ``groups``, is changed in place: a pixel leaving the foreground
-    goes to its most probable stuff instance, one entering it to its most probable thing (``logits`` (N, h, w)
-    resized; the thing split that follows may reassign it). Returns the number of pixels moved.
+    so a band of uniform colour is split in its middle, where EPLD put the boundary. Thing clicks stay foreground
+    and stuff clicks stuff. ``assignment`` (H, W), index into ``groups``, is changed in place: a pixel leaving
+    the foreground goes to its most probable stuff instance, one entering it to its most probable thing
+    (``logits`` (N, h, w) resized; the thing split that follows may reassign it). Returns the pixels moved.
     """
     isthing = np.array([g.isthing for g in groups])
     if band <= 0 or isthing.all() or not isthing.any():
@@ -140,9 +140,9 @@ def geodesic_foreground_band(image: np.ndarray, points: Points, groups, assignme
     cells = scaled_points(points, height, width, h, w)
     for g in groups:
         (inner if g.isthing else outer)[cells[g.point_index, 0], cells[g.point_index, 1]] = True
-    seeds = np.argwhere(inner | outer)
     if not inner.any() or not outer.any():
         return 0
+    seeds = np.argwhere(inner | outer)
     if step > 0:
         diagonal = np.array([abs(dy) + abs(dx) == 2 for dy, dx in NEIGHBOURS_8])
         cost = cost + step * np.where(diagonal, np.sqrt(2.0), 1.0)[:, None, None]
