@@ -20,7 +20,9 @@ log = logging.getLogger(__name__)
 def write_atomic(uri: str, data: bytes) -> None:
     """Write ``data`` to ``uri`` (any fsspec URI), creating the parent folder.
 
-    On a local filesystem through a temp name and a rename; object stores write an object whole.
+    On a local filesystem through a temp name of this call's own and a rename (two writers of one file, such as
+    a batch redone by a second actor, never share a temp file); object stores write an object whole. A killed
+    writer leaves ``<name>.tmp<...>``, which no reader takes for the file.
     """
     fs, path = fsspec.core.url_to_fs(uri)
     parent = path.rsplit("/", 1)[0]
@@ -28,7 +30,7 @@ def write_atomic(uri: str, data: bytes) -> None:
         fs.makedirs(parent, exist_ok=True)
     protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
     if "file" in protocols:
-        tmp = path + ".tmp"
+        tmp = f"{path}.tmp{os.getpid()}-{uuid.uuid4().hex[:8]}"
         with fs.open(tmp, "wb") as f:
             f.write(data)
         fs.mv(tmp, path)

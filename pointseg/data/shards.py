@@ -31,6 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pointseg.storage import write_atomic
+
 log = logging.getLogger("pointseg.data.shards")
 
 SHARD_SCHEMA = pa.schema([
@@ -102,17 +104,7 @@ def write_shard(shards_uri: str, rows: list[dict], fingerprint: str) -> str:
                    compression={c: ("NONE" if c in ("label_png", "uncertainty_png") else "SNAPPY")
                                 for c in SHARD_SCHEMA.names})
     uri = shards_uri.rstrip("/") + "/" + batch_file_name(fingerprint, [r["image_id"] for r in rows])
-    fs, path = fsspec.core.url_to_fs(uri)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    if "file" in protocols:
-        tmp = path + f".tmp{id(rows)}"
-        with fs.open(tmp, "wb") as f:
-            f.write(buf.getvalue())
-        fs.mv(tmp, path)
-    else:
-        with fs.open(path, "wb") as f:
-            f.write(buf.getvalue())
+    write_atomic(uri, buf.getvalue())
     return uri
 
 

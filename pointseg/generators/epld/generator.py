@@ -55,7 +55,7 @@ ROW_BAND = 256
 
 def geodesic_thing_split(image: np.ndarray, points: Points, groups, assignment: np.ndarray, beta: float,
                          downscale: float, logits: torch.Tensor | None = None, gamma: float = 0.0,
-                         within_foreground: bool = False) -> int:
+                         within_foreground: bool = False, cost=None) -> int:
     """``thing_split: geodesic`` / ``learned_geodesic`` (our extensions): EPLD decides foreground, a geodesic
     splits it among things.
 
@@ -72,13 +72,14 @@ def geodesic_thing_split(image: np.ndarray, points: Points, groups, assignment: 
     the foreground (:func:`pointseg.geodesic.split_within`; the things' click
     cells count as foreground): a thing cannot reach another across the
     background, and a foreground pixel no path reaches gets the unrestricted
-    split. Returns the number of pixels whose thing changed.
+    split. ``cost``: that ``(edge lengths, (h, w))`` when the caller already has them. Returns the number of
+    pixels whose thing changed.
     """
     things = [n for n, g in enumerate(groups) if g.isthing]
     if len(things) < 2:
         return 0
     height, width = assignment.shape
-    cost, (h, w) = geodesic_cost(image, downscale, 0.5, beta)
+    cost, (h, w) = cost if cost is not None else geodesic_cost(image, downscale, 0.5, beta)
     cells = scaled_points(points, height, width, h, w)
     index = np.concatenate([groups[n].point_index for n in things])
     owner = np.concatenate([np.full(len(groups[n].point_index), n) for n in things])
@@ -115,7 +116,7 @@ def geodesic_thing_split(image: np.ndarray, points: Points, groups, assignment: 
 
 
 def geodesic_foreground_band(image: np.ndarray, points: Points, groups, assignment: np.ndarray, logits: torch.Tensor,
-                             band: int, beta: float, downscale: float, step: float = 0.0) -> int:
+                             band: int, beta: float, downscale: float, step: float = 0.0, cost=None) -> int:
     """``foreground_band`` (our extension): EPLD's foreground / stuff boundary redrawn along colour edges.
 
     On the working grid (``downscale`` of the image, PSPS's geodesic cost: LAB colour + ``beta`` * Sobel
@@ -126,13 +127,14 @@ def geodesic_foreground_band(image: np.ndarray, points: Points, groups, assignme
     so a band of uniform colour is split in its middle, where EPLD put the boundary. Thing clicks stay foreground
     and stuff clicks stuff. ``assignment`` (H, W), index into ``groups``, is changed in place: a pixel leaving
     the foreground goes to its most probable stuff instance, one entering it to its most probable thing
-    (``logits`` (N, h, w) resized; the thing split that follows may reassign it). Returns the pixels moved.
+    (``logits`` (N, h, w) resized; the thing split that follows may reassign it). ``cost``: PSPS's
+    ``(edge lengths, (h, w))`` when the caller already has them. Returns the pixels moved.
     """
     isthing = np.array([g.isthing for g in groups])
     if band <= 0 or isthing.all() or not isthing.any():
         return 0
     height, width = assignment.shape
-    cost, (h, w) = geodesic_cost(image, downscale, 0.5, beta)
+    cost, (h, w) = cost if cost is not None else geodesic_cost(image, downscale, 0.5, beta)
     fg = cells_read_by(isthing[assignment], h, w) if (h, w) != (height, width) else isthing[assignment]
     kernel = np.ones((2 * band + 1, 2 * band + 1), np.uint8)
     inner = cv2.erode(fg.astype(np.uint8), kernel, borderType=cv2.BORDER_REPLICATE).astype(bool)
@@ -365,15 +367,17 @@ class EPLDGenerator(TrainableGenerator):
                 own, moved = keep_clicked_components(own, scaled_points(pts, height, width, *own.shape[-2:]), instance,
                                                      np.array([g.isthing for g in groups]))
             assignment, uncertainty = top2_assignment(own, height, width)
-            refined = geodesic_foreground_band(img, pts, groups, assignment, own, self.config.foreground_band,
-                                               self.config.split_beta, self.config.split_downscale,
-                                               self.config.band_step)
+            cfg = self.config
+            cost = None  # PSPS's edge lengths, computed once for the band and the thing split
+            if cfg.foreground_band > 0 or cfg.thing_split != "network":
+                cost = geodesic_cost(img, cfg.split_downscale, 0.5, cfg.split_beta)
+            refined = geodesic_foreground_band(img, pts, groups, assignment, own, cfg.foreground_band,
+                                               cfg.split_beta, cfg.split_downscale, cfg.band_step, cost)
             split = 0
-            if self.config.thing_split != "network":
-                gamma = self.config.split_gamma if self.config.thing_split == "learned_geodesic" else 0.0
-                split = geodesic_thing_split(img, pts, groups, assignment, self.config.split_beta,
-                                             self.config.split_downscale, own, gamma,
-                                             self.config.split_within == "foreground")
+            if cfg.thing_split != "network":
+                gamma = cfg.split_gamma if cfg.thing_split == "learned_geodesic" else 0.0
+                split = geodesic_thing_split(img, pts, groups, assignment, cfg.split_beta, cfg.split_downscale,
+                                             own, gamma, cfg.split_within == "foreground", cost)
             restored = 0
             if self.config.restore_points:
                 rc = pts.pixels(height, width)
