@@ -57,6 +57,10 @@ Commands (from the repo root; ``OMP_NUM_THREADS=1`` on a shared box)::
     python benchmarks/pseudo_label_quality.py ... --checkpoint WORKDIR/stage1/<folder>
     python benchmarks/pseudo_label_quality.py ... --train-only
 
+    # what a pipeline config trains and labels (its generator method, params and stage-1 settings)
+    python benchmarks/pseudo_label_quality.py --dataset coco-mini --background stuff --split report \\
+        --config configs/epld_coco_mini.yaml
+
 ``--set key=value`` (repeatable, YAML-parsed values) sets generator params;
 ``--train-set key=value`` the stage-1 config (``cls.stage1.Config``);
 ``--method`` is any ``GENERATORS`` name or ``module:Class``; ``--k-error``
@@ -85,7 +89,8 @@ from tqdm import tqdm  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a clone without installing
 
-from pointseg.config import DatasetConfig, PointsConfig, SyntheticDataConfig  # noqa: E402
+from pointseg.config import (DatasetConfig, GeneratorSection, PointsConfig, SyntheticDataConfig, deep_merge,  # noqa: E402
+                             read_yaml, validate)
 from pointseg.data.prepare import clear_dir, join, load_categories, prepare_inputs, read_index  # noqa: E402
 from pointseg.evaluation import SPLITS, GroundTruth, label_rows, score, split_rows  # noqa: E402
 from pointseg.fingerprint import config_hash  # noqa: E402
@@ -168,7 +173,8 @@ def train_stage1(args, cls, params, cats, out: str, data_key: str, train_cfg=Non
     """Train ``cls.stage1`` on every index row of ``out`` with ``train_cfg`` (default: ``--train-set``);
     returns ``(checkpoint, info)``."""
     if train_cfg is None:
-        train_cfg = cls.stage1.Config.model_validate(parse_sets(args.train_set, "--train-set"))
+        train_cfg = cls.stage1.Config.model_validate(deep_merge(getattr(args, "config_train", None) or {},
+                                                                parse_sets(args.train_set, "--train-set")))
     run_key = config_hash({"method": cls.name, "params": params.model_dump(mode="json"),
                            "train": train_cfg.model_dump(mode="json"), "data": data_key})
     ckpt = str(Path(args.workdir) / "stage1" / f"{cls.name}-{data_key}-{run_key}")
@@ -215,6 +221,27 @@ def run_method(method: str, params: dict, cats, out: str, rows, args, k_error: b
     return res
 
 
+def generator_settings(args) -> dict:
+    """With ``--config``: set ``args.method`` and ``args.config_train`` from the pipeline config's ``generator``
+    section (validated as the pipeline validates it) and return its params as written; else ``{}``."""
+    args.config_train = None
+    if not args.config:
+        args.method = args.method or "psps"
+        return {}
+    section = (read_yaml(args.config) or {}).get("generator") or {}
+    try:
+        validate(GeneratorSection, section, source=args.config)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    method = section.get("method", "psps")
+    if args.method and args.method != method:
+        raise SystemExit(f"--method {args.method} but {args.config} has generator.method {method}")
+    args.method = method
+    args.config_train = section.get("train") or None
+    print(f"# {args.config}: generator {method}, its params and stage-1 train settings (then --set / --train-set)")
+    return section.get("params") or {}
+
+
 def default_baselines(args) -> list[str]:
     if args.baselines is not None:
         return [b for b in args.baselines.split(",") if b]
@@ -254,7 +281,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--point-seed", type=int, default=0)
     ap.add_argument("--split", default="report", choices=SPLITS,
                     help="image ids sorted: choose = first half, report = second half (default), all")
-    ap.add_argument("--method", default="psps", help="a GENERATORS name or module:Class")
+    ap.add_argument("--method", default=None, help="a GENERATORS name or module:Class (default psps, or --config's)")
+    ap.add_argument("--config", default=None, metavar="PIPELINE_YAML",
+                    help="take the generator's method, params and stage-1 train settings from a pipeline config "
+                         "(e.g. configs/epld_coco_mini.yaml), with --set / --train-set on top; the data, points and "
+                         "split stay this script's flags")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="generator param (YAML value)")
     ap.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
                     help="stage-1 config of a trainable generator (YAML value)")
@@ -277,8 +308,9 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pointseg.train").setLevel(logging.INFO)
 
+    config_params = generator_settings(args)
     cls = generator_class(args.method)
-    params = cls.Config.model_validate(parse_sets(args.set, "--set"))
+    params = cls.Config.model_validate(deep_merge(config_params, parse_sets(args.set, "--set")))
     if args.checkpoint:
         if "checkpoint" not in type(params).model_fields:
             raise SystemExit(f"--checkpoint: {args.method} has no checkpoint parameter")

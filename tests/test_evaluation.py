@@ -406,6 +406,34 @@ def test_harness_trains_stage1_on_all_rows_then_labels_and_reuses_everything(tmp
     assert res2["protocols"]["native"]["stage1"]["start_step"] == 4 and TinyStage1.seen_ids == []
 
 
+def test_harness_takes_the_generator_from_a_pipeline_config_under_the_command_line(tmp_path):
+    """``--config`` measures what a pipeline config trains and labels: its method, params and stage-1 train
+    settings, with ``--set`` / ``--train-set`` on top; a config the pipeline would refuse is refused here too."""
+    import pseudo_label_quality as plq
+
+    cfg = tmp_path / "pipeline.yaml"
+    cfg.write_text("generator:\n  method: test_evaluation:TinyTrainable\n  params: {fill: second}\n"
+                   "  train: {steps: 3, batch_size: 1}\n")
+    TinyStage1.contexts.clear()
+    base = ["--dataset", "synthetic", "--images", "4", "--size", "48", "--config", str(cfg), "--baselines", "",
+            "--workdir", str(tmp_path / "w"), "--quiet"]
+    res = plq.main(base + ["--train-set", "steps=5"])
+    stage1 = res["protocols"]["native"]["stage1"]
+    assert stage1["steps"] == 5  # --train-set over the config's 3
+    meta = json.loads(Path(stage1["checkpoint"], "meta.json").read_text())
+    assert meta["config"]["batch_size"] == 1  # the config's, not TinyStage1Config's 2
+    assert TinyStage1.contexts[0]["generator"].fill == "second"  # the stage-1 build sees the labelling params
+    assert set(res["protocols"]["native"]["rows"]) == {"test_evaluation:TinyTrainable"}
+    TinyStage1.contexts.clear()
+    plq.main(base + ["--set", "fill=third", "--train-only"])
+    assert TinyStage1.contexts[0]["generator"].fill == "third"  # --set over the config's params
+    with pytest.raises(SystemExit, match="--method psps but .* has generator.method test_evaluation:TinyTrainable"):
+        plq.main(base + ["--method", "psps"])
+    cfg.write_text("generator:\n  method: test_evaluation:TinyTrainable\n  train: {stepz: 3}\n")
+    with pytest.raises(SystemExit, match="generator.train.stepz|train.stepz"):
+        plq.main(base)
+
+
 def test_harness_fails_clearly_without_the_shared_data(tmp_path):
     import pseudo_label_quality as plq
 
