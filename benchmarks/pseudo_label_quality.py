@@ -173,7 +173,7 @@ def train_stage1(args, cls, params, cats, out: str, data_key: str, train_cfg=Non
     """Train ``cls.stage1`` on every index row of ``out`` with ``train_cfg`` (default: ``--train-set``);
     returns ``(checkpoint, info)``."""
     if train_cfg is None:
-        train_cfg = cls.stage1.Config.model_validate(deep_merge(getattr(args, "config_train", None) or {},
+        train_cfg = cls.stage1.Config.model_validate(deep_merge(args.config_train or {},
                                                                 parse_sets(args.train_set, "--train-set")))
     run_key = config_hash({"method": cls.name, "params": params.model_dump(mode="json"),
                            "train": train_cfg.model_dump(mode="json"), "data": data_key})
