@@ -13,6 +13,17 @@ with P1 clicks it labels the chosen half of the images in three ways:
   outside it are VOID in the ``void`` protocol and go to the nearest stuff
   click (the one ``background`` click) in the ``stuff`` protocol.
 
+* ``learned fg``, with ``--foreground-checkpoint CK``: the foreground is the
+  thing pixels of a trained EPLD network's ``stuff``-protocol labels
+  (``--foreground-config``'s generator params, default the kept
+  ``configs/epld_coco_mini.yaml``), which use each image's ``background``
+  click. In the ``void`` protocol this reads a click that protocol does not
+  have: it asks what the learned decision would add there if it could be
+  made, i.e. whether the void target is out of reach of the decision itself.
+  In ``void`` a second row, ``outside filled``, gives the pixels outside that
+  foreground PSPS's open split instead of VOID (the foreground only keeps the
+  split's paths inside it, as EPLD's ``split_within: foreground``).
+
 Each row prints PQ, PQ_th, mask AP / AP50 and the mean best IoU per object
 (:func:`pointseg.evaluation.score`). The gap between ``psps`` and ``gt fg``
 bounds what any learned foreground / background decision can add to PSPS's
@@ -24,6 +35,8 @@ Commands (from the repo root)::
 
     python benchmarks/foreground_ceiling.py --background both --split report
     python benchmarks/foreground_ceiling.py --background void --split choose --dilate 0,3,8,16
+    python benchmarks/foreground_ceiling.py --background both --split report --dilate 0,8 \
+        --foreground-checkpoint out/quality/stage1/epld-<data>-<run>
 """
 
 from __future__ import annotations
@@ -62,8 +75,9 @@ def foreground(gt_map: np.ndarray, gt_info: list[dict], cats, dilate: int) -> np
     return fg
 
 
-def split_inside(image, points, groups, fg: np.ndarray | None, cfg: PSPSConfig) -> np.ndarray:
-    """Group index per pixel (``-1`` = VOID): PSPS, or with ``fg`` the split kept inside ``fg`` (module doc)."""
+def split_inside(image, points, groups, fg: np.ndarray | None, cfg: PSPSConfig, fill: bool = False) -> np.ndarray:
+    """Group index per pixel (``-1`` = VOID): PSPS, or with ``fg`` the split kept inside ``fg`` (module doc);
+    ``fill``: without a stuff click, the pixels outside ``fg`` take PSPS's open split instead of VOID."""
     height, width = image.shape[:2]
     cost, (h, w) = geodesic_cost(image, cfg.downscale, cfg.blur_sigma, cfg.beta)
     cells = scaled_points(points, height, width, h, w)
@@ -80,17 +94,48 @@ def split_inside(image, points, groups, fg: np.ndarray | None, cfg: PSPSConfig) 
     if (~thing).any():  # outside: the nearest stuff click
         stuff = nearest_source(cost, cells[~thing], labels=group_of[~thing])[1]
         label = np.where(inside, label, stuff)
+    if fill and not (~thing).any():
+        label = np.where(inside, label, nearest_source(cost, cells, labels=group_of)[1])
     full = upsample_labels(label, height, width)
-    return full if (~thing).any() else np.where(fg, full, -1)
+    return full if (~thing).any() or fill else np.where(fg, full, -1)
 
 
-def labelled(rows, gt: GroundTruth, cats, dilate: int | None, progress: bool):
+def learned_foregrounds(args, split: str) -> dict[int, np.ndarray]:
+    """``{image_id: (H, W) bool}``: the thing pixels of the ``--foreground-checkpoint`` EPLD network's labels in the
+    ``stuff`` protocol (its ``background`` click included), with ``--foreground-config``'s generator params."""
+    from pointseg.config import read_yaml
+    from pointseg.evaluation import label_rows
+    from pointseg.generators import generator_class
+
+    section = (read_yaml(args.foreground_config) or {}).get("generator") or {}
+    cls = generator_class(section.get("method", "psps"))
+    params = {**(section.get("params") or {}), "checkpoint": args.foreground_checkpoint}
+    out, cats, _ = prepare(args, "stuff")
+    gt = GroundTruth(out)
+    rows = gt.rows(split_rows(read_index(join(out, "index", "index.parquet")), split))
+    gen = cls(params, cats)
+    fgs: dict[int, np.ndarray] = {}
+    for row, label, err in label_rows(gen, rows, 8, progress=not args.quiet):
+        if label is None:
+            raise SystemExit(f"image {row['image_id']}: the foreground network failed: {err}")
+        things = [s["id"] for s in label.segments_info if s["isthing"]]
+        fgs[int(row["image_id"])] = np.isin(label.id_map, things)
+    return fgs
+
+
+def labelled(rows, gt: GroundTruth, cats, dilate: int | None, progress: bool, learned: dict | None = None,
+             fill: bool = False):
+    """PSPS's split of each row: open (``dilate`` None), inside the ground-truth foreground grown by ``dilate``,
+    or inside ``learned[image_id]`` (``fill``: see :func:`split_inside`)."""
     cfg = PSPSConfig()
-    for row in tqdm(rows, desc=f"dilate {dilate}", unit="img", disable=not progress):
+    for row in tqdm(rows, desc="learned fg" if learned else f"dilate {dilate}", unit="img", disable=not progress):
         rec = index_record(dict(row), cats)
         groups = seed_groups(rec.points, cats)
-        fg = None if dilate is None else foreground(*gt.load(int(row["image_id"])), cats, dilate)
-        yield row, assemble(split_inside(rec.image, rec.points, groups, fg, cfg), groups), ""
+        if learned is not None:
+            fg = learned[int(row["image_id"])]
+        else:
+            fg = None if dilate is None else foreground(*gt.load(int(row["image_id"])), cats, dilate)
+        yield row, assemble(split_inside(rec.image, rec.points, groups, fg, cfg, fill), groups), ""
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -101,12 +146,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--data-root", default=str(SHARED))
     ap.add_argument("--images", type=int, default=None, help="first N images (default: all 80)")
     ap.add_argument("--workdir", default=str(ROOT / "out" / "quality"))
+    ap.add_argument("--foreground-checkpoint", default=None,
+                    help="also a row with a trained EPLD network's stuff-protocol foreground (module docstring)")
+    ap.add_argument("--foreground-config", default=str(ROOT / "configs" / "epld_coco_mini.yaml"),
+                    help="pipeline config whose generator params label with --foreground-checkpoint")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     if not (Path(args.data_root) / "coco-mini").exists():
         raise SystemExit(f"coco-mini not found under {args.data_root} (it lives in ../shared/data beside the repo)")
     args.dataset, args.points, args.point_seed, args.size, args.data_seed = "coco-mini", "p1", 0, 128, 0
     dilations = [int(d) for d in args.dilate.split(",") if d != ""]
+    learned = learned_foregrounds(args, args.split) if args.foreground_checkpoint else None
     results = {}
     for background in (["void", "stuff"] if args.background == "both" else [args.background]):
         out, cats, _ = prepare(args, background)
@@ -118,6 +168,10 @@ def main(argv: list[str] | None = None) -> dict:
             res = score(labelled(rows, gt, cats, dilate, not args.quiet), gt, cats)
             res["seconds_per_image"] = res["label_seconds"] / max(res["num_images"], 1)
             table.append((name, res))
+        for fill in ([False, True] if background == "void" else [False]) if learned is not None else []:
+            res = score(labelled(rows, gt, cats, None, not args.quiet, learned, fill), gt, cats)
+            res["seconds_per_image"] = res["label_seconds"] / max(res["num_images"], 1)
+            table.append(("learned fg, outside filled" if fill else "learned fg", res))
         print(fmt_table(f"\n# {background} protocol, {args.split} split: PSPS's split inside the ground-truth "
                         "foreground (a ceiling, module docstring)", table), flush=True)
         results[background] = {name: res for name, res in table}

@@ -533,3 +533,53 @@ def test_foreground_ceiling_reproduces_psps_and_the_ground_truth_foreground_lift
         assert psps["mean_best_iou"] == pytest.approx(ref[proto]["rows"]["psps"]["mean_best_iou"], abs=1e-12)
         assert ceiling["mean_best_iou"] > psps["mean_best_iou"] + 0.1
     assert ours["stuff"]["gt fg dilated 0"]["pq"] > ours["stuff"]["psps"]["pq"] + 0.1
+
+
+def test_foreground_ceiling_fill_gives_the_outside_the_open_split_and_keeps_the_inside():
+    """``split_inside(..., fill=True)`` on a 12 x 12 toy with two thing clicks and a foreground of the
+    left half: inside the foreground the labels are those of the VOID-outside split, outside they are PSPS's open
+    split, and no pixel is VOID."""
+    import foreground_ceiling as fc
+
+    from pointseg.data.record import Category, Points
+    from pointseg.generators.base import seed_groups
+    from pointseg.generators.psps import PSPSConfig
+
+    image = np.repeat((np.arange(12) * 8)[:, None, None], 12, axis=1).repeat(3, axis=2).astype(np.uint8)
+    image[:, 6:] = 200  # a vertical ramp on the left (no ties in the cost), flat on the right
+    cats = {1: Category(id=1, name="a", isthing=True)}
+    points = Points(xy=np.array([[2.0, 2.0], [3.0, 9.0]]), segment=np.array([1, 2]), category_id=np.array([1, 1]))
+    groups = seed_groups(points, cats)
+    fg = np.zeros((12, 12), bool)
+    fg[:, :6] = True
+    cfg = PSPSConfig(downscale=1.0)
+    void_out = fc.split_inside(image, points, groups, fg, cfg)
+    filled = fc.split_inside(image, points, groups, fg, cfg, fill=True)
+    open_split = fc.split_inside(image, points, groups, None, cfg)
+    assert (void_out[~fg] == -1).all() and (void_out[fg] >= 0).all()
+    assert (filled >= 0).all()
+    assert (filled[fg] == void_out[fg]).all() and (filled[~fg] == open_split[~fg]).all()
+    assert set(np.unique(filled[fg]).tolist()) == {0, 1}  # both clicks keep a part of the foreground
+
+
+def test_foreground_ceiling_learned_foreground_reproduces_the_epld_labels_in_the_stuff_protocol(tmp_path):
+    """``--foreground-checkpoint``: PSPS's split inside the thing pixels of an EPLD network's stuff-protocol labels
+    (the kept config's labelling: ``split_within: foreground``, the same geodesic) scores what the EPLD generator
+    itself scores with that checkpoint on the same images; the void protocol has both learned rows."""
+    import foreground_ceiling as fc
+    import pseudo_label_quality as plq
+
+    if not (plq.SHARED / "coco-mini").exists():
+        pytest.skip(f"real test data not found at {plq.SHARED / 'coco-mini'} (../shared/data is not part of the repo)")
+    common = ["--images", "4", "--split", "all", "--workdir", str(tmp_path), "--quiet"]
+    config = str(Path(fc.ROOT) / "configs" / "epld_coco_mini.yaml")
+    trained = plq.main(common + ["--dataset", "coco-mini", "--background", "stuff", "--config", config,
+                                 "--train-set", "steps=2", "--train-set", "input_size=64", "--train-set", "hidden_dim=16",
+                                 "--train-set", "layers=1", "--baselines", ""])["protocols"]["stuff"]
+    ckpt = trained["stage1"]["checkpoint"]
+    ours = fc.main(common + ["--background", "both", "--dilate", "", "--foreground-checkpoint", ckpt,
+                             "--foreground-config", config])
+    epld = trained["rows"]["epld"]
+    for key in ("pq", "pq_th", "mask_ap50", "mean_best_iou"):
+        assert ours["stuff"]["learned fg"][key] == pytest.approx(epld[key], abs=1e-9), key
+    assert set(ours["void"]) == {"psps", "learned fg", "learned fg, outside filled"}
