@@ -132,6 +132,8 @@ def labelled(rows, gt: GroundTruth, cats, dilate: int | None, progress: bool, le
         rec = index_record(dict(row), cats)
         groups = seed_groups(rec.points, cats)
         if learned is not None:
+            if int(row["image_id"]) not in learned:
+                raise SystemExit(f"image {row['image_id']} has no learned foreground (not in the stuff protocol's rows)")
             fg = learned[int(row["image_id"])]
         else:
             fg = None if dilate is None else foreground(*gt.load(int(row["image_id"])), cats, dilate)
@@ -168,7 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
             res = score(labelled(rows, gt, cats, dilate, not args.quiet), gt, cats)
             res["seconds_per_image"] = res["label_seconds"] / max(res["num_images"], 1)
             table.append((name, res))
-        for fill in ([False, True] if background == "void" else [False]) if learned is not None else []:
+        fills = [] if learned is None else [False, True] if background == "void" else [False]
+        for fill in fills:  # "outside filled" only where no stuff click labels the outside
             res = score(labelled(rows, gt, cats, None, not args.quiet, learned, fill), gt, cats)
             res["seconds_per_image"] = res["label_seconds"] / max(res["num_images"], 1)
             table.append(("learned fg, outside filled" if fill else "learned fg", res))
