@@ -48,8 +48,34 @@ def init_ray(cfg: RayConfig):
         kwargs = {"num_cpus": cfg.num_cpus} if cfg.num_cpus else {}
         if cfg.temp_dir:
             kwargs["_temp_dir"] = str(Path(cfg.temp_dir).resolve())
-        ray.init(**kwargs)
+        with own_address_for_ray_processes(ray):
+            ray.init(address="local", **kwargs)
     return ray
+
+
+@contextmanager
+def own_address_for_ray_processes(ray):
+    """While a local Ray starts, name its own GCS address in ``RAY_ADDRESS`` (and pick that port): its processes
+    inherit the environment, so Ray's helpers that look the cluster up without an address (Ray Train's placement-
+    group cleaner calls the state API) find this one even when another local Ray runs on the machine; without it
+    they die with "Found multiple active Ray instances". The driver's own environment is restored afterwards, so a
+    later ``ray.init`` in this process starts afresh."""
+    import socket
+
+    with socket.socket() as sock:  # a free port for the GCS (a small race with other programs, as any port pick)
+        sock.bind(("", 0))
+        port = sock.getsockname()[1]
+    wanted = {"RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{port}", "RAY_GCS_SERVER_PORT": str(port)}
+    saved = {k: os.environ.get(k) for k in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class StageTimer:

@@ -45,7 +45,10 @@ def ray_local(tmp_path_factory):
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), str(ROOT / "flows"),
                                                                os.environ.get("PYTHONPATH", "")) if p)
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # as flows/common.py's local Ray
-        ray.init(num_cpus=2, _temp_dir=str(tmp_path_factory.mktemp("ray")))
+        from common import own_address_for_ray_processes  # flows/common.py: as a flow's local Ray
+
+        with own_address_for_ray_processes(ray):
+            ray.init(address="local", num_cpus=2, _temp_dir=str(tmp_path_factory.mktemp("ray")))
     yield ray
     ray.shutdown()
 

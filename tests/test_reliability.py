@@ -212,3 +212,36 @@ def test_actors_that_do_not_start_in_time_name_the_key_to_raise(ray_local, tmp_p
     with pytest.raises(RuntimeError, match=r"pseudo labels: the actors did not start within "
                                            r"ray_data.wait_for_min_actors_s=1 s"):
         run_flow(cfg, tmp_path / "run")
+
+
+def test_a_second_local_ray_on_the_machine_does_not_break_ray_s_own_lookups(ray_local):
+    """With another local Ray running (this session's), a flow's own local Ray is found by Ray's helpers that look
+    the cluster up without an address (the state API, as Ray Train's placement-group cleaner calls it): an actor of
+    the flow's Ray looks itself up and sees its cluster's address. With a plain ``ray.init()`` the lookup fails with
+    "Found multiple active Ray instances". The flow's driver keeps its environment (no ``RAY_ADDRESS`` left behind)."""
+    assert ray_local.is_initialized()  # the other local Ray
+    script = r"""
+import json, os, sys
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/flows"]
+import ray
+from common import init_ray
+from pointseg.config import RayConfig
+
+init_ray(RayConfig(num_cpus=1))
+
+@ray.remote(num_cpus=0.1)
+def look():
+    from ray.util.state import get_actor, list_nodes
+    return os.environ.get("RAY_ADDRESS"), len(list_nodes(timeout=20))
+
+seen, nodes = ray.get(look.remote(), timeout=120)
+print(json.dumps({"gcs": ray.get_runtime_context().gcs_address, "seen": seen, "nodes": nodes,
+                  "driver": os.environ.get("RAY_ADDRESS")}))
+ray.shutdown()
+"""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", script, str(ROOT)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["seen"] == got["gcs"] and got["nodes"] == 1 and got["driver"] is None
