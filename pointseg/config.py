@@ -140,7 +140,8 @@ class RayDataConfig(Strict):
 
 
 class RayConfig(Strict):
-    """How to reach Ray. ``address=None`` starts a local Ray, unless inside a job."""
+    """How to reach Ray. ``address=None`` starts a local Ray of the run's own (also when another Ray runs on the
+    machine), unless inside a job (``RAY_ADDRESS``)."""
 
     address: str | None = None
     num_cpus: int | None = None
