@@ -576,6 +576,72 @@ def test_learned_geodesic_split_pays_the_learned_distance_of_every_pixel_entered
     assert (plain[:, :6] == thing[0]).all() and (plain[:, 10:] == thing[1]).all()
 
 
+def test_split_features_make_the_paths_pay_the_feature_distance_by_hand_and_against_scipy():
+    """``split_features``: column 0 is dark, columns 1-9 light, so in colour alone thing B (click at column 9)
+    reaches columns 1-9 for free and thing A (click at column 0) pays the colour jump. F^fuse says columns 0-4
+    are one thing and 5-9 another: crossing between columns 4 and 5 costs weight * sqrt(2) (unit vectors
+    [1, 0] and [0, 1]), more than the jump, so A keeps columns 0-4. Checked against scipy's Dijkstra on PSPS's
+    edge costs plus the weight times the feature distance."""
+    from scipy.sparse.csgraph import dijkstra
+
+    from pointseg.generators.base import seed_groups
+    from pointseg.generators.psps import low_level_maps
+    from pointseg.geodesic import edge_costs, to_csgraph
+
+    h, w = 4, 10
+    img = np.full((h, w, 3), 200, np.uint8)
+    img[:, 0] = 40
+    pts = Points([[0.0, 1.0], [9.0, 2.0]], [1, 2], [1, 1])
+    groups = seed_groups(pts, CATS)
+    a, b = range(len(groups))
+    features = torch.zeros(2, h, w)
+    features[0, :, :5] = 3.0  # any length: each pixel's vector is normalised
+    features[1, :, 5:] = 0.5
+    plain, zero, with_f = (np.full((h, w), a, np.int64) for _ in range(3))
+    epld_generator.geodesic_thing_split(img, pts, groups, plain, beta=0.0, downscale=1.0)
+    epld_generator.geodesic_thing_split(img, pts, groups, zero, 0.0, 1.0, features=features, feature_weight=0.0)
+    epld_generator.geodesic_thing_split(img, pts, groups, with_f, 0.0, 1.0, features=features, feature_weight=1.0)
+    np.testing.assert_array_equal(zero, plain)  # weight 0 is PSPS's cost
+    assert (plain[:, 1:] == b).all() and (plain[:, 0] == a).all()  # by hand: colour alone
+    assert (with_f[:, :5] == a).all() and (with_f[:, 5:] == b).all()  # by hand: the features' border
+    lab, _ = low_level_maps(img, (h, w), 0.5)
+    unit = np.zeros((2, h, w))
+    unit[0, :, :5] = 1.0
+    unit[1, :, 5:] = 1.0
+    graph = to_csgraph(edge_costs(lab) + 1.0 * edge_costs(unit))
+    np.testing.assert_allclose(epld_generator.feature_edge_costs(features, (h, w)), edge_costs(unit), atol=1e-6)
+    rc = pts.pixels(h, w)
+    d = np.stack([dijkstra(graph, indices=rc[n, 0] * w + rc[n, 1], min_only=True).reshape(h, w) for n in (a, b)])
+    np.testing.assert_array_equal(with_f, np.array([a, b])[d.argmin(0)])
+
+
+def test_split_features_reach_the_split_as_the_network_s_f_fuse(monkeypatch):
+    cfg = EPLDTrainConfig(**TINY)
+    net = EPLDNet(cfg, sorted(CATS), pretrained=False).eval()
+    _, images, points = _toy_batch()
+    seen = []
+    split = epld_generator.geodesic_thing_split
+
+    def spy(*args, **kwargs):
+        seen.append((args[-2], args[-1]))
+        return split(*args, **kwargs)
+
+    monkeypatch.setattr(epld_generator, "geodesic_thing_split", spy)
+    gen = EPLDGenerator({"thing_split": "geodesic", "split_features": 0.5, "postprocess_threads": 1}, CATS, net=net)
+    gen(images, points)
+    with torch.no_grad():
+        batch, out = gen._forward(images, points)
+    assert len(seen) == len(images) and all(wt == 0.5 for _, wt in seen)
+    for (features, _), fuse in zip(seen, out["fuse"]):
+        assert features.shape == (cfg.hidden_dim, cfg.input_size // 8, cfg.input_size // 8)
+        torch.testing.assert_close(features, fuse.float(), atol=1e-4, rtol=1e-4)
+    seen.clear()
+    EPLDGenerator({"thing_split": "geodesic", "postprocess_threads": 1}, CATS, net=net)(images, points)
+    assert all(f is None and wt == 0.0 for f, wt in seen)  # off by default
+    with pytest.raises(ValueError, match="split_features"):
+        EPLDConfig(split_features=-1)
+
+
 def test_split_within_foreground_keeps_paths_off_the_background_and_equals_scipy_on_the_foreground():
     """``split_within: foreground``: a horizontal colour ramp (each step right costs about the same), columns
     0-1 a foreground part without a click, 2 stuff, 3-7 thing A (click at 7), 8-11 stuff, 12-23 thing B's block

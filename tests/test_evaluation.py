@@ -535,6 +535,36 @@ def test_foreground_ceiling_reproduces_psps_and_the_ground_truth_foreground_lift
     assert ours["stuff"]["gt fg dilated 0"]["pq"] > ours["stuff"]["psps"]["pq"] + 0.1
 
 
+def test_split_cost_controls_psps_row_is_the_harness_s_psps_and_the_terms_change_the_split(tmp_path):
+    """benchmarks/split_cost_controls.py on 4 real images: its ``psps`` row is the harness's PSPS generator
+    exactly; a constant step and the frozen ImageNet feature distance each change the labels; the features are
+    unit vectors per pixel with the chosen levels' channels; bad flags are refused."""
+    import pseudo_label_quality as plq
+    import split_cost_controls as scc
+
+    if not (plq.SHARED / "coco-mini").exists():
+        pytest.skip(f"real test data not found at {plq.SHARED / 'coco-mini'} (../shared/data is not part of the repo)")
+    common = ["--images", "4", "--background", "void", "--split", "all", "--workdir", str(tmp_path), "--quiet"]
+    ours = scc.main(common + ["--steps", "0.03", "--imagenet", "0.3"])
+    ref = plq.main(common + ["--dataset", "coco-mini", "--baselines", ""])["protocols"]["void"]["rows"]["psps"]
+    assert ours["psps"]["pq"] == pytest.approx(ref["pq"], abs=1e-12)
+    assert ours["psps"]["mean_best_iou"] == pytest.approx(ref["mean_best_iou"], abs=1e-12)
+    for row in ("step 0.03", "imagenet 0.3"):
+        assert ours[row]["num_images"] == 4 and not ours[row]["failed"]
+        assert ours[row]["mean_best_iou"] != pytest.approx(ours["psps"]["mean_best_iou"], abs=1e-6)
+    from pointseg.models.backbones import build_timm_backbone
+
+    net, channels = build_timm_backbone("efficientnet_lite0", pretrained=False, out_indices=(0, 1, 2, 3, 4))
+    img = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    f = scc.imagenet_features(net.eval(), torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1), img, 64, [1, 2], (25, 35))
+    assert f.shape == (channels[1] + channels[2], 25, 35)
+    np.testing.assert_allclose(np.linalg.norm(f[: channels[1]], axis=0), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(f[channels[1]:], axis=0), 1.0, atol=1e-5)
+    for bad in (["--levels", "7"], ["--steps", "-1"], ["--imagenet", "x"], ["--input-size", "100"]):
+        with pytest.raises(SystemExit):
+            scc.main(common + bad)
+
+
 def test_foreground_ceiling_fill_gives_the_outside_the_open_split_and_keeps_the_inside():
     """``split_inside(..., fill=True)`` on a 12 x 12 toy with two thing clicks and a foreground of the
     left half: inside the foreground the labels are those of the VOID-outside split, outside they are PSPS's open

@@ -70,6 +70,11 @@ class EPLDConfig(TrainableGeneratorConfig):
     split_gamma: float = Field(1.0, ge=0, description="thing_split learned_geodesic: weight of X_n = 1 - M_n per "
                                "step (0: the plain geodesic)")
     split_beta: float = Field(0.1, ge=0, description="thing_split geodesic: boundary weight of the edge cost (PSPS beta)")
+    split_features: float = Field(
+        0.0, ge=0, description="our extension, thing_split geodesic / learned_geodesic: every edge of the split's "
+        "cost also pays this weight times the distance ||F(k) - F(l)|| of the network's own F^fuse (Sec. 3.2; each "
+        "pixel's vector L2-normalised after a bilinear resize to the working grid), so a path that crosses what the "
+        "trained features separate costs more; 0: PSPS's cost alone (README 'Measured': the void protocol)")
     split_downscale: float = Field(0.5, gt=0, le=1, description="thing_split geodesic: working fraction of the size")
     split_within: Literal["image", "foreground"] = Field(
         "image", description="thing_split geodesic / learned_geodesic, our extension: 'image' lets the paths cross "

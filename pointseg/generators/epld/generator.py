@@ -37,7 +37,7 @@ from pointseg.data.points import validate_points
 from pointseg.data.record import Category, Points
 from pointseg.generators.base import PseudoLabel, TrainableGenerator, assemble
 from pointseg.generators.psps import cells_read_by, geodesic_cost, scaled_points, upsample_labels
-from pointseg.geodesic import NEIGHBOURS_8, add_entry_costs, geodesic_distance, nearest_source, split_within
+from pointseg.geodesic import NEIGHBOURS_8, add_entry_costs, edge_costs, geodesic_distance, nearest_source, split_within
 from pointseg.generators.epld.batch import network_batch
 from pointseg.argmax import first_argmax
 from pointseg.generators.epld.model import MASKED_LOGIT
@@ -46,8 +46,8 @@ from pointseg.generators.epld.trainable import EPLDTrainable
 from pointseg.viz.maps import heatmap
 from pointseg.viz.overlay import _title, blend, colorize, draw_points
 
-__all__ = ["EPLDGenerator", "bilinear_matrix", "geodesic_thing_split", "keep_clicked_components", "top2_assignment",
-           "top_two"]
+__all__ = ["EPLDGenerator", "bilinear_matrix", "feature_edge_costs", "geodesic_thing_split", "keep_clicked_components",
+           "top2_assignment", "top_two"]
 
 #: Output rows resized at once when mapping ``M^l`` back to an image (bounds memory on large images).
 ROW_BAND = 256
@@ -55,7 +55,8 @@ ROW_BAND = 256
 
 def geodesic_thing_split(image: np.ndarray, points: Points, groups, assignment: np.ndarray, beta: float,
                          downscale: float, logits: torch.Tensor | None = None, gamma: float = 0.0,
-                         within_foreground: bool = False, cost=None) -> int:
+                         within_foreground: bool = False, cost=None, features: torch.Tensor | None = None,
+                         feature_weight: float = 0.0) -> int:
     """``thing_split: geodesic`` / ``learned_geodesic`` (our extensions): EPLD decides foreground, a geodesic
     splits it among things.
 
@@ -72,14 +73,18 @@ def geodesic_thing_split(image: np.ndarray, points: Points, groups, assignment: 
     the foreground (:func:`pointseg.geodesic.split_within`; the things' click
     cells count as foreground): a thing cannot reach another across the
     background, and a foreground pixel no path reaches gets the unrestricted
-    split. ``cost``: that ``(edge lengths, (h, w))`` when the caller already has them. Returns the number of
-    pixels whose thing changed.
+    split. ``cost``: that ``(edge lengths, (h, w))`` when the caller already has them. With ``features``
+    (D, h', w'), the network's ``F^fuse``, and ``feature_weight > 0`` (``split_features``), every edge also pays
+    ``feature_weight * ||F(k) - F(l)||`` (:func:`feature_edge_costs`). Returns the number of pixels whose thing
+    changed.
     """
     things = [n for n, g in enumerate(groups) if g.isthing]
     if len(things) < 2:
         return 0
     height, width = assignment.shape
     cost, (h, w) = cost if cost is not None else geodesic_cost(image, downscale, 0.5, beta)
+    if features is not None and feature_weight > 0:
+        cost = cost + feature_weight * feature_edge_costs(features, (h, w))
     cells = scaled_points(points, height, width, h, w)
     index = np.concatenate([groups[n].point_index for n in things])
     owner = np.concatenate([np.full(len(groups[n].point_index), n) for n in things])
@@ -113,6 +118,14 @@ def geodesic_thing_split(image: np.ndarray, points: Points, groups, assignment: 
     changed = fg & (assignment != nearest)
     assignment[fg] = nearest[fg]
     return int(changed.sum())
+
+
+def feature_edge_costs(features: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """``(8, h, w)`` edge lengths ``||F(k) - F(l)||`` (:func:`pointseg.geodesic.edge_costs`) of ``features``
+    (D, h', w') resized bilinearly to ``size = (h, w)``, each pixel's vector L2-normalised (``split_features``):
+    0 between pixels the features do not tell apart, at most 2."""
+    f = torch.nn.functional.interpolate(features[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+    return edge_costs((f / f.norm(dim=0, keepdim=True).clamp_min(1e-6)).numpy())
 
 
 def geodesic_foreground_band(image: np.ndarray, points: Points, groups, assignment: np.ndarray, logits: torch.Tensor,
@@ -353,6 +366,7 @@ class EPLDGenerator(TrainableGenerator):
         size = self.input_size
         batch, out = self._forward(images, points)
         logits = out["mask_logits"][self.layer_index].float().cpu()
+        fuse = out["fuse"].float().cpu() if self.config.split_features > 0 else None
         network_s = (time.perf_counter() - t0) / len(images)
 
         def label_one(b: int) -> PseudoLabel:
@@ -377,7 +391,8 @@ class EPLDGenerator(TrainableGenerator):
             if cfg.thing_split != "network":
                 gamma = cfg.split_gamma if cfg.thing_split == "learned_geodesic" else 0.0
                 split = geodesic_thing_split(img, pts, groups, assignment, cfg.split_beta, cfg.split_downscale,
-                                             own, gamma, cfg.split_within == "foreground", cost)
+                                             own, gamma, cfg.split_within == "foreground", cost,
+                                             None if fuse is None else fuse[b], cfg.split_features)
             restored = 0
             if self.config.restore_points:
                 rc = pts.pixels(height, width)

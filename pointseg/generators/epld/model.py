@@ -315,10 +315,11 @@ class EPLDNet(nn.Module):
     * instance_valid : (B, N) bool; instance_class : (B, N) long class index in [0, C);
     * features : optional precomputed :meth:`backbone_features` (a frozen backbone's cache).
 
-    Returns ``{"mask_logits": [L x (B, N, S/m, S/m)], "class_logits": [L x (B, N, C)] or None}``
-    with ``m = mask_stride`` (8, or 4 with the stride-4 pixel embedding);
-    padded instance slots have logit :data:`MASKED_LOGIT`. ``M^l`` is
-    ``mask_logits[l].softmax(1)``.
+    Returns ``{"mask_logits": [L x (B, N, S/m, S/m)], "class_logits": [L x (B, N, C)] or None,
+    "fuse": (B, D, S/8, S/8)}`` with ``m = mask_stride`` (8, or 4 with the
+    stride-4 pixel embedding); padded instance slots have logit
+    :data:`MASKED_LOGIT`. ``M^l`` is ``mask_logits[l].softmax(1)``; ``fuse`` is
+    ``F^fuse`` (the labelling's ``split_features`` reads it).
     """
 
     def __init__(self, cfg: EPLDTrainConfig, category_ids: list[int], pretrained: bool = True,
@@ -418,4 +419,4 @@ class EPLDNet(nn.Module):
             if prior is not None:
                 logits = logits - prior
             mask_logits.append(logits.masked_fill(padding[:, :, None, None], MASKED_LOGIT))
-        return {"mask_logits": mask_logits, "class_logits": class_logits or None}
+        return {"mask_logits": mask_logits, "class_logits": class_logits or None, "fuse": fuse}
