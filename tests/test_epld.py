@@ -640,6 +640,9 @@ def test_split_features_reach_the_split_as_the_network_s_f_fuse(monkeypatch):
     assert all(f is None and wt == 0.0 for f, wt in seen)  # off by default
     with pytest.raises(ValueError, match="split_features"):
         EPLDConfig(split_features=-1)
+    with pytest.raises(ValueError, match="needs thing_split"):  # it would weigh nothing
+        EPLDConfig(split_features=0.3, thing_split="network")
+    assert EPLDConfig(split_features=0.3, thing_split="learned_geodesic").split_features == 0.3
 
 
 def test_split_within_foreground_keeps_paths_off_the_background_and_equals_scipy_on_the_foreground():

@@ -96,6 +96,9 @@ class EPLDConfig(TrainableGeneratorConfig):
     def _multiple_of_32(self) -> "EPLDConfig":
         if self.input_size is not None and self.input_size % 32:
             raise ValueError(f"input_size={self.input_size}: must be a multiple of 32 (strides 8/16/32)")
+        if self.split_features > 0 and self.thing_split == "network":
+            raise ValueError(f"split_features={self.split_features} weighs the geodesic thing split: it needs "
+                             "thing_split: geodesic or learned_geodesic (thing_split: network has no split to weigh)")
         return self
 
 
