@@ -60,7 +60,7 @@ from pseudo_label_quality import SHARED, fmt_table, prepare  # noqa: E402
 
 from pointseg.data.prepare import join, read_index  # noqa: E402
 from pointseg.evaluation import SPLITS, GroundTruth, score, split_rows  # noqa: E402
-from pointseg.generators.base import assemble, seed_groups  # noqa: E402
+from pointseg.generators.base import assemble, group_of_points, seed_groups  # noqa: E402
 from pointseg.generators.psps import PSPSConfig, cells_read_by, geodesic_cost, scaled_points, upsample_labels  # noqa: E402
 from pointseg.geodesic import nearest_source, split_within  # noqa: E402
 from pointseg.train.rows import index_record  # noqa: E402
@@ -81,9 +81,7 @@ def split_inside(image, points, groups, fg: np.ndarray | None, cfg: PSPSConfig, 
     height, width = image.shape[:2]
     cost, (h, w) = geodesic_cost(image, cfg.downscale, cfg.blur_sigma, cfg.beta)
     cells = scaled_points(points, height, width, h, w)
-    group_of = np.empty(len(points), np.int64)
-    for gi, g in enumerate(groups):
-        group_of[g.point_index] = gi
+    group_of = group_of_points(groups, len(points))
     if fg is None:
         return upsample_labels(nearest_source(cost, cells, labels=group_of)[1], height, width)
     thing = np.array([groups[g].isthing for g in group_of])

@@ -50,8 +50,9 @@ from pseudo_label_quality import SHARED, fmt_table, prepare  # noqa: E402
 
 from pointseg.data.prepare import join, read_index  # noqa: E402
 from pointseg.evaluation import SPLITS, GroundTruth, score, split_rows  # noqa: E402
-from pointseg.generators.base import assemble, seed_groups  # noqa: E402
+from pointseg.generators.base import assemble, group_of_points, seed_groups  # noqa: E402
 from pointseg.generators.psps import PSPSConfig, geodesic_cost, scaled_points, upsample_labels  # noqa: E402
+from pointseg.generators.epld.generator import unit_features  # noqa: E402
 from pointseg.geodesic import edge_costs, nearest_source  # noqa: E402
 from pointseg.train.rows import index_record  # noqa: E402
 
@@ -74,11 +75,7 @@ def imagenet_features(backbone, mean, std, image: np.ndarray, input_size: int, l
     t = torch.from_numpy(x).float().permute(2, 0, 1)[None] / 255.0
     with torch.no_grad():
         feats = backbone((t - mean) / std)
-    out = []
-    for level in levels:
-        f = torch.nn.functional.interpolate(feats[level], size=size, mode="bilinear", align_corners=False)[0]
-        out.append((f / f.norm(dim=0, keepdim=True).clamp_min(1e-6)).numpy())
-    return np.concatenate(out)
+    return np.concatenate([unit_features(feats[level][0], size) for level in levels])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -127,11 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
         if backbone is not None:
             feature = edge_costs(imagenet_features(backbone, mean, std, rec.image, args.input_size, levels, (h, w)))
         groups = seed_groups(rec.points, cats)
-        group_of = np.empty(len(rec.points), np.int64)
-        for gi, g in enumerate(groups):
-            group_of[g.point_index] = gi
-        images.append((row, cost, feature, scaled_points(rec.points, height, width, h, w), group_of, groups,
-                       height, width))
+        images.append((row, cost, feature, scaled_points(rec.points, height, width, h, w),
+                       group_of_points(groups, len(rec.points)), groups, height, width))
 
     def labelled(term: str, weight: float):
         for row, cost, feature, cells, group_of, groups, height, width in images:

@@ -120,6 +120,14 @@ def seed_groups(points: Points, categories: dict[int, Category]) -> list[SeedGro
     return groups
 
 
+def group_of_points(groups: list[SeedGroup], num_points: int) -> np.ndarray:
+    """``(num_points,) int64``: the index into ``groups`` of each point (the inverse of ``point_index``)."""
+    out = np.empty(num_points, np.int64)
+    for gi, g in enumerate(groups):
+        out[g.point_index] = gi
+    return out
+
+
 def assemble(assignment: np.ndarray, groups: list[SeedGroup], diagnostics: dict | None = None,
              uncertainty: np.ndarray | None = None) -> PseudoLabel:
     """Turn a per-pixel group index map into a :class:`PseudoLabel`.

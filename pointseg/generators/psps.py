@@ -31,7 +31,8 @@ import numpy as np
 from pydantic import Field
 
 from pointseg.data.record import Points
-from pointseg.generators.base import GeneratorConfig, PseudoLabel, PseudoLabelGenerator, assemble, seed_groups
+from pointseg.generators.base import (GeneratorConfig, PseudoLabel, PseudoLabelGenerator, assemble, group_of_points,
+                                      seed_groups)
 from pointseg.geodesic import edge_costs, nearest_source, nearest_two_sources
 from pointseg.lowlevel import lab_sobel_boundary, rgb_to_lab
 from pointseg.uncertainty import distance_ratio
@@ -98,9 +99,7 @@ class PSPSGenerator(PseudoLabelGenerator):
         t0 = time.perf_counter()
         cost, (h, w) = geodesic_cost(image, cfg.downscale, cfg.blur_sigma, cfg.beta)
         sources = scaled_points(points, height, width, h, w)
-        point_group = np.empty(len(points), np.int64)
-        for gi, g in enumerate(groups):
-            point_group[g.point_index] = gi
+        point_group = group_of_points(groups, len(points))
         uncertainty = None
         if cfg.uncertainty:
             dist, label = nearest_two_sources(cost, sources, labels=point_group)

@@ -35,7 +35,7 @@ import torch
 
 from pointseg.data.points import validate_points
 from pointseg.data.record import Category, Points
-from pointseg.generators.base import PseudoLabel, TrainableGenerator, assemble
+from pointseg.generators.base import PseudoLabel, TrainableGenerator, assemble, group_of_points
 from pointseg.generators.psps import cells_read_by, geodesic_cost, scaled_points, upsample_labels
 from pointseg.geodesic import NEIGHBOURS_8, add_entry_costs, edge_costs, geodesic_distance, nearest_source, split_within
 from pointseg.generators.epld.batch import network_batch
@@ -47,7 +47,7 @@ from pointseg.viz.maps import heatmap
 from pointseg.viz.overlay import _title, blend, colorize, draw_points
 
 __all__ = ["EPLDGenerator", "bilinear_matrix", "feature_edge_costs", "geodesic_thing_split", "keep_clicked_components",
-           "top2_assignment", "top_two"]
+           "top2_assignment", "top_two", "unit_features"]
 
 #: Output rows resized at once when mapping ``M^l`` back to an image (bounds memory on large images).
 ROW_BAND = 256
@@ -120,12 +120,17 @@ def geodesic_thing_split(image: np.ndarray, points: Points, groups, assignment: 
     return int(changed.sum())
 
 
-def feature_edge_costs(features: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """``(8, h, w)`` edge lengths ``||F(k) - F(l)||`` (:func:`pointseg.geodesic.edge_costs`) of ``features``
-    (D, h', w') resized bilinearly to ``size = (h, w)``, each pixel's vector L2-normalised (``split_features``):
-    0 between pixels the features do not tell apart, at most 2."""
+def unit_features(features: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """``(D, h, w)``: ``features`` (D, h', w') resized bilinearly to ``size = (h, w)``, each pixel's vector
+    L2-normalised."""
     f = torch.nn.functional.interpolate(features[None].float(), size=size, mode="bilinear", align_corners=False)[0]
-    return edge_costs((f / f.norm(dim=0, keepdim=True).clamp_min(1e-6)).numpy())
+    return (f / f.norm(dim=0, keepdim=True).clamp_min(1e-6)).numpy()
+
+
+def feature_edge_costs(features: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """``(8, h, w)`` edge lengths ``||F(k) - F(l)||`` (:func:`pointseg.geodesic.edge_costs`) of
+    :func:`unit_features` (``split_features``): 0 between pixels the features do not tell apart, at most 2."""
+    return edge_costs(unit_features(features, size))
 
 
 def geodesic_foreground_band(image: np.ndarray, points: Points, groups, assignment: np.ndarray, logits: torch.Tensor,
@@ -375,9 +380,7 @@ class EPLDGenerator(TrainableGenerator):
             own = logits[b, : len(groups)]
             moved = 0
             if self.config.connected_things:
-                instance = np.empty(len(pts), np.int64)
-                for n, g in enumerate(groups):
-                    instance[g.point_index] = n
+                instance = group_of_points(groups, len(pts))
                 own, moved = keep_clicked_components(own, scaled_points(pts, height, width, *own.shape[-2:]), instance,
                                                      np.array([g.isthing for g in groups]))
             assignment, uncertainty = top2_assignment(own, height, width)
