@@ -24,6 +24,20 @@ with P1 clicks it labels the chosen half of the images in three ways:
   foreground PSPS's open split instead of VOID (the foreground only keeps the
   split's paths inside it, as EPLD's ``split_within: foreground``).
 
+* ``clicks-only fg, void Q``, with ``--pu-checkpoint CK`` (a ``void``-protocol
+  EPLD network, trained on the thing clicks alone): a foreground decision
+  learned from every image's thing clicks and nothing else, as the ``void``
+  protocol allows. A linear positive-unlabelled classifier (Elkan & Noto 2008,
+  :func:`pu_classifier`) separates the network's ``F^fuse`` at the clicks of
+  all the images (the labelled positives) from ``F^fuse`` at every
+  :data:`PU_UNLABELLED_STRIDE`-th cell of every image (unlabelled: foreground
+  and background alike); its logit minus ``--pu-distance`` per tenth of the
+  image diagonal from the nearest click (a spatial prior: a click's object is
+  around it) scores each cell, bilinearly resized to the image. PSPS's open
+  split is kept, and the fraction ``Q`` of each image's pixels that score
+  lowest is VOID (the click pixels stay labelled). No VOID at all is the
+  ``psps`` row.
+
 Each row prints PQ, PQ_th, mask AP / AP50 and the mean best IoU per object
 (:func:`pointseg.evaluation.score`). The gap between ``psps`` and ``gt fg``
 bounds what any learned foreground / background decision can add to PSPS's
@@ -37,6 +51,8 @@ Commands (from the repo root)::
     python benchmarks/foreground_ceiling.py --background void --split choose --dilate 0,3,8,16
     python benchmarks/foreground_ceiling.py --background both --split report --dilate 0,8 \
         --foreground-checkpoint out/quality/stage1/epld-<data>-<run>
+    python benchmarks/foreground_ceiling.py --background void --split choose --dilate '' \
+        --pu-checkpoint out/quality/stage1/epld-<void data>-<run> --pu-void 0.1,0.3,0.5 --pu-distance 1
 """
 
 from __future__ import annotations
@@ -50,6 +66,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,6 +138,115 @@ def learned_foregrounds(args, split: str) -> dict[int, np.ndarray]:
     return fgs
 
 
+#: Every how many cells of the ``F^fuse`` grid (row-major) one is an unlabelled sample of the PU classifier.
+PU_UNLABELLED_STRIDE = 7
+
+
+def pu_classifier(positives: np.ndarray, unlabelled: np.ndarray, l2: float = 1e-3,
+                  iterations: int = 300) -> tuple[np.ndarray, float]:
+    """A linear positive-unlabelled classifier (Elkan & Noto 2008): ``(w (D,), b)``.
+
+    Logistic regression of the labelled positives ``(P, D)`` against the
+    unlabelled samples ``(U, D)``, each set weighted to half the loss, plus
+    ``l2 * ||w||^2``, minimised by L-BFGS from zero. When the labelled
+    positives are a random sample of all the positives, ``w . x + b`` ranks
+    samples as ``P(positive | x)`` does (Elkan & Noto's Lemma 1), so a threshold
+    on it is a foreground decision that needs no negative example.
+    """
+    x = torch.from_numpy(np.concatenate([positives, unlabelled])).double()
+    y = torch.cat([torch.ones(len(positives)), torch.zeros(len(unlabelled))]).double()
+    weight = torch.where(y > 0, 0.5 / len(positives), 0.5 / len(unlabelled))
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=iterations, tolerance_grad=1e-10, tolerance_change=1e-12,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = (weight * torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y, reduction="none")).sum()
+        loss = loss + l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach().numpy(), float(b.detach())
+
+
+def pu_foregrounds(args, split: str, distance: float) -> dict[int, np.ndarray]:
+    """``{image_id: (H, W) float}``: how foreground-like each pixel is, learned from the thing clicks alone with
+    the ``--pu-checkpoint`` void-protocol EPLD network's ``F^fuse`` (module docstring); higher is more
+    foreground. The classifier is fitted on every image's clicks (as stage 1 trains on them), scores ``split``."""
+    from pointseg.generators.epld.generator import EPLDGenerator, unit_features
+
+    out, cats, _ = prepare(args, "void")
+    gt = GroundTruth(out)
+    index = read_index(join(out, "index", "index.parquet"))
+    chosen = {int(r["image_id"]) for r in split_rows(index, split)}
+    gen = EPLDGenerator({"checkpoint": args.pu_checkpoint}, cats)
+    rows = gt.rows(split_rows(index, "all"))
+    cells: dict[int, tuple] = {}  # image id -> (unit F^fuse (D, h, w), click cells (K, 2), (H, W))
+    for start in tqdm(range(0, len(rows), 8), desc="F^fuse", unit="batch", disable=args.quiet):
+        recs = [index_record(dict(r), cats) for r in rows[start : start + 8]]
+        fuse = gen.fuse_features([r.image for r in recs], [r.points for r in recs])
+        for r, rec, f in zip(rows[start : start + 8], recs, fuse):
+            height, width = rec.image.shape[:2]
+            things = np.array([cats[int(c)].isthing for c in rec.points.category_id], bool)
+            grid = unit_features(f, tuple(f.shape[-2:]))
+            cells[int(r["image_id"])] = (grid, scaled_points(rec.points, height, width, *grid.shape[1:])[things],
+                                         (height, width))
+    positives = np.concatenate([g[:, c[:, 0], c[:, 1]].T for g, c, _ in cells.values()])
+    unlabelled = np.concatenate([g.reshape(len(g), -1).T[::PU_UNLABELLED_STRIDE] for g, _, _ in cells.values()])
+    w, b = pu_classifier(positives, unlabelled)
+    scores = {}
+    for image_id, (grid, clicks, (height, width)) in cells.items():
+        if image_id not in chosen:
+            continue
+        h, w_ = grid.shape[1:]
+        logit = np.tensordot(w, grid, axes=1) + b
+        if distance and len(clicks):
+            yy, xx = np.mgrid[0:h, 0:w_]
+            near = np.min([np.hypot(yy - cy, xx - cx) for cy, cx in clicks], axis=0)
+            logit = logit - distance * near / (0.1 * np.hypot(h, w_))
+        scores[image_id] = cv2.resize(logit.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+    return scores
+
+
+def foreground_auc(score: np.ndarray, fg: np.ndarray) -> float:
+    """The area under the ROC curve of ``score`` separating ``fg`` from the rest (the Mann-Whitney U over the
+    pixels, ties counted half); NaN when ``fg`` is all or none of them."""
+    from scipy.stats import rankdata
+
+    fg = np.asarray(fg, bool).ravel()
+    pos, neg = int(fg.sum()), int((~fg).sum())
+    if not pos or not neg:
+        return float("nan")
+    ranks = rankdata(np.asarray(score, np.float64).ravel())
+    return float((ranks[fg].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def void_least_foreground(label: np.ndarray, score: np.ndarray, fraction: float, keep: np.ndarray) -> np.ndarray:
+    """``label`` (H, W) with the ``fraction`` of its pixels that score lowest set to -1 (VOID), except the pixels
+    at ``keep`` ``(K, 2)`` (row, column; the clicks)."""
+    out = label.copy()
+    if fraction > 0:
+        cut = score < np.quantile(score, fraction)
+        cut[keep[:, 0], keep[:, 1]] = False
+        out[cut] = -1
+    return out
+
+
+def labelled_pu(rows, cats, scores: dict, fraction: float, progress: bool):
+    """PSPS's open split of each row with :func:`void_least_foreground` of its clicks-only score."""
+    cfg = PSPSConfig()
+    for row in tqdm(rows, desc=f"clicks-only fg {fraction:g}", unit="img", disable=not progress):
+        rec = index_record(dict(row), cats)
+        groups = seed_groups(rec.points, cats)
+        height, width = rec.image.shape[:2]
+        label = split_inside(rec.image, rec.points, groups, None, cfg)
+        label = void_least_foreground(label, scores[int(row["image_id"])], fraction, rec.points.pixels(height, width))
+        yield row, assemble(label, groups), ""
+
+
 def labelled(rows, gt: GroundTruth, cats, dilate: int | None, progress: bool, learned: dict | None = None,
              fill: bool = False):
     """PSPS's split of each row: open (``dilate`` None), inside the ground-truth foreground grown by ``dilate``,
@@ -150,13 +276,34 @@ def main(argv: list[str] | None = None) -> dict:
                     help="also a row with a trained EPLD network's stuff-protocol foreground (module docstring)")
     ap.add_argument("--foreground-config", default=str(ROOT / "configs" / "epld_coco_mini.yaml"),
                     help="pipeline config whose generator params label with --foreground-checkpoint")
+    ap.add_argument("--pu-checkpoint", default=None,
+                    help="also rows with a foreground learned from the thing clicks alone by this void-protocol "
+                         "EPLD network's F^fuse (module docstring)")
+    ap.add_argument("--pu-void", default="0.1,0.3,0.5",
+                    help="comma-separated fractions of each image left VOID where the clicks-only score is lowest")
+    ap.add_argument("--pu-distance", type=float, default=1.0,
+                    help="logits the clicks-only score loses per tenth of the image diagonal from the nearest click")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     if not (Path(args.data_root) / "coco-mini").exists():
         raise SystemExit(f"coco-mini not found under {args.data_root} (it lives in ../shared/data beside the repo)")
     args.dataset, args.points, args.point_seed, args.size, args.data_seed = "coco-mini", "p1", 0, 128, 0
-    dilations = [int(d) for d in args.dilate.split(",") if d != ""]
+    try:
+        dilations = [int(d) for d in args.dilate.split(",") if d != ""]
+        fractions = [float(q) for q in args.pu_void.split(",") if q.strip()]
+    except ValueError:
+        raise SystemExit(f"--dilate {args.dilate!r} / --pu-void {args.pu_void!r}: comma-separated numbers") from None
+    if any(d < 0 for d in dilations):
+        raise SystemExit(f"--dilate {args.dilate!r}: dilations are >= 0")
+    if any(not 0 <= q < 1 for q in fractions):
+        raise SystemExit(f"--pu-void {args.pu_void!r}: fractions in [0, 1)")
+    if not (np.isfinite(args.pu_distance) and args.pu_distance >= 0):
+        raise SystemExit(f"--pu-distance {args.pu_distance}: finite and >= 0")
+    if args.pu_checkpoint and args.background != "void":
+        raise SystemExit("--pu-checkpoint: a foreground from the thing clicks alone is for --background void (the "
+                         "stuff protocol has a background click)")
     learned = learned_foregrounds(args, args.split) if args.foreground_checkpoint else None
+    pu_scores = pu_foregrounds(args, args.split, args.pu_distance) if args.pu_checkpoint else None
     results = {}
     for background in (["void", "stuff"] if args.background == "both" else [args.background]):
         out, cats, _ = prepare(args, background)
@@ -173,6 +320,16 @@ def main(argv: list[str] | None = None) -> dict:
             res = score(labelled(rows, gt, cats, None, not args.quiet, learned, fill), gt, cats)
             res["seconds_per_image"] = res["label_seconds"] / max(res["num_images"], 1)
             table.append(("learned fg, outside filled" if fill else "learned fg", res))
+        if pu_scores is not None:
+            aucs = [foreground_auc(pu_scores[int(r["image_id"])], foreground(*gt.load(int(r["image_id"])), cats, 0))
+                    for r in rows]
+            print(f"# clicks-only foreground score vs the ground-truth thing pixels: mean AUC per image "
+                  f"{np.nanmean(aucs):.3f} over {int(np.isfinite(aucs).sum())} images", flush=True)
+            results["clicks_only_auc"] = float(np.nanmean(aucs))
+        for fraction in fractions if pu_scores is not None else []:
+            res = score(labelled_pu(rows, cats, pu_scores, fraction, not args.quiet), gt, cats)
+            res["seconds_per_image"] = res["label_seconds"] / max(res["num_images"], 1)
+            table.append((f"clicks-only fg, void {fraction:g}", res))
         print(fmt_table(f"\n# {background} protocol, {args.split} split: PSPS's split inside the ground-truth "
                         "foreground (a ceiling, module docstring)", table), flush=True)
         results[background] = {name: res for name, res in table}

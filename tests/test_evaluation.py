@@ -592,6 +592,71 @@ def test_foreground_ceiling_fill_gives_the_outside_the_open_split_and_keeps_the_
     assert set(np.unique(filled[fg]).tolist()) == {0, 1}  # both clicks keep a part of the foreground
 
 
+def test_pu_classifier_is_the_weighted_logistic_optimum_of_scipy_and_ranks_the_positives_first():
+    """``pu_classifier`` on a 2-D toy: labelled positives from a cluster at (+2, +1), unlabelled samples half from
+    it and half from a cluster at (-2, -1). Its (w, b) is the minimum of the same class-weighted, L2-regularised
+    logistic loss found by scipy's BFGS, and its score separates the unlabelled samples' hidden classes."""
+    import foreground_ceiling as fc
+    from scipy.optimize import minimize
+    from scipy.special import log_expit
+
+    rng = np.random.default_rng(0)
+    pos = rng.normal([2.0, 1.0], 1.0, (40, 2))
+    hidden = np.r_[np.ones(100, bool), np.zeros(100, bool)]
+    unl = np.where(hidden[:, None], rng.normal([2.0, 1.0], 1.0, (200, 2)), rng.normal([-2.0, -1.0], 1.0, (200, 2)))
+    w, b = fc.pu_classifier(pos, unl, l2=1e-3)
+
+    def loss(theta):
+        z_pos, z_unl = pos @ theta[:2] + theta[2], unl @ theta[:2] + theta[2]
+        return (-0.5 * log_expit(z_pos).mean() - 0.5 * log_expit(-z_unl).mean() + 1e-3 * theta[:2] @ theta[:2])
+
+    ref = minimize(loss, np.zeros(3), method="BFGS", options={"gtol": 1e-10}).x
+    np.testing.assert_allclose(np.r_[w, b], ref, atol=1e-5)
+    assert fc.foreground_auc(unl @ w + b, hidden) > 0.95
+
+
+def test_foreground_auc_and_void_least_foreground_by_hand():
+    """The AUC counts every (foreground, background) pair, a tie as half; the VOID cut takes the lowest-scoring
+    fraction of the pixels but never a click pixel."""
+    import foreground_ceiling as fc
+
+    assert fc.foreground_auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 1, 0, 1])) == 1.0
+    assert fc.foreground_auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([1, 0, 1, 0])) == 0.0
+    assert fc.foreground_auc(np.array([1.0, 1.0, 0.0]), np.array([1, 0, 0])) == 0.75  # (0.5 + 1) / 2
+    assert np.isnan(fc.foreground_auc(np.ones(3), np.ones(3)))
+    label = np.array([[0, 0, 1], [1, 1, 0]])
+    score = np.array([[0.5, 0.1, 0.9], [0.2, 0.8, 0.3]])
+    # the lowest third scores 0.1 and 0.2 (below the 1/3 quantile, 0.27); the click at (1, 0) is kept
+    np.testing.assert_array_equal(fc.void_least_foreground(label, score, 1 / 3, np.array([[1, 0]])),
+                                  [[0, -1, 1], [1, 1, 0]])
+    np.testing.assert_array_equal(fc.void_least_foreground(label, score, 0.0, np.zeros((0, 2), int)), label)
+
+
+def test_foreground_ceiling_clicks_only_rows_cut_the_open_split_and_refuse_bad_flags(tmp_path):
+    """``--pu-checkpoint`` with a void-protocol EPLD network on 4 real images: the ``void 0`` row is PSPS's open
+    split exactly, a VOID cut changes the labels, the AUC is a probability; bad flags are refused."""
+    import foreground_ceiling as fc
+    import pseudo_label_quality as plq
+
+    if not (plq.SHARED / "coco-mini").exists():
+        pytest.skip(f"real test data not found at {plq.SHARED / 'coco-mini'} (../shared/data is not part of the repo)")
+    common = ["--images", "4", "--split", "all", "--workdir", str(tmp_path), "--quiet"]
+    trained = plq.main(common + ["--dataset", "coco-mini", "--background", "void", "--method", "epld",
+                                 "--train-set", "steps=2", "--train-set", "input_size=64", "--train-set", "hidden_dim=16",
+                                 "--train-set", "layers=1", "--baselines", ""])["protocols"]["void"]
+    ckpt = trained["stage1"]["checkpoint"]
+    ours = fc.main(common + ["--background", "void", "--dilate", "", "--pu-checkpoint", ckpt, "--pu-void", "0,0.5"])
+    rows = ours["void"]
+    assert rows["clicks-only fg, void 0"]["pq"] == pytest.approx(rows["psps"]["pq"], abs=1e-12)
+    assert rows["clicks-only fg, void 0"]["mean_best_iou"] == pytest.approx(rows["psps"]["mean_best_iou"], abs=1e-12)
+    assert rows["clicks-only fg, void 0.5"]["mean_best_iou"] != pytest.approx(rows["psps"]["mean_best_iou"], abs=1e-6)
+    assert 0.0 <= ours["clicks_only_auc"] <= 1.0
+    for bad in (["--background", "both", "--pu-checkpoint", ckpt], ["--pu-void", "1.5"], ["--pu-distance", "-1"],
+                ["--dilate", "x"]):
+        with pytest.raises(SystemExit):
+            fc.main(common + ["--background", "void"] + bad)
+
+
 def test_foreground_ceiling_learned_foreground_reproduces_the_epld_labels_in_the_stuff_protocol(tmp_path):
     """``--foreground-checkpoint``: PSPS's split inside the thing pixels of an EPLD network's stuff-protocol labels
     (the kept config's labelling: ``split_within: foreground``, the same geodesic) scores what the EPLD generator

@@ -362,6 +362,11 @@ class EPLDGenerator(TrainableGenerator):
                        batch["instance_class"].to(device), features=features)
         return batch, out
 
+    def fuse_features(self, images: list[np.ndarray], points: list[Points]) -> torch.Tensor:
+        """``(B, D, S/8, S/8)``: the network's ``F^fuse`` (Sec. 3.2) of each image seen at ``input_size`` square,
+        on the CPU (the features ``split_features`` reads)."""
+        return self._forward(images, points)[1]["fuse"].float().cpu()
+
     def __call__(self, images: list[np.ndarray], points: list[Points]) -> list[PseudoLabel]:
         if len(images) != len(points):
             raise ValueError(f"{len(images)} images but {len(points)} point sets")
