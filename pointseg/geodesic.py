@@ -23,6 +23,7 @@ edge_costs        Point2Mask Eq. 2 edge lengths from a feature map and a boundar
 add_entry_costs   the same edges, each also paying a per-pixel cost of the pixel it enters.
 restrict_to       the same edges with every edge into or out of a pixel outside a mask blocked.
 split_within      a labelling run with its paths inside a mask, the open run where they cannot reach.
+redraw_boundary   a mask's boundary moved, within a band around it, to where the geodesic cost puts it.
 geodesic_distance one distance map per source, ``(N, H, W)``.
 nearest_source    one multi-source Dijkstra: min distance and the label of the
                   nearest source per pixel (PSPS assignment), ``(H, W)``.
@@ -44,6 +45,7 @@ Fan et al., "Pointly-supervised Panoptic Segmentation" (PSPS), ECCV 2022.
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 from numba import njit, prange
 
@@ -55,6 +57,7 @@ __all__ = [
     "geodesic_distance",
     "nearest_source",
     "nearest_two_sources",
+    "redraw_boundary",
     "restrict_to",
     "split_within",
     "to_csgraph",
@@ -248,6 +251,42 @@ def split_within(split, cost: np.ndarray, mask: np.ndarray) -> np.ndarray:
     if hole.any():
         label = np.where(hole, split(cost), label)
     return label
+
+
+def redraw_boundary(cost: np.ndarray, mask: np.ndarray, band: int, inside=None, outside=None,
+                    step: float = 0.0) -> np.ndarray | None:
+    """``mask``'s boundary redrawn inside a band of ``band`` pixels on either side of it: ``(H, W) bool``.
+
+    ``mask`` (H, W) bool is eroded and dilated by ``band`` pixels (a square
+    window of side ``2 band + 1``, the border replicated): the eroded mask and
+    the ``inside`` pixels ``(K, 2)`` (row, col) seed the inside, everything
+    outside the dilated mask and the ``outside`` pixels seed the outside (a
+    pixel given as both seeds the outside), and
+    every pixel of the band in between goes to the side whose seeds are nearest
+    in ``cost`` plus ``step`` per step (``sqrt 2 step`` diagonally), one
+    multi-source Dijkstra (:func:`nearest_source`). A band of uniform cost is
+    split in its middle, where ``mask`` put the boundary; an edge of the cost
+    inside the band draws it. None when one side has no seed (nothing to redraw
+    against). The one boundary redraw of EPLD's and P2Seg's ``foreground_band``.
+    """
+    mask = np.asarray(mask, bool)
+    if mask.shape != cost.shape[1:]:
+        raise ValueError(f"mask must have shape {cost.shape[1:]} like cost, got {mask.shape}")
+    kernel = np.ones((2 * band + 1, 2 * band + 1), np.uint8)
+    inner = cv2.erode(mask.astype(np.uint8), kernel, borderType=cv2.BORDER_REPLICATE).astype(bool)
+    outer = ~cv2.dilate(mask.astype(np.uint8), kernel, borderType=cv2.BORDER_REPLICATE).astype(bool)
+    for seeds, side, other in ((inside, inner, outer), (outside, outer, inner)):
+        if seeds is not None and len(seeds):
+            seeds = np.asarray(seeds, np.int64).reshape(-1, 2)
+            side[seeds[:, 0], seeds[:, 1]] = True
+            other[seeds[:, 0], seeds[:, 1]] = False  # a click seeds its own side, even deep inside the other
+    if not inner.any() or not outer.any():
+        return None
+    seeds = np.argwhere(inner | outer)
+    if step > 0:
+        cost = cost + step * np.where(_DIAGONAL, np.sqrt(2.0), 1.0)[:, None, None]
+    side = nearest_source(cost, seeds, labels=inner[seeds[:, 0], seeds[:, 1]].astype(np.int64))[1] == 1
+    return np.where(inner | outer, inner, side)
 
 
 def to_csgraph(cost: np.ndarray):

@@ -23,6 +23,17 @@ def shared_data(*parts: str) -> Path:
     return path
 
 
+def red_blue_image(h: int, w: int, edge: int, seed: int = 0):
+    """``(h, w, 3)`` uint8: red columns ``0 .. edge - 1``, blue from ``edge``, each pixel off by up to 3 (seeded
+    noise, so the geodesic costs have no ties): the two-colour scene of the ``foreground_band`` tests."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:, :edge], img[:, edge:] = (200, 30, 30), (30, 30, 200)
+    return np.clip(img.astype(int) + rng.integers(-3, 4, img.shape), 0, 255).astype(np.uint8)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from conftest import red_blue_image
 from pointseg.data.images import encode_png
 from pointseg.data.record import Category, Points
 from pointseg.generators import GENERATORS, build_generator
@@ -702,10 +703,7 @@ def test_foreground_band_moves_the_boundary_to_the_colour_edge_and_equals_scipy_
     from pointseg.geodesic import NEIGHBOURS_8, edge_costs, to_csgraph
 
     h, w = 64, 80
-    rng = np.random.default_rng(0)
-    img = np.zeros((h, w, 3), np.uint8)
-    img[:, :40], img[:, 40:] = (200, 30, 30), (30, 30, 200)
-    img = np.clip(img.astype(int) + rng.integers(-3, 4, img.shape), 0, 255).astype(np.uint8)
+    img = red_blue_image(h, w, 40)
     pts = Points([[10.0, 32.0], [70.0, 32.0]], [1, 7], [1, 7])  # a thing on the red, the sky on the blue
     groups = seed_groups(pts, CATS)
     thing = [n for n, g in enumerate(groups) if g.isthing][0]

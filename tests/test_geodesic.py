@@ -545,3 +545,21 @@ def test_split_within_by_hand_a_sourceless_part_of_the_mask_takes_the_open_split
     calls.clear()
     assert split_within(split, cost, np.array([[True] * 3 + [False] * 4])).tolist() == [[0, 0, 0, -1, -1, -1, 1]]
     assert calls == [False]  # every mask pixel reached from inside: no open run
+
+
+def test_redraw_boundary_seeds_the_clicks_own_side_and_needs_both_sides():
+    """On a flat cost the redraw keeps the mask's boundary (the band splits in its middle); an ``outside`` pixel
+    deep inside the mask stays outside (a click seeds its own side); with no seed on one side there is nothing to
+    redraw against (None); a mask of the wrong shape is refused."""
+    from pointseg.geodesic import redraw_boundary
+
+    cost = np.ones((8, 12, 12))
+    mask = np.zeros((12, 12), bool)
+    mask[:, :6] = True
+    np.testing.assert_array_equal(redraw_boundary(cost, mask, 2, step=0.0), mask)
+    full = np.ones((12, 12), bool)
+    assert redraw_boundary(cost, full, 2) is None
+    got = redraw_boundary(cost, full, 2, outside=np.array([[6, 6]]))
+    assert not got[6, 6] and got.sum() == 143
+    with pytest.raises(ValueError, match="shape"):
+        redraw_boundary(cost, full[:5], 2)

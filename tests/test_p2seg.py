@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import red_blue_image
 from pointseg.data.record import Category, Points
 from pointseg.generators import build_generator
 from pointseg.generators.p2seg import P2SegConfig
@@ -487,3 +488,38 @@ def test_semantic_map_from_a_trained_epld_checkpoint(tmp_path):
     pix_cls = np.vectorize(cls.get)(lab.id_map)
     src_pix = np.vectorize(src_cls.get)(source.id_map)
     assert (pix_cls[np.isin(src_pix, [1, 2])] == src_pix[np.isin(src_pix, [1, 2])]).mean() > 0.95
+
+
+def test_foreground_band_moves_the_network_s_boundary_to_the_colour_edge_both_ways():
+    """``foreground_band`` (EPLD's key, for P2Seg's network map): red columns 0-39, blue 40-79 (pixel noise).
+    A foreground reaching column 47 loses columns 40-47 to the background; one stopping at column 31 gains
+    columns 32-39, each entering pixel taking its most probable thing class (cat where cat outweighs dog, dog
+    where dog does), not its neighbour's. A band of 0 is off; without it the boundary stays on the grid's."""
+    from pointseg.generators.p2seg.generator import band_semantic
+    from pointseg.generators.p2seg.targets import thing_layout
+
+    h, w = 64, 80
+    img = red_blue_image(h, w, 40)
+    pts = Points([[10.0, 32.0], [70.0, 32.0]], [1, 2], [1, 10])  # a cat on the red, the background on the blue
+    layout = thing_layout(pts, CATS, {1: 1, 2: 2})
+    col = np.broadcast_to(np.arange(w)[None, :], (h, w))
+    prob = torch.zeros(3, h, w)
+    prob[0], prob[1], prob[2] = 0.6, 0.3, 0.1
+    prob[2, :16, 32:40], prob[1, :16, 32:40] = 0.3, 0.1  # the dog outweighs the cat in the top rows of 32-39
+
+    too_far = np.where(col < 48, 1, 0)
+    got, moved = band_semantic(img, too_far, prob, [0, 1, 2], layout, 10, 0.1, 1.0, 0.01)
+    np.testing.assert_array_equal(got, np.where(col < 40, 1, 0))
+    assert moved == 8 * h
+
+    too_short = np.where(col < 32, 1, 0)
+    got, moved = band_semantic(img, too_short, prob, [0, 1, 2], layout, 10, 0.1, 1.0, 0.01)
+    expect = np.where(col < 32, 1, np.where(col < 40, 1, 0))
+    expect[:16, 32:40] = 2
+    np.testing.assert_array_equal(got, expect)
+    assert moved == 8 * h
+    assert band_semantic(img, too_short, prob, [0, 1, 2], layout, 0, 0.1, 1.0)[1] == 0
+    with pytest.raises(ValueError, match="foreground_band"):
+        P2SegConfig(foreground_band=2, use_network=False)
+    with pytest.raises(ValueError, match="foreground_band"):
+        P2SegConfig(foreground_band=-1)

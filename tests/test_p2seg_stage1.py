@@ -204,3 +204,22 @@ def test_input_size_labels_the_same_weights_at_a_finer_class_map(synthetic):
     assert label.id_map.shape == (40, 60)
     with pytest.raises(ValueError, match="multiple of 32"):
         P2SegConfig(input_size=100)
+
+
+def test_foreground_band_reaches_the_network_labelling(synthetic):
+    """``foreground_band`` on the network's map: the labels carry the moved pixel count, and on a two-colour image
+    whose class map (an untrained network) puts the boundary elsewhere the band moves pixels; 0 moves none."""
+    cats, rows = synthetic
+    trainable = P2SegTrainable(TRAIN, cats, context={"generator": PARAMS})
+    model = trainable.build(pretrained=False).eval()
+    things = sorted(k for k, v in cats.items() if v.isthing)[:1]
+    stuff = sorted(k for k, v in cats.items() if not v.isthing)[:1]
+    img = np.zeros((48, 64, 3), np.uint8)
+    img[:, :32], img[:, 32:] = (200, 30, 30), (30, 30, 200)
+    pts = Points([[8, 24], [56, 24]], [1, 2], things + stuff)
+    moved = {}
+    for band in (0, 4):
+        gen = P2SegGenerator({**PARAMS, "i2s": False, "foreground_band": band, "split_downscale": 1.0}, cats,
+                             net=model, net_config=TRAIN)
+        moved[band] = gen([img], [pts])[0].diagnostics["band_foreground_pixels"]
+    assert moved[0] == 0 and moved[4] > 0

@@ -37,7 +37,8 @@ from pointseg.data.points import validate_points
 from pointseg.data.record import Category, Points
 from pointseg.generators.base import PseudoLabel, TrainableGenerator, assemble, group_of_points
 from pointseg.generators.psps import cells_read_by, geodesic_cost, scaled_points, upsample_labels
-from pointseg.geodesic import NEIGHBOURS_8, add_entry_costs, edge_costs, geodesic_distance, nearest_source, split_within
+from pointseg.geodesic import (add_entry_costs, edge_costs, geodesic_distance, nearest_source, redraw_boundary,
+                                split_within)
 from pointseg.generators.epld.batch import network_batch
 from pointseg.argmax import first_argmax
 from pointseg.generators.epld.model import MASKED_LOGIT
@@ -154,20 +155,11 @@ def geodesic_foreground_band(image: np.ndarray, points: Points, groups, assignme
     height, width = assignment.shape
     cost, (h, w) = cost if cost is not None else geodesic_cost(image, downscale, 0.5, beta)
     fg = cells_read_by(isthing[assignment], h, w) if (h, w) != (height, width) else isthing[assignment]
-    kernel = np.ones((2 * band + 1, 2 * band + 1), np.uint8)
-    inner = cv2.erode(fg.astype(np.uint8), kernel, borderType=cv2.BORDER_REPLICATE).astype(bool)
-    outer = ~cv2.dilate(fg.astype(np.uint8), kernel, borderType=cv2.BORDER_REPLICATE).astype(bool)
     cells = scaled_points(points, height, width, h, w)
-    for g in groups:
-        (inner if g.isthing else outer)[cells[g.point_index, 0], cells[g.point_index, 1]] = True
-    if not inner.any() or not outer.any():
+    clicks = [cells[g.point_index] for g in groups if g.isthing], [cells[g.point_index] for g in groups if not g.isthing]
+    new_fg = redraw_boundary(cost, fg, band, *(np.concatenate(c) for c in clicks), step=step)
+    if new_fg is None:
         return 0
-    seeds = np.argwhere(inner | outer)
-    if step > 0:
-        diagonal = np.array([abs(dy) + abs(dx) == 2 for dy, dx in NEIGHBOURS_8])
-        cost = cost + step * np.where(diagonal, np.sqrt(2.0), 1.0)[:, None, None]
-    side = nearest_source(cost, seeds, labels=inner[seeds[:, 0], seeds[:, 1]].astype(np.int64))[1] == 1
-    new_fg = np.where(inner | outer, inner, side)
     m = torch.nn.functional.interpolate(logits[None].float(), size=(h, w), mode="bilinear",
                                         align_corners=False)[0]
     things = torch.from_numpy(isthing)[:, None, None]

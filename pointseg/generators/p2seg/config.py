@@ -67,6 +67,16 @@ class P2SegConfig(TrainableGeneratorConfig):
     foreground: Literal["argmax", "mass"] = Field(
         "argmax", description="network semantic map: argmax over background and the image's classes, or "
         "foreground wherever the classes together outweigh background")
+    foreground_band: int = Field(
+        0, ge=0, description="our extension (network labelling), as EPLD's key: before S2I, redraw the network's "
+        "foreground / background boundary inside a band of this many pixels (at split_downscale) on either side "
+        "of it: the band's pixels go to whichever side, the foreground inside the band or the background outside "
+        "it, is nearest in PSPS's geodesic cost (LAB colour + split_beta * Sobel boundary), so the boundary moves "
+        "to colour edges finer than the class map's grid; thing points stay foreground, stuff points background; "
+        "a pixel entering the foreground takes its most probable class among the image's thing classes; 0: off")
+    band_step: float = Field(
+        0.01, ge=0, description="foreground_band: length added to every step of the band's paths (x sqrt 2 for "
+        "diagonal steps), so that where colour does not decide, the boundary stays where the network put it")
     i2s: bool = Field(True, description="I2S on (Table 3): semantic map Â^{∘β} * C and L_I2S; off: argmax C, no L_I2S")
     i2s_rows: Literal["grid", "pixels"] = Field(
         "grid", description="rows of Â in the I2S semantic map: the affinity grid's cells (the trained cell-pair "
@@ -96,6 +106,14 @@ class P2SegConfig(TrainableGeneratorConfig):
         if self.source_grid is not None and self.use_network:
             raise ValueError("source_grid views the stage-1 semantic map of the training-free labelling: set "
                              "use_network: false with it")
+        return self
+
+    @model_validator(mode="after")
+    def _band_with_network(self) -> "P2SegConfig":
+        if self.foreground_band > 0 and not self.use_network:
+            raise ValueError("foreground_band redraws the network's foreground: with use_network: false the labels "
+                             "are the semantic source's own map (give the source its own band, e.g. "
+                             "semantic_params.foreground_band for epld)")
         return self
 
     @model_validator(mode="after")

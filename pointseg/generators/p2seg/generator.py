@@ -53,18 +53,21 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from pointseg.argmax import first_argmax
 from pointseg.data.images import resize_square
 from pointseg.data.record import Points
 from pointseg.generators.base import PseudoLabel, SourceStage, TrainableGenerator, assemble
 from pointseg.generators import build_generator, generator_class
 from pointseg.generators.p2seg.config import P2SegConfig
+from pointseg.generators.psps import cells_read_by, geodesic_cost, scaled_cells, upsample_labels
+from pointseg.geodesic import redraw_boundary
 from pointseg.generators.p2seg.s2i import GeodesicSplit, s2i_instances
 from pointseg.generators.p2seg.stage1 import P2SegTrainable
 from pointseg.generators.p2seg.targets import (ThingLayout, network_maps, on_grid, semantic_from_label, thing_channels,
                                               thing_layout)
 from pointseg.train.engine import categories_from_meta
 
-__all__ = ["P2SegGenerator", "instance_uncertainty"]
+__all__ = ["P2SegGenerator", "band_semantic", "instance_uncertainty"]
 
 
 def instance_uncertainty(prob: torch.Tensor, present: list[int], layout: ThingLayout, offsets: np.ndarray | None,
@@ -97,6 +100,39 @@ def instance_uncertainty(prob: torch.Tensor, present: list[int], layout: ThingLa
             top2 = np.where(higher, top1, np.maximum(top2, q))
             top1 = np.where(higher, q, top1)
     return np.clip(1.0 - (top1 - top2), 0.0, 1.0)
+
+
+def band_semantic(image: np.ndarray, semantic: np.ndarray, prob: torch.Tensor, present: list[int],
+                  layout: ThingLayout, band: int, beta: float, downscale: float,
+                  step: float = 0.0) -> tuple[np.ndarray, int]:
+    """``foreground_band`` (our extension, EPLD's key): the semantic map's foreground / background boundary
+    redrawn along colour edges. Returns ``(semantic, pixels moved)``.
+
+    On the working grid (``downscale`` of the image, PSPS's geodesic cost: LAB
+    colour + ``beta`` * Sobel boundary) the foreground (``semantic > 0``) is
+    redrawn within ``band`` cells of its boundary by
+    :func:`pointseg.geodesic.redraw_boundary`, the thing points seeding the
+    foreground and the stuff points the background. A pixel leaving the
+    foreground becomes background (0); one entering it takes its most probable
+    thing channel of ``prob`` (K, H, W) over ``present`` (0 first). semantic :
+    (H, W) int64 channel map, 0 background.
+    """
+    height, width = semantic.shape
+    if band <= 0 or len(present) < 2:
+        return semantic, 0
+    cost, (h, w) = geodesic_cost(image, downscale, 0.5, beta)
+    fg = semantic > 0
+    new = redraw_boundary(cost, cells_read_by(fg, h, w), band, scaled_cells(layout.point_yx, height, width, h, w),
+                          scaled_cells(layout.stuff_yx, height, width, h, w), step)
+    if new is None:
+        return semantic, 0
+    want = upsample_labels(new.astype(np.int32), height, width).astype(bool)
+    moved = want != fg
+    if not moved.any():
+        return semantic, 0
+    best_thing = np.asarray(present[1:], np.int64)[first_argmax(prob[1:], 0).cpu().numpy()]
+    out = np.where(want, np.where(fg, semantic, best_thing), 0)
+    return out, int(moved.sum())
 
 
 class P2SegGenerator(TrainableGenerator):
@@ -189,7 +225,12 @@ class P2SegGenerator(TrainableGenerator):
         h, w = image.shape[:2]
         present = [0] + sorted({int(c) for c in layout.group_class})
         prob, semantic, offsets = network_maps(out, present, cfg, (h, w), self.input_size, window=self.window)
+        moved = 0
+        if cfg.foreground_band > 0:
+            semantic, moved = band_semantic(image, semantic, prob, present, layout, cfg.foreground_band,
+                                            cfg.split_beta, cfg.split_downscale, cfg.band_step)
         label = self._assemble(semantic, layout, offsets if cfg.grouping == "offsets" else None, image)
+        label.diagnostics["band_foreground_pixels"] = moved
         label.uncertainty = instance_uncertainty(prob, present, layout, offsets if cfg.grouping == "offsets" else None,
                                                  cfg.uncertainty_temperature)
         label.diagnostics.update(network_seconds=net_seconds, seconds=net_seconds + time.perf_counter() - t0,
