@@ -223,3 +223,36 @@ def test_foreground_band_reaches_the_network_labelling(synthetic):
                              net=model, net_config=TRAIN)
         moved[band] = gen([img], [pts])[0].diagnostics["band_foreground_pixels"]
     assert moved[0] == 0 and moved[4] > 0
+
+
+def test_band_and_geodesic_split_share_one_cost_of_the_image(synthetic, monkeypatch):
+    """With ``foreground_band`` and ``grouping: geodesic`` the network labelling computes PSPS's cost of the
+    image once and gives it to both (it used to compute it twice); the split still runs on it (two thing
+    clicks of one colour region are split apart), and without a band or a split nothing computes it."""
+    import pointseg.generators.p2seg.generator as gen_mod
+    import pointseg.generators.p2seg.s2i as s2i_mod
+
+    cats, _ = synthetic
+    model = P2SegTrainable(TRAIN, cats, context={"generator": PARAMS}).build(pretrained=False).eval()
+    things = sorted(k for k, v in cats.items() if v.isthing)[:1]
+    stuff = sorted(k for k, v in cats.items() if not v.isthing)[:1]
+    img = np.zeros((48, 64, 3), np.uint8)
+    img[:, :32], img[:, 32:] = (200, 30, 30), (30, 30, 200)
+    pts = Points([[4, 10], [28, 10], [56, 24]], [1, 2, 3], things * 2 + stuff)
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[1:])
+        return real(*args, **kwargs)
+
+    real = gen_mod.geodesic_cost
+    monkeypatch.setattr(gen_mod, "geodesic_cost", counted)
+    monkeypatch.setattr(s2i_mod, "geodesic_cost", counted)
+    for band, grouping, expected in ((4, "geodesic", 1), (0, "geodesic", 1), (4, "nearest_point", 1), (0, "nearest_point", 0)):
+        calls.clear()
+        gen = P2SegGenerator({**PARAMS, "i2s": False, "foreground_band": band, "grouping": grouping,
+                              "components": "foreground", "split_downscale": 1.0}, cats, net=model, net_config=TRAIN)
+        label = gen([img], [pts])[0]
+        assert len(calls) == expected, (band, grouping, calls)
+        if grouping == "geodesic":
+            assert label.diagnostics["split_components"] >= 1

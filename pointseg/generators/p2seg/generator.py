@@ -104,7 +104,7 @@ def instance_uncertainty(prob: torch.Tensor, present: list[int], layout: ThingLa
 
 def band_semantic(image: np.ndarray, semantic: np.ndarray, prob: torch.Tensor, present: list[int],
                   layout: ThingLayout, band: int, beta: float, downscale: float,
-                  step: float = 0.0) -> tuple[np.ndarray, int]:
+                  step: float = 0.0, cost=None) -> tuple[np.ndarray, int]:
     """``foreground_band`` (our extension, EPLD's key): the semantic map's foreground / background boundary
     redrawn along colour edges. Returns ``(semantic, pixels moved)``.
 
@@ -115,12 +115,14 @@ def band_semantic(image: np.ndarray, semantic: np.ndarray, prob: torch.Tensor, p
     foreground and the stuff points the background. A pixel leaving the
     foreground becomes background (0); one entering it takes its most probable
     thing channel of ``prob`` (K, H, W) over ``present`` (0 first). semantic :
-    (H, W) int64 channel map, 0 background.
+    (H, W) int64 channel map, 0 background. ``cost``: that ``(edge lengths, (h, w))``
+    when the caller already has them (the labelling shares one with S2I's
+    :class:`~.s2i.GeodesicSplit`).
     """
     height, width = semantic.shape
     if band <= 0 or len(present) < 2:
         return semantic, 0
-    cost, (h, w) = geodesic_cost(image, downscale, 0.5, beta)
+    cost, (h, w) = cost if cost is not None else geodesic_cost(image, downscale, 0.5, beta)
     fg = semantic > 0
     new = redraw_boundary(cost, cells_read_by(fg, h, w), band, scaled_cells(layout.point_yx, height, width, h, w),
                           scaled_cells(layout.stuff_yx, height, width, h, w), step)
@@ -226,10 +228,14 @@ class P2SegGenerator(TrainableGenerator):
         present = [0] + sorted({int(c) for c in layout.group_class})
         prob, semantic, offsets = network_maps(out, present, cfg, (h, w), self.input_size, window=self.window)
         moved = 0
+        # PSPS's cost of the image, computed once for the band and S2I's geodesic split when either needs it
+        needs_cost = ((cfg.foreground_band > 0 and len(present) >= 2)
+                      or (cfg.grouping == "geodesic" and len(layout.point_yx) > 1))
+        cost = geodesic_cost(image, cfg.split_downscale, 0.5, cfg.split_beta) if needs_cost else None
         if cfg.foreground_band > 0:
             semantic, moved = band_semantic(image, semantic, prob, present, layout, cfg.foreground_band,
-                                            cfg.split_beta, cfg.split_downscale, cfg.band_step)
-        label = self._assemble(semantic, layout, offsets if cfg.grouping == "offsets" else None, image)
+                                            cfg.split_beta, cfg.split_downscale, cfg.band_step, cost)
+        label = self._assemble(semantic, layout, offsets if cfg.grouping == "offsets" else None, image, cost)
         label.diagnostics["band_foreground_pixels"] = moved
         label.uncertainty = instance_uncertainty(prob, present, layout, offsets if cfg.grouping == "offsets" else None,
                                                  cfg.uncertainty_temperature)
@@ -249,12 +255,13 @@ class P2SegGenerator(TrainableGenerator):
         return label
 
     def _assemble(self, semantic: np.ndarray, layout: ThingLayout, offsets: np.ndarray | None,
-                  image: np.ndarray) -> PseudoLabel:
-        """S2I on ``semantic`` (the image's size), then the panoptic label (module docstring, step 3)."""
+                  image: np.ndarray, cost=None) -> PseudoLabel:
+        """S2I on ``semantic`` (the image's size), then the panoptic label (module docstring, step 3).
+        ``cost``: PSPS's ``(edge lengths, (h, w))`` of the image at ``split_downscale``, if already computed."""
         cfg = self.config
         size = image.shape[:2]
         split = (GeodesicSplit(image, layout.point_yx, cfg.split_beta, cfg.split_downscale,
-                               within=cfg.split_within == "component")
+                               within=cfg.split_within == "component", cost=cost)
                  if cfg.grouping == "geodesic" and len(layout.point_yx) > 1 else None)
         res = s2i_instances(semantic, layout.point_yx, layout.point_group, layout.group_class, cfg.priority, offsets,
                             (cfg.default_box, cfg.default_box), cfg.min_area, cfg.components, split,

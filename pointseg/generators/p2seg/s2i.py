@@ -149,13 +149,15 @@ class GeodesicSplit:
     (:func:`pointseg.geodesic.split_within`), and a pixel they cannot reach from
     inside (an orphan component, a part cut off on the working grid) takes the
     open split. Pixels and points map to the working grid as PSPS maps them
-    (``floor((y + 0.5) h / H)``).
+    (``floor((y + 0.5) h / H)``). ``cost``: that ``(edge lengths, (h, w))``
+    when the caller already has it for the same image, ``downscale``,
+    ``blur_sigma`` and ``beta`` (it is not recomputed).
     """
 
     def __init__(self, image: np.ndarray, point_yx: np.ndarray, beta: float = 0.1, downscale: float = 0.5,
-                 blur_sigma: float = 0.5, within: bool = False) -> None:
+                 blur_sigma: float = 0.5, within: bool = False, cost=None) -> None:
         self.image_size = np.asarray(image).shape[:2]
-        self.cost, self.size = geodesic_cost(image, downscale, blur_sigma, beta)
+        self.cost, self.size = cost if cost is not None else geodesic_cost(image, downscale, blur_sigma, beta)
         self.cells = self._cells(point_yx)
         self.within = within
 
