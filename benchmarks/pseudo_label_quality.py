@@ -92,7 +92,9 @@ sys.path.insert(0, str(ROOT))  # run from a clone without installing
 from pointseg.config import (DatasetConfig, GeneratorSection, PointsConfig, SyntheticDataConfig, deep_merge,  # noqa: E402
                              read_yaml, validate)
 from pointseg.data.prepare import clear_dir, join, load_categories, prepare_inputs, read_index  # noqa: E402
-from pointseg.evaluation import SPLITS, GroundTruth, label_rows, score, split_rows  # noqa: E402
+from pointseg.evaluation import (SPLITS, GroundTruth, comparison_sheet, contrasting_images, label_rows, score,  # noqa: E402
+                                 split_rows)
+from pointseg.viz.overlay import save_png  # noqa: E402
 from pointseg.fingerprint import config_hash  # noqa: E402
 from pointseg.generators import GENERATORS, generator_class  # noqa: E402
 from pointseg.train.engine import fit_plain  # noqa: E402
@@ -268,6 +270,28 @@ def fmt_table(title: str, rows: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def draw_gallery(args, background: str, table: list[tuple[str, dict]], params, cats, gt: GroundTruth,
+                 rows) -> dict:
+    """``--gallery K``: the K contrasting images (:func:`pointseg.evaluation.contrasting_images` of the method
+    against the first baseline, psps first if listed), labelled again by every row of ``table`` and drawn with
+    :func:`pointseg.evaluation.comparison_sheet`; ``{"png", "image_ids", "reference"}``."""
+    method, res = table[0]
+    baselines = [name for name, _ in table[1:]]
+    reference = "psps" if "psps" in baselines else (baselines[0] if baselines else None)
+    ref_scores = dict(table)[reference]["per_image"] if reference else {
+        i: {"mean_best_iou": 0.0} for i in res["per_image"]}  # no baseline: its best and worst images
+    ids = contrasting_images(res["per_image"], ref_scores, args.gallery)
+    by_id = {int(r["image_id"]): r for r in rows}
+    gens = [(method, generator_class(method)(params, cats), res["per_image"])]
+    gens += [(b, generator_class(b)({}, cats), dict(table)[b]["per_image"]) for b in baselines]
+    sheet = comparison_sheet([by_id[i] for i in ids], gens, gt, args.batch_size)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in method)
+    png = Path(args.workdir) / "gallery" / f"{safe}-{args.dataset}-{background}-{args.split}.png"
+    png.parent.mkdir(parents=True, exist_ok=True)
+    save_png(str(png), sheet)
+    return {"png": str(png), "image_ids": ids, "reference": reference}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -299,8 +323,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--k-error", action="store_true",
                     help="point2mask: also measure the k err of benchmarks/point2mask_ablation.py (labels one image "
                          "at a time)")
+    ap.add_argument("--gallery", type=int, default=0, metavar="K",
+                    help="also draw K images of the split side by side (image + clicks, ground truth, the method, "
+                         "its baselines) into WORKDIR/gallery/: the K/2 where the method's mean best IoU beats the "
+                         "first baseline's (psps if listed) by most, and the K/2 where it loses by most")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
+    if args.gallery < 0:
+        raise SystemExit(f"--gallery must be >= 0, got {args.gallery}")
 
     import torch
 
@@ -361,6 +391,9 @@ def main(argv: list[str] | None = None) -> dict:
         for name, r in table:
             for image_id, reason in sorted(r["failed"].items()):
                 print(f"  failed [{name}] image {image_id}: {reason}")
+        if args.gallery and rows:
+            proto["gallery"] = draw_gallery(args, background, table, run_params, cats, gt, rows)
+            print(f"# gallery ({len(proto['gallery']['image_ids'])} images): {proto['gallery']['png']}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))

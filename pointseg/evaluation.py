@@ -53,12 +53,13 @@ from tqdm import tqdm
 
 from pointseg.data.coco_panoptic_io import read_id_map, read_panoptic_annotations
 from pointseg.data.prepare import join, read_index
-from pointseg.data.record import Category
+from pointseg.data.record import Category, Points
 from pointseg.generators.base import PseudoLabel, PseudoLabelGenerator
 from pointseg.metrics import MIoUEvaluator, PQEvaluator
 from pointseg.metrics.instances import InstanceQualityEvaluator
 from pointseg.metrics.pq import pq_from_stat, pq_stat_image
 from pointseg.train.rows import index_record
+from pointseg.viz.overlay import side_by_side, stack
 
 log = logging.getLogger("pointseg.evaluation")
 
@@ -239,9 +240,77 @@ def evaluate_generator(generator: PseudoLabelGenerator, output: str, split: str 
     return score(label_rows(generator, rows, batch_size, progress), gt, generator.categories)
 
 
+def contrasting_images(per_image: Mapping[int, dict], reference: Mapping[int, dict], k: int,
+                       key: str = "mean_best_iou") -> list[int]:
+    """The ``k`` image ids where ``per_image[id][key] - reference[id][key]`` is furthest from zero both ways.
+
+    ``per_image`` / ``reference``: :func:`score`'s ``per_image`` of a method and
+    of a baseline on the same images. Images where either value is ``None``
+    (no thing to score) are left out. Returned by decreasing difference: the
+    ``ceil(k / 2)`` largest differences, then the ``floor(k / 2)`` smallest (its
+    worst images against the baseline), so a gallery shows where the method
+    loses as well as where it wins; ties keep image-id order.
+    """
+    diffs = sorted(((per_image[i][key] - reference[i][key], i) for i in sorted(per_image)
+                    if i in reference and per_image[i].get(key) is not None
+                    and reference[i].get(key) is not None), key=lambda t: -t[0])
+    if k <= 0:
+        return []
+    if len(diffs) <= k:
+        return [i for _, i in diffs]
+    top = (k + 1) // 2
+    return [i for _, i in diffs[:top] + diffs[len(diffs) - (k - top):]]
+
+
+def comparison_sheet(rows: Iterable[Mapping], methods: list[tuple[str, PseudoLabelGenerator, Mapping[int, dict]]],
+                     gt: GroundTruth, batch_size: int = 8, max_side: int | None = 320) -> np.ndarray:
+    """One RGB picture, a row per index row: ``image + clicks | ground truth | method 1 | method 2 | ...``.
+
+    ``methods``: ``(name, generator, per_image)`` with :func:`score`'s
+    ``per_image`` of that generator, whose PQ and mean best IoU of the image go
+    in the tile's title. Each generator labels the rows again
+    (:func:`label_rows`; a trained generator is deterministic, so these are
+    the scored labels); an image it fails on is a grey tile titled "failed".
+    An image that cannot be read is a grey tile titled with the error's type.
+    Tiles are shrunk to ``max_side`` (:func:`pointseg.viz.overlay.side_by_side`).
+    """
+    rows = list(rows)
+    if not rows or not methods:
+        raise ValueError("comparison_sheet needs rows and methods")
+    labels: dict[str, dict[int, PseudoLabel | None]] = {}
+    for name, gen, _ in methods:
+        labels[name] = {int(r["image_id"]): lab for r, lab, _ in label_rows(gen, rows, batch_size, progress=False)}
+    categories = methods[0][1].categories
+
+    def pct(v) -> str:
+        return "-" if v is None else f"{100 * v:.0f}"
+
+    out = []
+    for row in rows:
+        image_id = int(row["image_id"])
+        truth = gt.load(image_id)
+        try:
+            rec = index_record(dict(row), categories)
+            image, points, head = rec.image, rec.points, f"image {image_id} + clicks"
+        except Exception as exc:  # noqa: BLE001 - an unreadable image is a grey tile that says why
+            image, points = np.full(truth[0].shape + (3,), 128, np.uint8), Points.empty()
+            head = f"image {image_id}: {type(exc).__name__}"
+        tiles = [("ground truth", truth)]
+        for name, _, per_image in methods:
+            lab = labels[name].get(image_id)
+            s = per_image.get(image_id, {})
+            title = (f"{name} failed" if lab is None else
+                     f"{name}: PQ {pct(s.get('pq'))}, best IoU {pct(s.get('mean_best_iou'))}")
+            tiles.append((title, None if lab is None else (np.asarray(lab.id_map), lab.segments_info)))
+        out.append(side_by_side(image, points, tiles, categories, head, max_side))
+    return stack(out)
+
+
 __all__ = [
     "GroundTruth",
     "SPLITS",
+    "comparison_sheet",
+    "contrasting_images",
     "evaluate_generator",
     "finite_or_none",
     "label_rows",

@@ -22,7 +22,8 @@ from PIL import Image
 from pointseg.data.coco_panoptic_io import PanopticWriter
 from pointseg.data.prepare import join, write_index
 from pointseg.data.record import Category
-from pointseg.evaluation import GroundTruth, evaluate_generator, label_rows, score, split_rows
+from pointseg.evaluation import (GroundTruth, comparison_sheet, contrasting_images, evaluate_generator, label_rows,
+                                 score, split_rows)
 from pointseg.generators.base import (
     PseudoLabel,
     PseudoLabelGenerator,
@@ -290,6 +291,67 @@ def test_label_rows_keeps_order_and_flags_rows_without_valid_points(toy):
     assert out[1][1] is not None and out[1][2] == ""
 
 
+def test_contrasting_images_by_hand():
+    """Largest gains first, then the largest losses; images without a value left out; ties in id order."""
+    per = {1: {"mean_best_iou": 0.5}, 2: {"mean_best_iou": 0.9}, 3: {"mean_best_iou": 0.2},
+           4: {"mean_best_iou": None}, 5: {"mean_best_iou": 0.4}, 6: {"mean_best_iou": 0.6}}
+    ref = {1: {"mean_best_iou": 0.5}, 2: {"mean_best_iou": 0.3}, 3: {"mean_best_iou": 0.6},
+           4: {"mean_best_iou": 0.1}, 5: {"mean_best_iou": 0.4}, 6: {"mean_best_iou": 0.5}}
+    # differences: 2 +0.6, 6 +0.1, 1 0, 5 0, 3 -0.4 (4 has no value)
+    assert contrasting_images(per, ref, 3) == [2, 6, 3]
+    assert contrasting_images(per, ref, 2) == [2, 3]
+    assert contrasting_images(per, ref, 1) == [2]
+    assert contrasting_images(per, ref, 9) == [2, 6, 1, 5, 3]
+    assert contrasting_images(per, ref, 0) == []
+    assert contrasting_images({**per, 7: {"pq": 1.0, "mean_best_iou": 0.0}}, ref, 9) == [2, 6, 1, 5, 3]  # 7: no ref
+
+
+def test_comparison_sheet_places_each_label_in_its_tile_and_greys_failures(toy):
+    """Rows in the given order; per row image+clicks | ground truth | method; a generator error or an unreadable
+    image is a grey tile, never a crash or a missing row."""
+    from pointseg.viz.overlay import blend, colorize
+
+    root, data, rows = toy
+    res, _ = _score_toy(root, data)
+    gt = GroundTruth(str(root))
+    by_id = {int(r["image_id"]): r for r in rows}
+    sheet = comparison_sheet([by_id[i] for i in (1, 3, 4)], [("canned", Canned(None, CATS, data), res["per_image"])],
+                             gt, max_side=None)
+    f = 26  # 8x10 toy images are enlarged to 256 px on the long side: ceil(256 / 10)
+    th, tw = f * H + 18, f * W
+    assert sheet.shape == (3 * th + 2 * 6, 3 * tw, 3)
+
+    def tile(row, col):
+        return sheet[row * (th + 6) + 18:row * (th + 6) + th, col * tw:(col + 1) * tw]
+
+    def big(a):
+        return np.repeat(np.repeat(a, f, 0), f, 1)
+
+    image1 = big(np.full((H, W, 3), (10, 0, 0), np.uint8))
+    g, gi, p, pi = data[1]
+    assert np.array_equal(tile(0, 1), blend(image1, colorize(big(g), gi, CATS)))
+    assert np.array_equal(tile(0, 2), blend(image1, colorize(big(p), pi, CATS)))
+    assert (tile(1, 2) == 128).all()  # image 3: the generator raised
+    assert (tile(2, 0) == 128).all() and (tile(2, 2) == 128).all()  # image 4: its file is missing
+    assert not (tile(2, 1) == 128).all()  # ... but its ground truth is drawn
+
+
+def test_side_by_side_shrinks_large_images_to_max_side():
+    from pointseg.data.record import Points
+    from pointseg.viz.overlay import side_by_side
+
+    image = np.zeros((400, 600, 3), np.uint8)
+    ids = np.ones((400, 600), np.int32)
+    ids[:, 300:] = 2
+    info = [{"id": 1, "category_id": 1}, {"id": 2, "category_id": 3}]
+    out = side_by_side(image, Points.empty(), [("a", (ids, info)), ("b", None)], CATS, max_side=300)
+    assert out.shape == (200 + 18, 3 * 300, 3)
+    label = out[18:, 300:600]
+    assert (label[:, :140] == label[0, 0]).all() and (label[:, 160:] == label[0, -1]).all()  # nearest, no blur
+    assert not np.array_equal(label[0, 0], label[0, -1])
+    assert side_by_side(image, Points.empty(), [], CATS).shape == (400 + 18, 600, 3)  # no max_side: as it is
+
+
 def test_split_rows_sorted_halves():
     rows = [{"image_id": i} for i in (9, 2, 7, 4, 5)]
     assert [r["image_id"] for r in split_rows(rows, "choose")] == [2, 4]
@@ -386,9 +448,13 @@ def test_harness_trains_stage1_on_all_rows_then_labels_and_reuses_everything(tmp
     argv = ["--dataset", "synthetic", "--images", "4", "--size", "48", "--method", "test_evaluation:TinyTrainable",
             "--set", "fill=first", "--train-set", "steps=4", "--baselines", "voronoi", "--workdir", str(tmp_path),
             "--quiet", "--json", str(tmp_path / "r.json")]
-    res = plq.main(argv)
+    res = plq.main(argv + ["--gallery", "2"])
     proto = res["protocols"]["native"]
     assert sorted(set(TinyStage1.seen_ids)) == [0, 1, 2, 3]  # all rows, though only 2 are scored
+    # the gallery: the two report-half images, relabelled by the trained generator and the baseline
+    assert sorted(proto["gallery"]["image_ids"]) == [2, 3] and proto["gallery"]["reference"] == "voronoi"
+    png = np.asarray(Image.open(proto["gallery"]["png"]))
+    assert png.shape == (2 * (6 * 48 + 18) + 6, 4 * 6 * 48, 3)  # 48 px enlarged 6x; clicks, truth, 2 methods
     assert TinyStage1.contexts[0]["generator"].fill == "first"
     assert proto["stage1"]["steps"] == 4
     assert Path(proto["stage1"]["checkpoint"], "meta.json").exists()

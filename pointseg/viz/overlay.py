@@ -51,22 +51,60 @@ def panel(
     categories: dict[int, Category],
     titles: tuple[str, ...] = ("image + points", "pseudo label", "ground truth"),
 ) -> np.ndarray:
-    """Side-by-side ``image+points | pseudo label | ground truth`` as one RGB array.
+    """Side-by-side ``image+points | pseudo label | ground truth`` as one RGB array (:func:`side_by_side`)."""
+    labels = [(titles[1], pred)] + ([] if gt is None else [(titles[2], gt)])
+    return side_by_side(image, points, labels, categories, titles[0])
 
-    Small images are enlarged (nearest neighbour, integer factor) to at least
-    256 px on the long side so that the tiles stay readable.
+
+def side_by_side(
+    image: np.ndarray,
+    points: Points,
+    labels: list[tuple[str, tuple[np.ndarray, list[dict]] | None]],
+    categories: dict[int, Category],
+    points_title: str = "image + points",
+    max_side: int | None = None,
+) -> np.ndarray:
+    """``image+points | label 1 | label 2 | ...``, each tile under its title, as one RGB array.
+
+    ``labels``: ``(title, (id_map, segments_info))``, or ``(title, None)`` for a
+    label that does not exist (a failed image: a grey tile). Small images are
+    enlarged (nearest neighbour, integer factor) to at least 256 px on the long
+    side so that the tiles stay readable; with ``max_side``, larger ones are
+    shrunk to it (area for the image, nearest for the labels).
     """
-    f = max(1, int(np.ceil(256 / max(image.shape[:2]))))
+    h, w = image.shape[:2]
+    f = max(1, int(np.ceil(256 / max(h, w))))
     if f > 1:
         image = np.repeat(np.repeat(image, f, 0), f, 1)
         points = Points(points.xy * f + (f - 1) / 2, points.segment, points.category_id)
-        pred = (np.repeat(np.repeat(pred[0], f, 0), f, 1), pred[1])
-        gt = None if gt is None else (np.repeat(np.repeat(gt[0], f, 0), f, 1), gt[1])
-    tiles = [draw_points(image, points), blend(image, colorize(*pred, categories))]
-    if gt is not None:
-        tiles.append(blend(image, colorize(*gt, categories)))
-    tiles = [_title(t, s) for t, s in zip(tiles, titles)]
+        labels = [(t, None if lab is None else (np.repeat(np.repeat(lab[0], f, 0), f, 1), lab[1]))
+                  for t, lab in labels]
+    elif max_side is not None and max(h, w) > max_side:
+        s = max_side / max(h, w)
+        size = (max(1, round(w * s)), max(1, round(h * s)))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        points = Points(points.xy * s, points.segment, points.category_id)
+        labels = [(t, None if lab is None else
+                   (cv2.resize(lab[0].astype(np.int32), size, interpolation=cv2.INTER_NEAREST), lab[1]))
+                  for t, lab in labels]
+    tiles = [_title(draw_points(image, points), points_title)]
+    for title, lab in labels:
+        tile = np.full_like(image, 128) if lab is None else blend(image, colorize(*lab, categories))
+        tiles.append(_title(tile, title))
     return np.concatenate(tiles, axis=1)
+
+
+def stack(rows: list[np.ndarray], gap: int = 6) -> np.ndarray:
+    """RGB rows of any widths one under the other, white-padded on the right, ``gap`` white pixels apart."""
+    if not rows:
+        raise ValueError("no rows to stack")
+    width = max(r.shape[1] for r in rows)
+    out = []
+    for i, r in enumerate(rows):
+        if i:
+            out.append(np.full((gap, width, 3), 255, np.uint8))
+        out.append(np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255))
+    return np.concatenate(out, axis=0)
 
 
 def blend(image: np.ndarray, colors: np.ndarray, alpha: float = 0.6) -> np.ndarray:
