@@ -92,8 +92,8 @@ sys.path.insert(0, str(ROOT))  # run from a clone without installing
 from pointseg.config import (DatasetConfig, GeneratorSection, PointsConfig, SyntheticDataConfig, deep_merge,  # noqa: E402
                              read_yaml, validate)
 from pointseg.data.prepare import clear_dir, join, load_categories, prepare_inputs, read_index  # noqa: E402
-from pointseg.evaluation import (SPLITS, GroundTruth, comparison_sheet, contrasting_images, label_rows, score,  # noqa: E402
-                                 split_rows)
+from pointseg.evaluation import (SPLITS, GroundTruth, comparison_sheet, contrasting_images, label_rows,  # noqa: E402
+                                 labels_by_id, score, split_rows)
 from pointseg.viz.overlay import save_png  # noqa: E402
 from pointseg.fingerprint import config_hash  # noqa: E402
 from pointseg.generators import GENERATORS, generator_class  # noqa: E402
@@ -273,7 +273,8 @@ def fmt_table(title: str, rows: list[tuple[str, dict]]) -> str:
 def draw_gallery(args, background: str, table: list[tuple[str, dict]], params, cats, gt: GroundTruth,
                  rows) -> dict:
     """``--gallery K``: the K contrasting images (:func:`pointseg.evaluation.contrasting_images` of the method
-    against the first baseline, psps first if listed), labelled again by every row of ``table`` and drawn with
+    against the first baseline, psps first if listed), labelled again by every row of ``table`` (the trained
+    generators are deterministic: these are the scored labels) and drawn with
     :func:`pointseg.evaluation.comparison_sheet`; ``{"png", "image_ids", "reference"}``."""
     method, res = table[0]
     baselines = [name for name, _ in table[1:]]
@@ -282,9 +283,10 @@ def draw_gallery(args, background: str, table: list[tuple[str, dict]], params, c
         i: {"mean_best_iou": 0.0} for i in res["per_image"]}  # no baseline: its best and worst images
     ids = contrasting_images(res["per_image"], ref_scores, args.gallery)
     by_id = {int(r["image_id"]): r for r in rows}
-    gens = [(method, generator_class(method)(params, cats), res["per_image"])]
-    gens += [(b, generator_class(b)({}, cats), dict(table)[b]["per_image"]) for b in baselines]
-    sheet = comparison_sheet([by_id[i] for i in ids], gens, gt, args.batch_size)
+    chosen = [by_id[i] for i in ids]
+    methods = [(name, labels_by_id(generator_class(name)(params if name == method else {}, cats), chosen,
+                                   args.batch_size), r["per_image"]) for name, r in table]
+    sheet = comparison_sheet(chosen, methods, gt, cats)
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in method)
     png = Path(args.workdir) / "gallery" / f"{safe}-{args.dataset}-{background}-{args.split}.png"
     png.parent.mkdir(parents=True, exist_ok=True)

@@ -151,6 +151,9 @@ class RayConfig(Strict):
 class ReportConfig(Strict):
     num_overlays: int = Field(4, ge=0)
     baselines: list[str] = Field(default_factory=lambda: ["voronoi"], description="generators scored alongside, on the driver")
+    num_contrasts: int = Field(4, ge=0, description="images drawn side by side with every baseline's labels: the half "
+                               "where the pseudo labels' mean best IoU beats the first baseline's (psps if listed) by "
+                               "most, the half where it loses by most (report/contrast.png); 0: none")
 
 
 class PipelineConfig(Strict):

@@ -262,25 +262,29 @@ def contrasting_images(per_image: Mapping[int, dict], reference: Mapping[int, di
     return [i for _, i in diffs[:top] + diffs[len(diffs) - (k - top):]]
 
 
-def comparison_sheet(rows: Iterable[Mapping], methods: list[tuple[str, PseudoLabelGenerator, Mapping[int, dict]]],
-                     gt: GroundTruth, batch_size: int = 8, max_side: int | None = 320) -> np.ndarray:
+def labels_by_id(generator: PseudoLabelGenerator, rows: Iterable[Mapping],
+                 batch_size: int = 8) -> dict[int, PseudoLabel | None]:
+    """``{image_id: label}`` of :func:`label_rows` (``None`` where the image failed), quietly."""
+    return {int(r["image_id"]): lab for r, lab, _ in label_rows(generator, rows, batch_size, progress=False)}
+
+
+def comparison_sheet(rows: Iterable[Mapping],
+                     methods: list[tuple[str, Mapping[int, PseudoLabel | None], Mapping[int, dict]]],
+                     gt: GroundTruth, categories: Mapping[int, Category],
+                     max_side: int | None = 320) -> np.ndarray:
     """One RGB picture, a row per index row: ``image + clicks | ground truth | method 1 | method 2 | ...``.
 
-    ``methods``: ``(name, generator, per_image)`` with :func:`score`'s
-    ``per_image`` of that generator, whose PQ and mean best IoU of the image go
-    in the tile's title. Each generator labels the rows again
-    (:func:`label_rows`; a trained generator is deterministic, so these are
-    the scored labels); an image it fails on is a grey tile titled "failed".
-    An image that cannot be read is a grey tile titled with the error's type.
-    Tiles are shrunk to ``max_side`` (:func:`pointseg.viz.overlay.side_by_side`).
+    ``methods``: ``(name, {image_id: label}, per_image)``, the labels of the
+    rows (e.g. :func:`labels_by_id`) and :func:`score`'s ``per_image`` of the
+    same labels, whose PQ and mean best IoU of the image go in the tile's
+    title. A missing or ``None`` label (a failed image) is a grey tile titled
+    "failed"; an image that cannot be read is a grey tile titled with the
+    error's type. Tiles are shrunk to ``max_side``
+    (:func:`pointseg.viz.overlay.side_by_side`).
     """
     rows = list(rows)
     if not rows or not methods:
         raise ValueError("comparison_sheet needs rows and methods")
-    labels: dict[str, dict[int, PseudoLabel | None]] = {}
-    for name, gen, _ in methods:
-        labels[name] = {int(r["image_id"]): lab for r, lab, _ in label_rows(gen, rows, batch_size, progress=False)}
-    categories = methods[0][1].categories
 
     def pct(v) -> str:
         return "-" if v is None else f"{100 * v:.0f}"
@@ -296,8 +300,8 @@ def comparison_sheet(rows: Iterable[Mapping], methods: list[tuple[str, PseudoLab
             image, points = np.full(truth[0].shape + (3,), 128, np.uint8), Points.empty()
             head = f"image {image_id}: {type(exc).__name__}"
         tiles = [("ground truth", truth)]
-        for name, _, per_image in methods:
-            lab = labels[name].get(image_id)
+        for name, labels, per_image in methods:
+            lab = labels.get(image_id)
             s = per_image.get(image_id, {})
             title = (f"{name} failed" if lab is None else
                      f"{name}: PQ {pct(s.get('pq'))}, best IoU {pct(s.get('mean_best_iou'))}")
@@ -314,6 +318,7 @@ __all__ = [
     "evaluate_generator",
     "finite_or_none",
     "label_rows",
+    "labels_by_id",
     "score",
     "split_rows",
 ]

@@ -23,7 +23,8 @@ from typing import Any, Iterator
 import fsspec
 
 from pointseg.data.coco_panoptic_io import read_id_map, read_panoptic_annotations
-from pointseg.evaluation import GroundTruth, evaluate_generator, score
+from pointseg.evaluation import (GroundTruth, comparison_sheet, contrasting_images, evaluate_generator,
+                                 labels_by_id, score)
 from pointseg.data.images import read_image_as_annotated
 from pointseg.data.panoptic_format import decode_png
 from pointseg.data.points import validate_points
@@ -47,11 +48,12 @@ def _finite_or_none(v):
     return None if isinstance(v, float) and math.isnan(v) else v
 
 
-def _exported_labels(output: str, gt: GroundTruth, errors: dict[int, str]) -> Iterator[tuple[dict, PseudoLabel | None, str]]:
-    """``(row, label, error)`` of every ground-truth image from ``OUTPUT/panoptic`` (for :func:`score`);
-    an image without an exported label carries its labelling error."""
+def _exported_labels(output: str, gt: GroundTruth, errors: dict[int, str],
+                     image_ids: list[int] | None = None) -> Iterator[tuple[dict, PseudoLabel | None, str]]:
+    """``(row, label, error)`` of every ground-truth image (or of ``image_ids``) from ``OUTPUT/panoptic`` (for
+    :func:`score`); an image without an exported label carries its labelling error."""
     _, _, pred_anns = read_panoptic_annotations(join(output, "panoptic.json"))
-    for image_id in sorted(gt.annotations):
+    for image_id in sorted(gt.annotations) if image_ids is None else image_ids:
         p = pred_anns.get(image_id)
         if p is None:
             yield {"image_id": image_id}, None, f"no label: {errors.get(image_id, 'not exported')}"
@@ -230,6 +232,37 @@ def _curve(output: str, history: list[dict], name: str, title: str) -> str | Non
     return rel
 
 
+def _contrast_picture(output: str, cfg, categories: dict[int, Category], quality: dict,
+                      failures: list[dict]) -> dict | None:
+    """``report/contrast.png``: the ``report.num_contrasts`` images where the pseudo labels' mean best IoU is
+    furthest above and below the first baseline's (psps if listed;
+    :func:`pointseg.evaluation.contrasting_images`), with every baseline beside them
+    (:func:`pointseg.evaluation.comparison_sheet`); ``{"png", "reference", "image_ids"}`` or None."""
+    ours, baselines = quality.get("pseudo_labels"), quality.get("baselines") or {}
+    k = cfg.report.num_contrasts
+    if k <= 0 or not ours or not baselines:
+        return None
+    reference = "psps" if "psps" in baselines else next(iter(baselines))
+    ids = contrasting_images(ours["per_image"], baselines[reference]["per_image"], k)
+    if not ids:
+        return None
+    try:
+        gt = GroundTruth(output)
+        by_id = {int(r["image_id"]): r for r in read_index(join(output, "index", "index.parquet"))}
+        rows = [by_id[i] for i in ids]
+        methods = [(cfg.generator.method, {int(r["image_id"]): lab for r, lab, _ in
+                                           _exported_labels(output, gt, {}, ids)}, ours["per_image"])]
+        methods += [(name, labels_by_id(build_generator(name, {}, categories), rows), b["per_image"])
+                    for name, b in baselines.items()]
+        rel = "report/contrast.png"
+        with open_out(join(output, rel), "wb") as f:
+            save_png(f, comparison_sheet(rows, methods, gt, categories))
+    except Exception as exc:  # noqa: BLE001 - a picture never sinks the report
+        failures.append({"image_id": None, "stage": "pictures[contrast]", "reason": f"{type(exc).__name__}: {exc}"})
+        return None
+    return {"png": rel, "reference": reference, "image_ids": ids}
+
+
 def write_report(output: str, cfg, categories: dict[int, Category], prep, counts: dict, exported: dict, quality: dict,
                  stage1: dict | None, stage2: dict | None, timings: dict) -> dict:
     """Assemble, write and return the run's report: ``report.json``, ``report.md`` and ``report/*.png``."""
@@ -253,6 +286,7 @@ def write_report(output: str, cfg, categories: dict[int, Category], prep, counts
         "per_image": _per_image(quality),
         "method_summary": gen_cls.summarize(diagnostics),
         "overlays": overlays,
+        "contrast": _contrast_picture(output, cfg, categories, quality, failures),
         "explain_pictures": explained,
     }
     if stage1 is not None:
@@ -345,6 +379,12 @@ def render_markdown(report: dict, categories: dict[int, Category]) -> str:
     if report.get("overlays"):
         lines += ["", "## Examples: image + points | pseudo label | ground truth", ""]
         lines += [f"![{p}]({p})" for p in report["overlays"]]
+    if report.get("contrast"):
+        c = report["contrast"]
+        lines += ["", f"## Where the pseudo labels win and lose against {c['reference']}", "",
+                  f"The {len(c['image_ids'])} images where the mean best IoU of {report['method']}'s labels is furthest "
+                  f"above, then below, {c['reference']}'s (image ids {', '.join(map(str, c['image_ids']))}); each "
+                  "tile's title gives that image's PQ and mean best IoU.", "", f"![contrast]({c['png']})"]
     if report.get("generator_training"):
         lines += _stage1_markdown(report["generator_training"], report["method"])
     if report.get("method_summary"):

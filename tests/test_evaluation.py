@@ -23,7 +23,7 @@ from pointseg.data.coco_panoptic_io import PanopticWriter
 from pointseg.data.prepare import join, write_index
 from pointseg.data.record import Category
 from pointseg.evaluation import (GroundTruth, comparison_sheet, contrasting_images, evaluate_generator, label_rows,
-                                 score, split_rows)
+                                 labels_by_id, score, split_rows)
 from pointseg.generators.base import (
     PseudoLabel,
     PseudoLabelGenerator,
@@ -315,8 +315,10 @@ def test_comparison_sheet_places_each_label_in_its_tile_and_greys_failures(toy):
     res, _ = _score_toy(root, data)
     gt = GroundTruth(str(root))
     by_id = {int(r["image_id"]): r for r in rows}
-    sheet = comparison_sheet([by_id[i] for i in (1, 3, 4)], [("canned", Canned(None, CATS, data), res["per_image"])],
-                             gt, max_side=None)
+    chosen = [by_id[i] for i in (1, 3, 4)]
+    labels = labels_by_id(Canned(None, CATS, data), chosen)
+    assert labels[3] is None and labels[4] is None and labels[1] is not None
+    sheet = comparison_sheet(chosen, [("canned", labels, res["per_image"])], gt, CATS, max_side=None)
     f = 26  # 8x10 toy images are enlarged to 256 px on the long side: ceil(256 / 10)
     th, tw = f * H + 18, f * W
     assert sheet.shape == (3 * th + 2 * 6, 3 * tw, 3)

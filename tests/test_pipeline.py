@@ -52,6 +52,14 @@ def test_synthetic_flow_end_to_end_and_resume(ray_local, tmp_path):
     md = (out / "report.md").read_text()
     assert "| psps |" in md and "overlay_" in md
     assert (out / report["overlays"][0]).stat().st_size > 0
+    # the contrast picture: all 4 images (num_contrasts 4), by decreasing best-IoU gain over voronoi
+    c = report["contrast"]
+    assert c["reference"] == "voronoi" and sorted(c["image_ids"]) == [0, 1, 2, 3]
+    gain = {i: m["per_image"][i]["mean_best_iou"] - report["baselines"]["voronoi"]["per_image"][i]["mean_best_iou"]
+            for i in c["image_ids"]}
+    assert [gain[i] for i in c["image_ids"]] == sorted(gain.values(), reverse=True)
+    assert "## Where the pseudo labels win and lose against voronoi" in md and "report/contrast.png" in md
+    assert (out / c["png"]).stat().st_size > 0
     coco = json.loads((out / "panoptic.json").read_text())
     assert len(coco["annotations"]) == 4 and len(list((out / "panoptic").glob("*.png"))) == 4
 
