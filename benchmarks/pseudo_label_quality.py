@@ -342,7 +342,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     config_params = generator_settings(args)
     cls = generator_class(args.method)
-    params = cls.Config.model_validate(deep_merge(config_params, parse_sets(args.set, "--set")))
+    try:
+        params = cls.Config.model_validate(deep_merge(config_params, parse_sets(args.set, "--set")))
+    except ValueError as e:  # pydantic's ValidationError: name the key and the reason, no traceback
+        raise SystemExit(f"{args.method} params (--config / --set): {e}") from None
     if args.checkpoint:
         if "checkpoint" not in type(params).model_fields:
             raise SystemExit(f"--checkpoint: {args.method} has no checkpoint parameter")

@@ -502,8 +502,11 @@ def test_harness_takes_the_generator_from_a_pipeline_config_under_the_command_li
         plq.main(base)
 
 
-def test_harness_fails_clearly_without_the_shared_data(tmp_path):
+def test_harness_fails_clearly_on_a_bad_param_and_without_the_shared_data(tmp_path):
     import pseudo_label_quality as plq
+
+    with pytest.raises(SystemExit, match=r"(?s)psps params \(--config / --set\):.*betaa"):
+        plq.main(["--dataset", "synthetic", "--method", "psps", "--set", "betaa=2", "--workdir", str(tmp_path)])
 
     with pytest.raises(SystemExit, match="coco-mini not found at .*--data-root"):
         plq.main(["--dataset", "coco-mini", "--data-root", str(tmp_path / "nowhere"), "--workdir", str(tmp_path)])
