@@ -93,7 +93,7 @@ from pointseg.config import (DatasetConfig, GeneratorSection, PointsConfig, Synt
                              read_yaml, validate)
 from pointseg.data.prepare import clear_dir, join, load_categories, prepare_inputs, read_index  # noqa: E402
 from pointseg.evaluation import (SPLITS, GroundTruth, comparison_sheet, contrasting_images, label_rows,  # noqa: E402
-                                 labels_by_id, score, split_rows)
+                                 labels_by_id, reference_baseline, score, split_rows)
 from pointseg.viz.overlay import save_png  # noqa: E402
 from pointseg.fingerprint import config_hash  # noqa: E402
 from pointseg.generators import GENERATORS, generator_class  # noqa: E402
@@ -277,8 +277,7 @@ def draw_gallery(args, background: str, table: list[tuple[str, dict]], params, c
     generators are deterministic: these are the scored labels) and drawn with
     :func:`pointseg.evaluation.comparison_sheet`; ``{"png", "image_ids", "reference"}``."""
     method, res = table[0]
-    baselines = [name for name, _ in table[1:]]
-    reference = "psps" if "psps" in baselines else (baselines[0] if baselines else None)
+    reference = reference_baseline(name for name, _ in table[1:])
     ref_scores = dict(table)[reference]["per_image"] if reference else {
         i: {"mean_best_iou": 0.0} for i in res["per_image"]}  # no baseline: its best and worst images
     ids = contrasting_images(res["per_image"], ref_scores, args.gallery)

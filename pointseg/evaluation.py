@@ -240,6 +240,13 @@ def evaluate_generator(generator: PseudoLabelGenerator, output: str, split: str 
     return score(label_rows(generator, rows, batch_size, progress), gt, generator.categories)
 
 
+def reference_baseline(names: Iterable[str]) -> str | None:
+    """The baseline a method is contrasted with (:func:`contrasting_images`): ``psps`` when listed, else the
+    first name, None for none."""
+    names = list(names)
+    return "psps" if "psps" in names else (names[0] if names else None)
+
+
 def contrasting_images(per_image: Mapping[int, dict], reference: Mapping[int, dict], k: int,
                        key: str = "mean_best_iou") -> list[int]:
     """The ``k`` image ids where ``per_image[id][key] - reference[id][key]`` is furthest from zero both ways.
@@ -319,6 +326,7 @@ __all__ = [
     "finite_or_none",
     "label_rows",
     "labels_by_id",
+    "reference_baseline",
     "score",
     "split_rows",
 ]

@@ -24,7 +24,7 @@ import fsspec
 
 from pointseg.data.coco_panoptic_io import read_id_map, read_panoptic_annotations
 from pointseg.evaluation import (GroundTruth, comparison_sheet, contrasting_images, evaluate_generator,
-                                 labels_by_id, score)
+                                 labels_by_id, reference_baseline, score)
 from pointseg.data.images import read_image_as_annotated
 from pointseg.data.panoptic_format import decode_png
 from pointseg.data.points import validate_points
@@ -242,7 +242,7 @@ def _contrast_picture(output: str, cfg, categories: dict[int, Category], quality
     k = cfg.report.num_contrasts
     if k <= 0 or not ours or not baselines:
         return None
-    reference = "psps" if "psps" in baselines else next(iter(baselines))
+    reference = reference_baseline(baselines)
     ids = contrasting_images(ours["per_image"], baselines[reference]["per_image"], k)
     if not ids:
         return None
